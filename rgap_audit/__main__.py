@@ -1,0 +1,3 @@
+from rgap_audit.cli import main
+
+raise SystemExit(main())

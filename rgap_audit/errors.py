@@ -1,0 +1,23 @@
+"""Errors the user sees as one line: file, model, cause. Exit code 2, no traceback unless --debug."""
+
+from __future__ import annotations
+
+
+class AuditError(Exception):
+    """A problem with the user's input (file, model, shape, config): reported in one line, exit 2."""
+
+    def __init__(self, cause: str, file: str | None = None, model: str | None = None, line: int | None = None):
+        super().__init__(cause)
+        self.cause = cause
+        self.file = file
+        self.model = model
+        self.line = line
+
+    def one_line(self) -> str:
+        """`file:line: model: cause` with the parts that are known."""
+        where = self.file or "<input>"
+        if self.line is not None:
+            where += f":{self.line}"
+        who = f" {self.model}:" if self.model else ""
+        text = " ".join(str(self.cause).split())  # never more than one line
+        return f"{where}:{who} error: {text}"
