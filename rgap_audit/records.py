@@ -126,3 +126,22 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+SEVERITIES = ("info", "warning", "error")  # ascending
+
+
+@dataclass
+class Finding:
+    """One lint finding: a rule that fired on a model or a layer, at a source location."""
+
+    code: str  # stable rule code, e.g. "RGAP101"
+    name: str  # rule name, e.g. "input-recoverable"
+    severity: str  # one of SEVERITIES
+    message: str
+    file: str
+    line: int
+    col: int
+    model: str
+    node: str | None = None  # fx node name of the layer, None for a model-level finding
+    suppressed: bool = False
