@@ -646,6 +646,7 @@ def iter_models(
             else:
                 found, needs = fl.discovered()
                 cands = []
+                failed = 0
                 for c in found:
                     try:
                         fl.try_meta(c)
@@ -653,9 +654,12 @@ def iter_models(
                             c.real = fl._call(c, meta=False, sites=c.sites)
                         cands.append(c)
                     except AuditError as err:
+                        failed += 1
                         yield err
                 cands = _top_level_models(cands)
-                if not cands and len(found) == 0:
+                if not cands and failed:
+                    return  # the failures were reported: "no model found" would be a second, wrong error
+                if not cands and not found:
                     if allow_empty and not needs:
                         return
                     if needs:
