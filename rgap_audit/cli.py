@@ -306,6 +306,7 @@ def _audit(args: argparse.Namespace) -> int:
             try:
                 analysis = stage("analysis")
             except AuditError as err:
+                err.file = err.file or item.file
                 run.error(err, item.name)
                 continue
             report = _audit_one(run, analysis, item, options, no_network)
