@@ -158,6 +158,12 @@ def _column(frame: types.FrameType) -> int:
         return 1
 
 
+def _constructing(frame: types.FrameType, obj: object) -> bool:
+    """Whether `frame` is an `__init__` running on `obj` (whatever its first parameter is called)."""
+    code = frame.f_code
+    return code.co_name == "__init__" and code.co_argcount > 0 and frame.f_locals.get(code.co_varnames[0]) is obj
+
+
 @contextlib.contextmanager
 def _record_construction(file: str, sites: dict[int, tuple[nn.Module, Location]]) -> Iterator[None]:
     """Watch nn.Module.__init__: remember, per module object, the line of `file` that created it.
@@ -169,7 +175,7 @@ def _record_construction(file: str, sites: dict[int, tuple[nn.Module, Location]]
 
     def watching_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is self:
+        while frame is not None and _constructing(frame, self):
             frame = frame.f_back  # the object's own constructor chain
         while frame is not None and frame.f_code.co_filename != file:
             frame = frame.f_back
