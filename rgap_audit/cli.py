@@ -25,7 +25,7 @@ FORMATS = ("concise", "table", "json", "sarif", "github")
 SEVERITIES = ("info", "warning", "error")
 LOSSES = ("logistic", "cross-entropy")
 DEFAULT_FAIL_ON = "warning"
-DEFAULT_MEMORY_BUDGET_MB = 4096.0
+DEFAULT_MEMORY_BUDGET_MB = 4096.0  # AuditOptions' default
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -328,8 +328,8 @@ def _audit(args: argparse.Namespace) -> int:
         if rules_mod.fails(active, fail_on):
             failed = True
 
-    if not reports and run.errors:
-        return EXIT_ERROR  # nothing to render: the errors are on stderr
+    if not reports and fmt in ("concise", "table", "github"):
+        return EXIT_ERROR if run.errors else EXIT_OK  # nothing to print; json/sarif still get a (valid, empty) document for CI
     try:
         formats = _module("rgap_audit.formats", "output formats")
         text = _call(formats.render, fmt, reports, findings, show_suppressed=args.show_suppressed)
