@@ -1,0 +1,617 @@
+"""Structured exact rank of one layer's R-GAP system [K; F], its null space and closed-form counts.
+
+For a layer z = W x (ConvSpec) with output gradient k = dL/dz the attacker has two kinds of linear
+constraints on the input x (N samples, padding excluded):
+
+* K x = vec(dL/dW)  (gradient constraints). K is block-diagonal over input channels; the block of
+  channel c depends only on c's group: rows (group output channel o, kernel offset u), columns
+  (sample n, input position t), entry k[n, o, q] where s*q + d*u - p = t per spatial dim. For
+  stride s the block splits exactly by stride residue class: (t + p) = d*u (mod s) per dim, so we
+  build and solve one small dense block per residue class, straight from index arithmetic.
+* F x = known part of z  (forward constraints), F = C W with C = V^T J (see ForwardInfo).
+
+rank([K; F]) = rank(K) + rank(F Z) with Z an orthonormal basis of null(K) (block-diagonal). F Z is
+formed without F: the null vectors of each block are put into their channel of an input batch and
+pushed through the convolution (one call per distinct block), then through fwd.jac, then the
+undetermined directions fwd.unknown are projected out. Each block (every K residue block, and F Z)
+gets its own numerical-rank tolerance max(shape) * eps * sigma_max: the scales of K and F are
+unrelated and never meet in one SVD. The null space of the layer is Z . null(F Z).
+
+Everything is float64 numpy/torch; no loops over positions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+from rgap_audit.convspec import ConvSpec
+
+__all__ = [
+    "ForwardInfo",
+    "LayerRank",
+    "layer_rank",
+    "gradient_rank_counting",
+    "layer_rank_counting",
+    "gradient_blocks",
+    "dense_system",
+]
+
+_EPS = float(np.finfo(np.float64).eps)
+# Gram fast path: accept "full rank" only when lambda_min / lambda_max of the Gram matrix exceeds this,
+# i.e. sigma_min / sigma_max > 1e-4, far above both the SVD tolerance (~1e-12) and the Gram's own
+# rounding (~n * eps in lambda). Anything closer is decided by an SVD of the matrix itself.
+_GRAM_SAFE = 1e-8
+_GRAM_MIN = 96  # below this size an SVD is as cheap as the Gram route
+_CHUNK_ELEMS = 4_000_000  # z-perturbation entries pushed through fwd.jac at once
+
+
+# ====================================================================== records
+@dataclass
+class ForwardInfo:
+    """What the attacker knows of the layer output z (shape (N, *spec.out_shape)): the row space of C = V^T J."""
+
+    jac: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """maps a batch of z-perturbations (d, N, *out_shape) to perturbations of the next input x'
+    (d, *x'_shape); None = identity (x' = z)"""
+    unknown: torch.Tensor | None = None
+    """(D, n') orthonormal columns in flattened x' coords (D entries of x'): directions of x' left
+    undetermined above; None = none"""
+    none: bool = False
+    """nothing is known about z: no forward constraints at all"""
+    rows: int | None = None
+    """number of forward rows to report (caller's count of known directions of z); None: the
+    number of rows of C, min(D - n', N * n_out), which bounds rank(C) from above"""
+
+
+@dataclass
+class LayerRank:
+    """Rank of one layer's system [K; F] (exact, or proven bounds when too large)."""
+
+    unknowns: int
+    grad_rows: int
+    fwd_rows: int
+    rank_grad: int | None
+    rank_grad_counting: int
+    rank: int | None
+    rank_lower: int
+    rank_upper: int
+    deficit: int | None  # unknowns - rank (None when only bounds)
+    method: str  # "structured-svd" | "bounds"
+    sigma_min_rel: float | None  # smallest kept singular value / largest, over the blocks solved
+    null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal, flattened x coords (N, *in_shape)
+    seconds: float
+
+
+# ====================================================================== geometry
+def _dims(spec: ConvSpec) -> list[tuple[int, int, int, int, int, int]]:
+    """Per spatial dim: (input size, kernel, stride, padding, dilation, output size)."""
+    return list(zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.out_spatial))
+
+
+def _qmap(h: int, kk: int, s: int, p: int, d: int, o: int) -> np.ndarray:
+    """q[u, t]: the output index whose window puts kernel offset u on input position t, else o (a zero slot)."""
+    u = np.arange(kk)[:, None]
+    t = np.arange(h)[None, :]
+    num = t + p - d * u
+    q = num // s
+    ok = (num % s == 0) & (q >= 0) & (q < o)
+    return np.where(ok, q, o)
+
+
+@dataclass
+class _Class:
+    """One stride residue class: the kernel offsets and input positions that only meet each other."""
+
+    us: list[np.ndarray]  # kernel offsets, per dim
+    ts: list[np.ndarray]  # input positions, per dim
+    tflat: np.ndarray  # flat spatial index of the positions (t1 major)
+    n_rows_per_out: int  # prod of len(us)
+
+
+def _classes(spec: ConvSpec, split: bool = True) -> list[_Class]:
+    """Residue classes of the gradient block (split=False: one class, the whole block)."""
+    dims = _dims(spec)
+    per_dim: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    for h, kk, s, p, d, _o in dims:
+        u = np.arange(kk)
+        t = np.arange(h)
+        if not split or s == 1:
+            per_dim.append([(u, t)])
+        else:
+            per_dim.append([(u[(d * u) % s == r], t[(t + p) % s == r]) for r in range(s)])
+    out = []
+    for combo in itertools.product(*per_dim):
+        us = [c[0] for c in combo]
+        ts = [c[1] for c in combo]
+        if ts:
+            grids = np.meshgrid(*ts, indexing="ij")
+            tflat = np.ravel_multi_index(tuple(g.ravel() for g in grids), spec.in_spatial) if grids[0].size else np.zeros(0, int)
+        else:
+            tflat = np.zeros(1, dtype=np.int64)
+        out.append(_Class(us, ts, np.asarray(tflat, dtype=np.int64), int(np.prod([len(u) for u in us], dtype=np.int64))))
+    return out
+
+
+def _padded_k(spec: ConvSpec, k: np.ndarray, g: int) -> np.ndarray:
+    """k of group g's output channels, (N, C_out/groups, *out), with one zero slot appended per dim."""
+    cog = spec.out_channels // spec.groups
+    kg = k[:, g * cog : (g + 1) * cog]
+    return np.pad(kg, [(0, 0), (0, 0)] + [(0, 1)] * spec.ndim)
+
+
+def _gather_block(kp: np.ndarray, qmaps: list[np.ndarray], cls: _Class) -> np.ndarray:
+    """Dense block of one class: rows (o, u...) and columns (n, t...), entries k[n, o, q(u, t)]."""
+    n, cog = kp.shape[:2]
+    m = len(qmaps)
+    if m == 0:
+        return np.ascontiguousarray(kp.T)  # (C_out/groups, N)
+    idx = []
+    for j in range(m):
+        sub = qmaps[j][np.ix_(cls.us[j], cls.ts[j])]
+        shape = [1] * (2 * m)
+        shape[2 * j], shape[2 * j + 1] = sub.shape
+        idx.append(sub.reshape(shape))
+    g = kp[(slice(None), slice(None), *idx)]  # (N, Cog, a1, n1, ..., am, nm)
+    order = [1] + [2 + 2 * j for j in range(m)] + [0] + [3 + 2 * j for j in range(m)]
+    g = g.transpose(order)
+    rows = cog * cls.n_rows_per_out
+    return np.ascontiguousarray(g.reshape(rows, -1))
+
+
+# ====================================================================== dense linear algebra
+def _tol_rank(s: np.ndarray, shape: tuple[int, int]) -> tuple[int, float | None]:
+    """Numerical rank with the usual tolerance, and sigma_min_kept / sigma_max."""
+    if s.size == 0 or s[0] <= 0:
+        return 0, None
+    tol = max(shape) * _EPS * s[0]
+    r = int((s > tol).sum())
+    return r, float(s[r - 1] / s[0])
+
+
+def _gram_full_rank(a: np.ndarray) -> float | None:
+    """sigma_min / sigma_max when the Gram matrix proves a has full rank min(shape), else None."""
+    m, n = a.shape
+    g = a.T @ a if m >= n else a @ a.T
+    w = np.linalg.eigvalsh(g)
+    if w[-1] > 0 and w[0] > _GRAM_SAFE * w[-1]:
+        return float(math.sqrt(w[0] / w[-1]))
+    return None
+
+
+def _rank_values(a: np.ndarray) -> tuple[int, float | None]:
+    """Numerical rank of a (no vectors); a Gram eigen-decomposition settles clearly full-rank cases."""
+    m, n = a.shape
+    if m == 0 or n == 0:
+        return 0, None
+    if min(m, n) >= _GRAM_MIN:
+        rel = _gram_full_rank(a)
+        if rel is not None:
+            return min(m, n), rel
+    s = np.linalg.svd(a, compute_uv=False)
+    return _tol_rank(s, (m, n))
+
+
+def _rank_null(a: np.ndarray, want_null: bool) -> tuple[int, float | None, np.ndarray | None]:
+    """Numerical rank of a, sigma_min_rel and (if wanted) an orthonormal basis of its null space."""
+    m, n = a.shape
+    if n == 0:
+        return 0, None, np.zeros((0, 0))
+    if m == 0 or not np.any(a):
+        return 0, None, (np.eye(n) if want_null else None)
+    a = a / np.abs(a).max()
+    if not want_null:
+        r, rel = _rank_values(a)
+        return r, rel, None
+    if m >= n and n >= _GRAM_MIN:
+        rel = _gram_full_rank(a)
+        if rel is not None:
+            return n, rel, np.zeros((n, 0))
+    _u, s, vt = np.linalg.svd(a, full_matrices=m < n)
+    r, rel = _tol_rank(s, (m, n))
+    return r, rel, np.ascontiguousarray(vt[r:].T)
+
+
+def _submatrix_rank(a_rows: int, a_cols: int, get: Callable[[np.ndarray, np.ndarray], np.ndarray], limit: int) -> int:
+    """Rank of an evenly spaced submatrix of at most `limit` entries: a sound lower bound on the rank."""
+    r = min(a_rows, max(1, math.isqrt(max(limit, 1))))
+    c = min(a_cols, max(1, limit // r))
+    ri = np.unique(np.linspace(0, a_rows - 1, r).round().astype(np.int64))
+    ci = np.unique(np.linspace(0, a_cols - 1, c).round().astype(np.int64))
+    sub = get(ri, ci)
+    if not np.any(sub):
+        return 0
+    return _rank_values(sub / np.abs(sub).max())[0]
+
+
+@dataclass
+class _Block:
+    """One solved residue block of K (for one channel mask)."""
+
+    rank: int | None  # exact numerical rank, None when only bounded
+    lower: int
+    upper: int
+    rel: float | None
+    null: np.ndarray | None  # (len(cols), nullity) orthonormal, None if not computed
+    cols: np.ndarray  # columns of the block in (n, t) = n * S + t coordinates
+
+
+def _solve_block(b: np.ndarray, cols: np.ndarray, need_null: bool, limit: int) -> _Block:
+    r, c = b.shape
+    if c == 0:
+        return _Block(0, 0, 0, None, np.zeros((0, 0)), cols)
+    if r == 0 or not np.any(b):
+        return _Block(0, 0, 0, None, np.eye(c) if need_null else None, cols)
+    b = b / np.abs(b).max()
+    hi = min(r, c)
+    if r * c > limit:  # too big for a dense factorisation: a submatrix gives a sound lower bound
+        lo = _submatrix_rank(r, c, lambda ri, ci: b[np.ix_(ri, ci)], limit)
+        return _Block(None, lo, hi, None, None, cols)
+    if need_null and c * c <= limit:
+        rk, rel, null = _rank_null(b, True)
+        return _Block(rk, rk, rk, rel, null, cols)
+    rk, rel = _rank_values(b)
+    return _Block(rk, rk, rk, rel, None, cols)
+
+
+# ====================================================================== public: blocks and counts
+def gradient_blocks(spec: ConvSpec, k: torch.Tensor) -> list[tuple[list[int], np.ndarray]]:
+    """The distinct dense blocks of K, one per group: (input channels sharing it, block).
+
+    block: (C_out/groups * prod(kernel), N * prod(in_spatial)), rows ordered (o, u1, .., um) as in
+    the weight, columns (n, t1, .., tm) as in x. Built by index arithmetic, no autograd.
+    """
+    k_np = k.detach().to(torch.float64).reshape(-1, *spec.out_shape).cpu().numpy()
+    qmaps = [_qmap(*dm) for dm in _dims(spec)]
+    (whole,) = _classes(spec, split=False)
+    cig = spec.in_channels // spec.groups
+    return [
+        (list(range(g * cig, (g + 1) * cig)), _gather_block(_padded_k(spec, k_np, g), qmaps, whole))
+        for g in range(spec.groups)
+    ]
+
+
+def _class_counts(spec: ConvSpec) -> list[tuple[int, int]]:
+    """Per residue class: (kernel offsets that meet some real position, real positions covered by some window)."""
+    per_dim = []
+    for h, kk, s, p, d, o in _dims(spec):
+        valid = _qmap(h, kk, s, p, d, o) < o  # (k, h)
+        u_alive = valid.any(axis=1)
+        t_cov = valid.any(axis=0)
+        ru = (d * np.arange(kk)) % s
+        rt = (np.arange(h) + p) % s
+        per_dim.append([(int((u_alive & (ru == r)).sum()), int((t_cov & (rt == r)).sum())) for r in range(s)])
+    out = []
+    for combo in itertools.product(*per_dim):
+        out.append((int(np.prod([c[0] for c in combo], dtype=np.int64)), int(np.prod([c[1] for c in combo], dtype=np.int64))))
+    return out
+
+
+def gradient_rank_counting(spec: ConvSpec, n_samples: int = 1) -> int:
+    """Closed form of rank(K) (rgap-notes section 3), generalised to N-d, dilation, groups and N samples.
+
+    rank(K) = C_in * sum over stride residue classes of min(C_out/groups * a, n_samples * c), with a the
+    kernel offsets of the class that meet a real input position and c the real positions of the class
+    covered by some window. For every instance this is an upper bound (a block has no more rank than
+    non-zero rows or columns); it is the generic value, attained at random weights/gradients in all
+    configurations our tests draw (1-3 spatial dims, stride, padding, dilation, groups, N >= 1).
+    A Linear layer: C_in * min(C_out, n_samples).
+    """
+    cog = spec.out_channels // spec.groups
+    return spec.in_channels * sum(min(cog * a, n_samples * c) for a, c in _class_counts(spec))
+
+
+def layer_rank_counting(spec: ConvSpec) -> int:
+    """The notes' closed form for rank([K; W]) with the whole z known, one sample.
+
+    rank_G = gradient_rank_counting, rank_W = min(C_out * prod(out), covered input entries),
+    overlap = min(C_out^2, rank_G, rank_W) (for any C_out x C_out matrix A, <dL/dW, A W> = <k, A z>),
+    rank = min(covered entries, rank_G + rank_W - overlap). A grouped conv is `groups` independent
+    convolutions on disjoint channels, so the formula is applied per group and summed (exact
+    decomposition). Claimed (and tested) for dilation 1; with dilation > 1 it is not claimed.
+    """
+    g = spec.groups
+    cig, cog = spec.in_channels // g, spec.out_channels // g
+    covered_sp = 1
+    for h, kk, s, p, d, o in _dims(spec):
+        covered_sp *= int((_qmap(h, kk, s, p, d, o) < o).any(axis=0).sum())
+    covered = cig * covered_sp
+    rank_g = cig * sum(min(cog * a, c) for a, c in _class_counts(spec))
+    rank_w = min(cog * int(np.prod(spec.out_spatial, dtype=np.int64)), covered)
+    overlap = min(cog * cog, rank_g, rank_w)
+    return g * min(covered, rank_g + rank_w - overlap)
+
+
+# ====================================================================== forward through the null space
+def _forward_columns(
+    spec: ConvSpec,
+    pieces: list[tuple[int, list[int], np.ndarray]],
+    fwd: ForwardInfo,
+    n: int,
+    d_cols: int,
+    big_d: int,
+) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
+    """M = (projected) C W Z for the given null pieces (group, channels, Z (N*S, d)), as (D, d_cols).
+
+    Returns M and a column map: (channel, piece index, j0, j1, first column) per run of columns.
+    """
+    m_mat = np.empty((big_d, d_cols))
+    colmap: list[tuple[int, int, int, int, int]] = []
+    g_cnt = spec.groups
+    cog = spec.out_channels // g_cnt
+    cig = spec.in_channels // g_cnt
+    out_sp = spec.out_spatial
+    n_out_g = cog * int(np.prod(out_sp, dtype=np.int64))
+    w = spec.weight.to(torch.float64)
+    unk = None if fwd.unknown is None else fwd.unknown.detach().to(torch.float64).cpu().numpy().reshape(big_d, -1)
+    col = 0
+    for pi, (g, chans, z) in enumerate(pieces):
+        dz_cols = z.shape[1]
+        if dz_cols == 0:
+            continue
+        local = [c - g * cig for c in chans]
+        wp = w[g * cog : (g + 1) * cog, local]  # (Cog, nch, *k)
+        wp = wp.transpose(0, 1).reshape(len(chans) * cog, 1, *spec.kernel)
+        step = max(1, _CHUNK_ELEMS // max(1, len(chans) * n * spec.n_out))
+        for j0 in range(0, dz_cols, step):
+            j1 = min(dz_cols, j0 + step)
+            m = j1 - j0
+            y = torch.from_numpy(np.ascontiguousarray(z[:, j0:j1].T)).reshape(m * n, 1, *spec.in_spatial)
+            with torch.no_grad():
+                if spec.ndim == 0:
+                    out = TF.linear(y, wp.reshape(len(chans) * cog, 1))
+                else:
+                    conv = (TF.conv1d, TF.conv2d, TF.conv3d)[spec.ndim - 1]
+                    out = conv(y, wp, None, spec.stride, spec.padding, spec.dilation, 1)
+            out = out.reshape(m, n, len(chans), n_out_g).permute(2, 0, 1, 3)  # (nch, m, N, Cog*out)
+            dz = torch.zeros(len(chans) * m, n, spec.out_channels, int(np.prod(out_sp, dtype=np.int64)), dtype=torch.float64)
+            dz[:, :, g * cog : (g + 1) * cog] = out.reshape(len(chans) * m, n, cog, -1)
+            dz = dz.reshape(len(chans) * m, n, *spec.out_shape)
+            xp = dz if fwd.jac is None else fwd.jac(dz)
+            block = xp.detach().reshape(len(chans) * m, big_d).cpu().numpy().T
+            if unk is not None:
+                block = block - unk @ (unk.T @ block)
+            m_mat[:, col : col + len(chans) * m] = block
+            for i, c in enumerate(chans):
+                colmap.append((c, pi, j0, j1, col + i * m))
+            col += len(chans) * m
+    return m_mat[:, :col], colmap
+
+
+# ====================================================================== the layer
+def layer_rank(
+    spec: ConvSpec,
+    k: torch.Tensor,
+    fwd: ForwardInfo,
+    *,
+    want_null: bool = True,
+    exact_limit: int = 40_000_000,
+    known: torch.Tensor | None = None,
+) -> LayerRank:
+    """Exact numerical rank of [K; F] for one layer, by residue blocks of K and the reduced F Z.
+
+    k: dL/dz, (N, *spec.out_shape). known: optional bool mask (N, *spec.in_shape) of input entries
+    the attacker already knows (constants, e.g. a ReLU's zeros): they are not unknowns.
+    Falls back to method="bounds" (rank=None, proven rank_lower <= rank <= rank_upper) when a K
+    block has more than exact_limit entries or the reduced system F Z has more than exact_limit
+    entries. null_basis (N * n_in, deficit), orthonormal, rows of known entries zero; None when
+    want_null is False, when only bounds are known, or when it would exceed exact_limit entries.
+    """
+    t0 = time.perf_counter()
+    k_np = k.detach().to(torch.float64).reshape(-1, *spec.out_shape).cpu().numpy()
+    n = k_np.shape[0]
+    cin, g_cnt = spec.in_channels, spec.groups
+    cig = cin // g_cnt
+    s_sp = int(np.prod(spec.in_spatial, dtype=np.int64))
+    total_x = n * spec.n_in
+    known_np = None
+    if known is not None:
+        known_np = known.detach().reshape(n, cin, s_sp).cpu().numpy().astype(bool)
+        if not known_np.any():
+            known_np = None
+    unknowns = total_x - (0 if known_np is None else int(known_np.sum()))
+    grad_rows = spec.n_weight
+    counting = gradient_rank_counting(spec, n)
+
+    # ---- forward side: size of x' and rows reported
+    if fwd.none:
+        big_d, n_unk, fwd_rows = 0, 0, 0
+    else:
+        if fwd.jac is None:
+            big_d = n * spec.n_out
+        else:
+            big_d = int(fwd.jac(torch.zeros(1, n, *spec.out_shape, dtype=torch.float64)).numel())
+        n_unk = 0 if fwd.unknown is None else int(fwd.unknown.shape[1])
+        if fwd.unknown is not None and int(fwd.unknown.shape[0]) != big_d:
+            raise ValueError(f"fwd.unknown has {fwd.unknown.shape[0]} rows, x' has {big_d} entries")
+        fwd_rows = fwd.rows if fwd.rows is not None else max(0, min(big_d - n_unk, n * spec.n_out))
+
+    # ---- K: residue blocks per (group, class, column mask); upper bound first to plan
+    qmaps = [_qmap(*dm) for dm in _dims(spec)]
+    classes = _classes(spec)
+    cog = spec.out_channels // g_cnt
+    nn_idx = np.arange(n)[:, None] * s_sp
+    class_cols = [(nn_idx + cl.tflat[None, :]).ravel() for cl in classes]  # (n, t) coords
+    chan_keys: list[tuple] = []  # per channel: tuple of block keys
+    plan: dict[tuple, tuple[int, int, np.ndarray]] = {}  # key -> (group, class, kept column positions)
+    upper_k = 0
+    for c in range(cin):
+        g = c // cig
+        keys = []
+        for ci, cl in enumerate(classes):
+            if known_np is None:
+                keep = None
+                key = (g, ci, None)
+            else:
+                kc = ~known_np[:, c, cl.tflat].ravel()
+                keep = np.flatnonzero(kc)
+                key = (g, ci, kc.tobytes())
+            if key not in plan:
+                plan[key] = (g, ci, keep)
+            ncols = class_cols[ci].size if keep is None else keep.size
+            upper_k += min(cog * cl.n_rows_per_out, ncols)
+            keys.append(key)
+        chan_keys.append(tuple(keys))
+    d_min = unknowns - upper_k
+    if fwd.none:
+        need_z = want_null and total_x * d_min <= exact_limit
+    else:
+        # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
+        # (rank(K) + rank of F on a subset of Z), worth it only while the null bases are cheap
+        z_cost = sum((class_cols[ci].size if keep is None else keep.size) ** 2 for _g, ci, keep in plan.values())
+        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 4
+
+    blocks: dict[tuple, _Block] = {}
+    kp_cache: dict[int, np.ndarray] = {}
+    for key, (g, ci, keep) in plan.items():
+        if g not in kp_cache:
+            kp_cache[g] = _padded_k(spec, k_np, g)
+        b = _gather_block(kp_cache[g], qmaps, classes[ci])
+        cols = class_cols[ci]
+        if keep is not None:
+            b, cols = b[:, keep], cols[keep]
+        blocks[key] = _solve_block(b, cols, need_z, exact_limit)
+
+    rank_k_lo = sum(blocks[key].lower for keys in chan_keys for key in keys)
+    rank_k_hi = sum(blocks[key].upper for keys in chan_keys for key in keys)
+    k_exact = all(b.rank is not None for b in blocks.values())
+    rank_k = rank_k_lo if k_exact else None
+    rels = [b.rel for b in blocks.values() if b.rel is not None]
+    z_ok = k_exact and all(b.null is not None for b in blocks.values())
+
+    def result(rank, lo, hi, method, null=None) -> LayerRank:
+        return LayerRank(
+            unknowns=unknowns,
+            grad_rows=grad_rows,
+            fwd_rows=fwd_rows,
+            rank_grad=rank_k,
+            rank_grad_counting=counting,
+            rank=rank,
+            rank_lower=lo,
+            rank_upper=hi,
+            deficit=None if rank is None else unknowns - rank,
+            method=method,
+            sigma_min_rel=min(rels) if rels else None,
+            null_basis=null,
+            seconds=time.perf_counter() - t0,
+        )
+
+    if not k_exact:
+        hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)
+        return result(None, rank_k_lo, hi, "bounds")
+
+    # ---- Z: per channel, the null vectors of its residue blocks in (n, t) coordinates
+    pieces: list[tuple[int, list[int], np.ndarray]] = []
+    if z_ok:
+        by_key: dict[tuple, int] = {}
+        for c in range(cin):
+            keys = chan_keys[c]
+            if keys not in by_key:
+                d_c = sum(blocks[key].null.shape[1] for key in keys)
+                z = np.zeros((n * s_sp, d_c))
+                off = 0
+                for key in keys:
+                    b = blocks[key]
+                    z[b.cols, off : off + b.null.shape[1]] = b.null
+                    off += b.null.shape[1]
+                by_key[keys] = len(pieces)
+                pieces.append((c // cig, [], z))
+            pieces[by_key[keys]][1].append(c)
+    d_total = unknowns - rank_k
+
+    def null_to_x(colmap, pieces_, null_f: np.ndarray) -> torch.Tensor:
+        out = np.zeros((n, cin, s_sp, null_f.shape[1]))
+        for c, pi, j0, j1, col in colmap:
+            z = pieces_[pi][2]
+            out[:, c] += (z[:, j0:j1] @ null_f[col : col + (j1 - j0)]).reshape(n, s_sp, -1)
+        return torch.from_numpy(out.reshape(total_x, -1))
+
+    if fwd.none:
+        null = None
+        if want_null and z_ok and total_x * d_total <= exact_limit:
+            colmap, col = [], 0
+            for pi, (_g, chans, z) in enumerate(pieces):
+                for c in chans:
+                    colmap.append((c, pi, 0, z.shape[1], col))
+                    col += z.shape[1]
+            null = null_to_x(colmap, pieces, np.eye(col))
+        return result(rank_k, rank_k, rank_k, "structured-svd", null)
+
+    if d_total == 0:
+        return result(rank_k, rank_k, rank_k, "structured-svd", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
+
+    hi = min(unknowns, rank_k + fwd_rows)
+    if not z_ok:
+        return result(None, rank_k, hi, "bounds")
+
+    if d_total * big_d > exact_limit:
+        # a subset of the null directions: rank(F Z_S) <= rank(F Z), so rank(K) + rank(F Z_S) is a lower bound
+        n_sel = max(1, exact_limit // max(1, big_d))
+        all_cols = [(pi, c, j) for pi, (_g, chans, z) in enumerate(pieces) for c in chans for j in range(z.shape[1])]
+        pick = np.unique(np.linspace(0, len(all_cols) - 1, min(n_sel, len(all_cols))).round().astype(np.int64))
+        sub: dict[tuple[int, int], list[int]] = {}
+        for i in pick:
+            pi, c, j = all_cols[i]
+            sub.setdefault((pi, c), []).append(j)
+        sel_pieces = [(pieces[pi][0], [c], pieces[pi][2][:, js]) for (pi, c), js in sub.items()]
+        m_sel, _ = _forward_columns(spec, sel_pieces, fwd, n, len(pick), big_d)
+        r_sel, _rel, _ = _rank_null(m_sel, False)
+        return result(None, min(hi, rank_k + r_sel), hi, "bounds")
+
+    m_mat, colmap = _forward_columns(spec, pieces, fwd, n, d_total, big_d)
+    m_mat = m_mat[np.any(m_mat != 0, axis=1)]
+    r_f, rel_f, null_f = _rank_null(m_mat, want_null)
+    if rel_f is not None:
+        rels.append(rel_f)
+    rank = rank_k + r_f
+    null = None
+    if want_null and null_f is not None and total_x * null_f.shape[1] <= exact_limit:
+        null = null_to_x(colmap, pieces, null_f)
+    return result(rank, rank, rank, "structured-svd", null)
+
+
+# ====================================================================== dense reference (tests)
+def dense_system(
+    spec: ConvSpec, k: torch.Tensor, fwd: ForwardInfo, known: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense K (n_weight x N*n_in) and F = C W, built independently of the block code, for tests.
+
+    K is the Jacobian of the linear map x -> spec.weight_grad(x, k), taken column by column on the
+    unit vectors (spec.weight_grad detaches its result, so autograd's jacobian of it is zero).
+    W is torch.autograd.functional.jacobian of x -> spec.forward(x, with_bias=False); C is fwd.jac
+    applied to the identity, with fwd.unknown projected out (C = V^T J, V an orthonormal
+    complement of fwd.unknown). Columns of `known` entries are dropped. Cost: N*n_in conv backwards.
+    """
+    kk = k.detach().to(torch.float64).reshape(-1, *spec.out_shape)
+    n = kk.shape[0]
+    total_x = n * spec.n_in
+    eye = torch.eye(total_x, dtype=torch.float64)
+    kmat = np.empty((spec.n_weight, total_x))
+    for j in range(total_x):
+        kmat[:, j] = spec.weight_grad(eye[j].reshape(n, *spec.in_shape), kk).reshape(-1).numpy()
+    if fwd.none:
+        fmat = np.zeros((0, total_x))
+    else:
+        x0 = torch.zeros(n, *spec.in_shape, dtype=torch.float64)
+        wmat = torch.autograd.functional.jacobian(lambda x: spec.forward(x, with_bias=False), x0, vectorize=True)
+        wmat = wmat.reshape(n * spec.n_out, total_x).numpy()
+        e_out = torch.eye(n * spec.n_out, dtype=torch.float64).reshape(n * spec.n_out, n, *spec.out_shape)
+        jt = e_out if fwd.jac is None else fwd.jac(e_out)
+        jmat = jt.detach().reshape(n * spec.n_out, -1).numpy().T  # (D, N*n_out)
+        if fwd.unknown is not None and fwd.unknown.shape[1] > 0:
+            u = fwd.unknown.detach().to(torch.float64).numpy()
+            q, _ = np.linalg.qr(u, mode="complete")
+            jmat = q[:, u.shape[1] :].T @ jmat
+        fmat = jmat @ wmat
+    if known is not None:
+        keep = ~known.detach().reshape(-1).numpy().astype(bool)
+        kmat, fmat = kmat[:, keep], fmat[:, keep]
+    return kmat, fmat
+
