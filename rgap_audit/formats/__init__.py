@@ -1,0 +1,59 @@
+"""Output formats: one renderer per `--format`, all reading ModelReports and Findings only.
+
+    render(fmt, reports, findings, show_suppressed=False) -> str
+
+concise  `path:line:col: CODE [severity] message` lines and a summary line (pre-commit, CI)
+table    per model, one row per step of the walk (torchinfo style), the verdict, the findings
+json     the report: schema_version, tool, models, findings, summary (rgap_audit/schema)
+sarif    SARIF 2.1.0 for GitHub code scanning: rule metadata, stable fingerprints
+github   GitHub Actions workflow commands (::error / ::warning / ::notice annotations)
+
+Suppressed findings: the human formats (concise, table, github) show them only with
+show_suppressed; json and sarif always carry them, marked (`suppressed: true` / SARIF
+`suppressions`), so that a machine reading the report sees what was accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rgap_audit.errors import AuditError
+from rgap_audit.records import Finding, ModelReport
+
+FORMATS = ("concise", "table", "json", "sarif", "github")
+
+
+def render(
+    fmt: str,
+    reports: Sequence[ModelReport],
+    findings: Sequence[Finding],
+    *,
+    show_suppressed: bool = False,
+    rules: Sequence[object] | None = None,
+    cwd: str | None = None,
+) -> str:
+    """Render the reports and findings in one of FORMATS; `rules` and `cwd` only matter for sarif."""
+    if fmt == "concise":
+        from rgap_audit.formats.concise import render_concise
+
+        return render_concise(reports, findings, show_suppressed=show_suppressed)
+    if fmt == "table":
+        from rgap_audit.formats.table import render_table
+
+        return render_table(reports, findings, show_suppressed=show_suppressed)
+    if fmt == "json":
+        from rgap_audit.formats.jsonreport import render_json
+
+        return render_json(reports, findings)
+    if fmt == "sarif":
+        from rgap_audit.formats.sarif import render_sarif
+
+        return render_sarif(reports, findings, rules=rules, cwd=cwd)  # type: ignore[arg-type]
+    if fmt == "github":
+        from rgap_audit.formats.github import render_github
+
+        return render_github(reports, findings, show_suppressed=show_suppressed)
+    raise AuditError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+
+
+__all__ = ["FORMATS", "render"]

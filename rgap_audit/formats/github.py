@@ -1,0 +1,41 @@
+"""`github`: GitHub Actions workflow commands, one annotation per finding on the file and line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rgap_audit.formats._common import ordered, shown, summary_line
+from rgap_audit.records import Finding, ModelReport
+
+LEVELS = {"error": "error", "warning": "warning", "info": "notice"}
+
+
+def escape_data(text: str) -> str:
+    """Escape a workflow command's message (after `::`)."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    """Escape a workflow command's property value (file=, title=)."""
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def annotation(f: Finding) -> str:
+    """`::error file=...,line=...,col=...,title=CODE name::message` for one finding."""
+    props = ",".join(
+        [
+            f"file={escape_property(f.file)}",
+            f"line={f.line}",
+            f"col={f.col}",
+            f"title={escape_property(f'{f.code} {f.name}' + (' (suppressed)' if f.suppressed else ''))}",
+        ]
+    )
+    level = "notice" if f.suppressed else LEVELS.get(f.severity, "warning")  # shown, but never as an error
+    return f"::{level} {props}::{escape_data(f.message)}"
+
+
+def render_github(reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False) -> str:
+    """Annotations for a workflow log; the summary line stays plain text in the log."""
+    lines = [annotation(f) for f in ordered(shown(findings, show_suppressed))]
+    lines.append(summary_line(reports, findings, show_suppressed))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""`table`: the human view. Per model a header, one row per step of the R-GAP walk (output first,
+torchinfo style), the model verdict with what it rests on and its caveats, then the findings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from tabulate import tabulate
+
+from rgap_audit.formats._common import finding_line, ordered, shown, summary_line
+from rgap_audit.records import Finding, LayerRecord, ModelReport
+
+HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
+REASON_WIDTH = 60
+
+
+def shape_text(shape: Sequence[int] | None) -> str:
+    return "x".join(str(d) for d in shape) if shape else "-"
+
+
+def rank_text(rec: LayerRecord) -> str:
+    """The rank of [K; F], or `lo..hi` when only bounds are known, or '' for rows that are not layers."""
+    if rec.rank is not None:
+        return str(rec.rank)
+    if rec.rank_lower is not None or rec.rank_upper is not None:
+        lo = "?" if rec.rank_lower is None else rec.rank_lower
+        hi = "?" if rec.rank_upper is None else rec.rank_upper
+        return f"{lo}..{hi}"
+    return ""
+
+
+def _short(text: str, width: int = REASON_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def layer_rows(report: ModelReport) -> list[list[Any]]:
+    """One row per LayerRecord, in walk order."""
+    paths = Counter(r.module_path for r in report.layers if r.module_path)
+    rows = []
+    for rec in report.layers:
+        name = rec.module_path or rec.node
+        if rec.module_path and paths[rec.module_path] > 1:
+            name += f" [{rec.node}]"  # a module object reused at several places
+        rank_k = rec.rank_grad if rec.rank_grad is not None else rec.rank_grad_counting
+        verdict = rec.verdict.value
+        if rec.reason:
+            verdict += f": {_short(rec.reason)}"
+        rows.append(
+            [
+                rec.index,
+                name,
+                rec.op,
+                shape_text(rec.input_shape),
+                rec.unknowns,
+                rec.grad_rows,
+                rec.fwd_rows,
+                rank_k,
+                rank_text(rec),
+                rec.deficit,
+                verdict,
+            ]
+        )
+    return rows
+
+
+def _recoverable_text(value: bool | None) -> str:
+    return {True: "yes", False: "no", None: "undecided"}[value]
+
+
+def model_block(report: ModelReport, findings: Sequence[Finding], show_suppressed: bool) -> str:
+    """The header, the walk table, the verdict lines and the findings of one model."""
+    where = report.file + (f":{report.location.line}" if report.location else "")
+    head = (
+        f"{where}: {report.model} - input {shape_text(report.input_shape)} per sample, batch {report.batch_size}, "
+        f"loss {report.loss}, seed {report.seed}, {report.dtype}"
+    )
+    lines = [head, "=" * min(len(head), 120)]
+    if report.layers:
+        lines.append(tabulate(layer_rows(report), headers=HEADERS, tablefmt="simple", missingval="", disable_numparse=False))
+    else:
+        lines.append("(no operations recorded)")
+    v = report.verdict
+    lines.append("")
+    lines.append(f"verdict: {v.status} (input recoverable in closed form: {_recoverable_text(v.input_recoverable)}) - {v.summary}")
+    deficit = "?" if v.input_deficit is None else v.input_deficit
+    lines.append(
+        f"  rests on: {v.basis.value}; deficient layers: {v.deficient_layers} (total deficit {v.total_deficit}); "
+        f"input directions undetermined: {deficit}"
+    )
+    lines.extend(f"  caveat: {c}" for c in v.caveats)
+    lines.extend(f"  warning: {w}" for w in report.warnings)
+    if report.verification:
+        items = ", ".join(f"{k}={_value(val)}" for k, val in report.verification.items() if not isinstance(val, (dict, list)))
+        lines.append(f"  verification: {items}")
+    if report.timings:
+        total = report.timings.get("total", sum(report.timings.values()))
+        lines.append(f"  audited in {total:.2f} s")
+    mine = ordered(shown([f for f in findings if f.model == report.model and f.file == report.file], show_suppressed))
+    if mine:
+        lines.append("findings:")
+        lines.extend(f"  {finding_line(f)}" for f in mine)
+    return "\n".join(lines)
+
+
+def render_table(reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False) -> str:
+    """Every model's block, findings of no known model at the end, then the summary line."""
+    blocks = [model_block(r, findings, show_suppressed) for r in reports]
+    known = {(r.file, r.model) for r in reports}
+    orphans = ordered(shown([f for f in findings if (f.file, f.model) not in known], show_suppressed))
+    if orphans:
+        blocks.append("findings:\n" + "\n".join(f"  {finding_line(f)}" for f in orphans))
+    blocks.append(summary_line(reports, findings, show_suppressed))
+    return "\n\n".join(blocks) + "\n"
