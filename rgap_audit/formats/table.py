@@ -85,7 +85,7 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     )
     lines = [head, "=" * min(len(head), 120)]
     if report.layers:
-        lines.append(tabulate(layer_rows(report), headers=HEADERS, tablefmt="simple", missingval="", disable_numparse=False))
+        lines.append(tabulate(layer_rows(report), headers=HEADERS, tablefmt="simple", missingval="", disable_numparse=[1, 2, 3, 10]))
     else:
         lines.append("(no operations recorded)")
     v = report.verdict
