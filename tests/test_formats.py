@@ -271,3 +271,50 @@ def test_github_escapes_properties_and_messages():
     (line, _) = render("github", [report], findings).splitlines()
     assert "file=dir%2Cwith%3Aodd/mlp.py," in line
     assert line.endswith("::line one%0Aline two 100%25")
+
+
+# --------------------------------------------------------------------------- end to end (real analysis)
+def _analysis_missing() -> str | None:
+    try:
+        import rgap_audit.analysis  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the analysis is optional while it is being written
+        return f"rgap_audit.analysis not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+TINY = """\
+import torch.nn as nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 4)  # rgap: ignore[RGAP201]
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+"""
+
+
+@pytest.mark.skipif(_analysis_missing() is not None, reason=str(_analysis_missing()))
+def test_real_reports_validate_and_point_at_constructor_lines(tmp_path, monkeypatch):
+    from rgap_audit.analysis import audit_loaded
+    from rgap_audit.loader import iter_models
+    from rgap_audit.options import AuditOptions
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY)
+    options = AuditOptions()
+    reports = [audit_loaded(m, options) for m in iter_models("tiny.py", None, options)]
+    assert [r.model for r in reports] == ["Tiny"]
+    findings = evaluate(reports, RULES, suppressions=True)
+    leak = [f for f in findings if f.code == "RGAP201"]
+    assert [(f.file, f.line, f.suppressed) for f in leak] == [("tiny.py", line_of(TINY, "self.fc1 ="), True)]
+    jsonschema.Draft202012Validator(report_schema()).validate(json.loads(render("json", reports, findings)))
+    doc = json.loads(render("sarif", reports, findings))
+    sarif_validator().validate(doc)
+    assert all(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "tiny.py" for r in doc["runs"][0]["results"])
+    table = render("table", reports, findings)
+    assert "fc1" in table and "fc2" in table and "verdict:" in table

@@ -102,7 +102,9 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         items = ", ".join(f"{k}={_value(val)}" for k, val in report.verification.items() if not isinstance(val, (dict, list)))
         lines.append(f"  verification: {items}")
     if report.timings:
-        total = report.timings.get("total", sum(report.timings.values()))
+        total = report.timings.get("total_s", report.timings.get("total"))
+        if total is None:
+            total = sum(report.timings.values())
         lines.append(f"  audited in {total:.2f} s")
     mine = ordered(shown([f for f in findings if f.model == report.model and f.file == report.file], show_suppressed))
     if mine:
