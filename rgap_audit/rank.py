@@ -42,6 +42,8 @@ __all__ = [
     "layer_rank_counting",
     "gradient_blocks",
     "dense_system",
+    "gradient_counting_holds",
+    "layer_counting_holds",
 ]
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -163,59 +165,78 @@ def _gather_block(kp: np.ndarray, qmaps: list[np.ndarray], cls: _Class) -> np.nd
     order = [1] + [2 + 2 * j for j in range(m)] + [0] + [3 + 2 * j for j in range(m)]
     g = g.transpose(order)
     rows = cog * cls.n_rows_per_out
-    return np.ascontiguousarray(g.reshape(rows, -1))
+    return np.ascontiguousarray(g.reshape(rows, n * cls.tflat.size))
 
 
 # ====================================================================== dense linear algebra
-def _tol_rank(s: np.ndarray, shape: tuple[int, int]) -> tuple[int, float | None]:
-    """Numerical rank with the usual tolerance, and sigma_min_kept / sigma_max."""
-    if s.size == 0 or s[0] <= 0:
+def _tol_rank(s: np.ndarray, shape: tuple[int, int], scale: float = 0.0, amp: float = 1.0) -> tuple[int, float | None]:
+    """Numerical rank with the usual tolerance max(shape) * eps * reference * amp, and sigma_min_kept / reference.
+
+    reference = max(sigma_max, scale): `scale` is the size of the operator the matrix was cut from
+    (F for F Z), so that a product that is pure round-off (F Z = 0 up to eps * |F|) has rank 0.
+    amp >= 1 widens the tolerance by the error amplification of the factors (F Z: the null bases Z
+    of K blocks carry errors eps / sigma_min_rel(block)).
+    """
+    ref = max(float(s[0]) if s.size else 0.0, scale)
+    if ref <= 0:
         return 0, None
-    tol = max(shape) * _EPS * s[0]
+    tol = max(shape) * _EPS * ref * amp
     r = int((s > tol).sum())
-    return r, float(s[r - 1] / s[0])
+    return r, (float(s[r - 1] / ref) if r else None)
 
 
-def _gram_full_rank(a: np.ndarray) -> float | None:
-    """sigma_min / sigma_max when the Gram matrix proves a has full rank min(shape), else None."""
+def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> float | None:
+    """sigma_min / reference when the Gram matrix proves a has full rank min(shape), else None.
+
+    Proof means sigma_min / reference above both 1e-4 (the Gram's own rounding is far below) and
+    100 times the rank tolerance of _tol_rank.
+    """
     m, n = a.shape
     g = a.T @ a if m >= n else a @ a.T
     w = np.linalg.eigvalsh(g)
-    if w[-1] > 0 and w[0] > _GRAM_SAFE * w[-1]:
-        return float(math.sqrt(w[0] / w[-1]))
+    ref2 = max(float(w[-1]), scale * scale)
+    floor = max(_GRAM_SAFE, (100.0 * max(m, n) * _EPS * amp) ** 2)
+    if ref2 > 0 and w[0] > floor * ref2:
+        return float(math.sqrt(w[0] / ref2))
     return None
 
 
-def _rank_values(a: np.ndarray) -> tuple[int, float | None]:
+def _rank_values(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> tuple[int, float | None]:
     """Numerical rank of a (no vectors); a Gram eigen-decomposition settles clearly full-rank cases."""
     m, n = a.shape
     if m == 0 or n == 0:
         return 0, None
     if min(m, n) >= _GRAM_MIN:
-        rel = _gram_full_rank(a)
+        rel = _gram_full_rank(a, scale, amp)
         if rel is not None:
             return min(m, n), rel
     s = np.linalg.svd(a, compute_uv=False)
-    return _tol_rank(s, (m, n))
+    return _tol_rank(s, (m, n), scale, amp)
 
 
-def _rank_null(a: np.ndarray, want_null: bool) -> tuple[int, float | None, np.ndarray | None]:
-    """Numerical rank of a, sigma_min_rel and (if wanted) an orthonormal basis of its null space."""
+def _rank_null(
+    a: np.ndarray, want_null: bool, scale: float = 0.0, amp: float = 1.0
+) -> tuple[int, float | None, np.ndarray | None]:
+    """Numerical rank of a, sigma_min_rel and (if wanted) an orthonormal basis of its null space.
+
+    scale, amp: see _tol_rank (0, 1: a's own largest singular value, the usual tolerance).
+    """
     m, n = a.shape
     if n == 0:
         return 0, None, np.zeros((0, 0))
     if m == 0 or not np.any(a):
         return 0, None, (np.eye(n) if want_null else None)
-    a = a / np.abs(a).max()
+    top = float(np.abs(a).max())
+    a, scale = a / top, scale / top
     if not want_null:
-        r, rel = _rank_values(a)
+        r, rel = _rank_values(a, scale, amp)
         return r, rel, None
     if m >= n and n >= _GRAM_MIN:
-        rel = _gram_full_rank(a)
+        rel = _gram_full_rank(a, scale, amp)
         if rel is not None:
             return n, rel, np.zeros((n, 0))
     _u, s, vt = np.linalg.svd(a, full_matrices=m < n)
-    r, rel = _tol_rank(s, (m, n))
+    r, rel = _tol_rank(s, (m, n), scale, amp)
     return r, rel, np.ascontiguousarray(vt[r:].T)
 
 
@@ -299,10 +320,14 @@ def gradient_rank_counting(spec: ConvSpec, n_samples: int = 1) -> int:
 
     rank(K) = C_in * sum over stride residue classes of min(C_out/groups * a, n_samples * c), with a the
     kernel offsets of the class that meet a real input position and c the real positions of the class
-    covered by some window. For every instance this is an upper bound (a block has no more rank than
-    non-zero rows or columns); it is the generic value, attained at random weights/gradients in all
-    configurations our tests draw (1-3 spatial dims, stride, padding, dilation, groups, N >= 1).
-    A Linear layer: C_in * min(C_out, n_samples).
+    covered by some window. A Linear layer: C_in * min(C_out, n_samples).
+
+    For every instance this is an upper bound (no block has more rank than non-zero rows or columns).
+    It is the generic value (random k) where gradient_counting_holds(spec): dilation 1 and every
+    output dim longer than the kernel; the tests check this for 1-3 spatial dims, stride, padding,
+    groups and N >= 1. Outside it the value can be too high: with dilation, and when a kernel is at
+    least as long as the output, where <k_o', g_o> = <k_o, g_o'> (g_o = k_o correlated with x) ties
+    pairs of output channels.
     """
     cog = spec.out_channels // spec.groups
     return spec.in_channels * sum(min(cog * a, n_samples * c) for a, c in _class_counts(spec))
@@ -315,7 +340,12 @@ def layer_rank_counting(spec: ConvSpec) -> int:
     overlap = min(C_out^2, rank_G, rank_W) (for any C_out x C_out matrix A, <dL/dW, A W> = <k, A z>),
     rank = min(covered entries, rank_G + rank_W - overlap). A grouped conv is `groups` independent
     convolutions on disjoint channels, so the formula is applied per group and summed (exact
-    decomposition). Claimed (and tested) for dilation 1; with dilation > 1 it is not claimed.
+    decomposition).
+
+    A claim, not a theorem: it matches the numeric rank where layer_counting_holds(spec) (Linear;
+    conv with dilation 1, C_out/groups >= 2 and per dim stride < kernel < output, padding <= kernel-2,
+    the regime of CNN6), and can miss by a few either way outside it (stride >= kernel, padding =
+    kernel-1, one output channel per group, dilation). Use layer_rank for the actual number.
     """
     g = spec.groups
     cig, cog = spec.in_channels // g, spec.out_channels // g
@@ -327,6 +357,20 @@ def layer_rank_counting(spec: ConvSpec) -> int:
     rank_w = min(cog * int(np.prod(spec.out_spatial, dtype=np.int64)), covered)
     overlap = min(cog * cog, rank_g, rank_w)
     return g * min(covered, rank_g + rank_w - overlap)
+
+
+def gradient_counting_holds(spec: ConvSpec) -> bool:
+    """Whether gradient_rank_counting is claimed to equal the generic rank(K) (see there)."""
+    return all(d == 1 and o > kk for (_h, kk, _s, _p, d, o) in _dims(spec))
+
+
+def layer_counting_holds(spec: ConvSpec) -> bool:
+    """Whether layer_rank_counting is claimed to equal the generic rank([K; W]) (see there)."""
+    if spec.ndim == 0:
+        return True
+    if spec.out_channels // spec.groups < 2:
+        return False
+    return all(d == 1 and s < kk < o and p <= max(0, kk - 2) for (_h, kk, s, p, d, o) in _dims(spec))
 
 
 # ====================================================================== forward through the null space
@@ -383,6 +427,27 @@ def _forward_columns(
                 colmap.append((c, pi, j0, j1, col + i * m))
             col += len(chans) * m
     return m_mat[:, :col], colmap
+
+
+def _f_scale(spec: ConvSpec, fwd: ForwardInfo, n: int, big_d: int, known_np: np.ndarray | None) -> float:
+    """An estimate of |F| = |C W|: the largest |F v| over a few seeded random unit vectors v.
+
+    Used only as the reference of F Z's rank tolerance (see _tol_rank); a random v sees at least
+    |F|_F / sqrt(unknowns), so the tolerance max(shape) * eps * scale stays above round-off.
+    """
+    gen = torch.Generator().manual_seed(12345)
+    v = torch.randn(8, n, *spec.in_shape, generator=gen, dtype=torch.float64)
+    if known_np is not None:
+        v = v * torch.from_numpy(~known_np).reshape(1, n, *spec.in_shape)
+    v = v / v.reshape(8, -1).norm(dim=1).clamp_min(1e-300).reshape(8, *([1] * (v.dim() - 1)))
+    with torch.no_grad():
+        z = spec.forward(v.reshape(8 * n, *spec.in_shape), with_bias=False).reshape(8, n, *spec.out_shape)
+    xp = z if fwd.jac is None else fwd.jac(z)
+    f = xp.detach().reshape(8, big_d).cpu().numpy().T
+    if fwd.unknown is not None:
+        u = fwd.unknown.detach().to(torch.float64).cpu().numpy().reshape(big_d, -1)
+        f = f - u @ (u.T @ f)
+    return float(np.linalg.norm(f, axis=0).max())
 
 
 # ====================================================================== the layer
@@ -525,6 +590,9 @@ def layer_rank(
                 pieces.append((c // cig, [], z))
             pieces[by_key[keys]][1].append(c)
     d_total = unknowns - rank_k
+    # null vectors of a block with relative gap g are accurate to ~eps / g: widen F Z's tolerance by that
+    z_rels = [b.rel for b in blocks.values() if b.rel is not None and b.null is not None and b.null.shape[1] > 0]
+    z_amp = 1.0 / min(z_rels) if z_rels else 1.0
 
     def null_to_x(colmap, pieces_, null_f: np.ndarray) -> torch.Tensor:
         out = np.zeros((n, cin, s_sp, null_f.shape[1]))
@@ -562,12 +630,12 @@ def layer_rank(
             sub.setdefault((pi, c), []).append(j)
         sel_pieces = [(pieces[pi][0], [c], pieces[pi][2][:, js]) for (pi, c), js in sub.items()]
         m_sel, _ = _forward_columns(spec, sel_pieces, fwd, n, len(pick), big_d)
-        r_sel, _rel, _ = _rank_null(m_sel, False)
+        r_sel, _rel, _ = _rank_null(m_sel, False, _f_scale(spec, fwd, n, big_d, known_np), z_amp)
         return result(None, min(hi, rank_k + r_sel), hi, "bounds")
 
     m_mat, colmap = _forward_columns(spec, pieces, fwd, n, d_total, big_d)
     m_mat = m_mat[np.any(m_mat != 0, axis=1)]
-    r_f, rel_f, null_f = _rank_null(m_mat, want_null)
+    r_f, rel_f, null_f = _rank_null(m_mat, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp)
     if rel_f is not None:
         rels.append(rel_f)
     rank = rank_k + r_f
