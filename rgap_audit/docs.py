@@ -16,7 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from rgap_audit.errors import AuditError
-from rgap_audit.rules import Rule, get_rule, load_rules
+from rgap_audit.rules import OPS, RULE_KEYS, SCOPES, Rule, get_rule, load_rules, root_fields
 
 GROUPS = {
     "RGAP1": "Model input",
@@ -79,7 +79,36 @@ def generate_rules_md(rules: Sequence[Rule] | None = None) -> str:
             "",
             f"**Suppress:** `# rgap: ignore[{r.code}]` on {_where(r)}.",
         ]
+    out += ["", *_format_reference()]
     return "\n".join(out) + "\n"
+
+
+def _format_reference() -> list[str]:
+    """The rule file format, generated from the engine's own tables so it cannot drift."""
+    out = [
+        "## Writing a rule",
+        "",
+        "One TOML file per rule in `rules/`, named `<code>-<name>.toml`, with the keys "
+        + ", ".join(f"`{k}`" for k in RULE_KEYS)
+        + ". `scope` is `model` (one check per audited model, reported at the model's definition line) or "
+        "`layer` (one check per row of the walk, reported at the line that constructs the layer). "
+        "`when` is a clause `{ field, op, value }` (or `value_field` to compare two fields), or "
+        "`all = [...]`, `any = [...]`, `not = {...}` of clauses. A clause on a missing (null) value is false, "
+        "except `is-null`. Field names, operators and values are checked when the rules load. "
+        "`message` takes `{field.path}` placeholders, with an optional format such as `{sigma_min_rel:.1e}`.",
+        "",
+        "Operators: " + " ".join(f"`{op}`" for op in OPS) + ".",
+        "",
+    ]
+    for scope in SCOPES:
+        names = sorted(root_fields(scope))
+        out.append(f"Fields of a `{scope}` rule: " + ", ".join(f"`{n}`" for n in names) + ".")
+        out.append("")
+    out.append(
+        "Dotted paths walk into records: `verdict.status`, `location.line`, `model.batch_size` (layer rules), "
+        "`extra.<key>`. See rgap_audit/records.py for what each field means."
+    )
+    return out
 
 
 def list_rules_text(rules: Sequence[Rule] | None = None) -> str:

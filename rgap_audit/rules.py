@@ -120,7 +120,8 @@ def _record_fields(cls: type) -> dict[str, FieldType]:
     return {f.name: _type_of(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _root_fields(scope: str) -> dict[str, FieldType]:
+def root_fields(scope: str) -> dict[str, FieldType]:
+    """The fields a rule of this scope can name: the record's own, derived ones, `model` for layers."""
     if scope == "layer":
         fields = _record_fields(LayerRecord)
         fields["model"] = FieldType("record", record=ModelReport)
@@ -134,7 +135,7 @@ def field_type(scope: str, path: str) -> FieldType:
     """The FieldType of a dotted field path in a scope; raises KeyError naming the bad part."""
     if not path or any(not part.isidentifier() for part in path.split(".")):
         raise KeyError(f"{path!r} is not a dotted field path")
-    fields = _root_fields(scope)
+    fields = root_fields(scope)
     current: FieldType | None = None
     parts = path.split(".")
     for i, part in enumerate(parts):
