@@ -293,7 +293,7 @@ class Not:
         return f"not {_group(self.item)}"
 
 
-Condition = Union[Clause, AllOf, AnyOf, Not]
+Condition = Clause | AllOf | AnyOf | Not
 
 
 def _group(c: Condition) -> str:
