@@ -12,10 +12,12 @@ load, trace or verification errors (every broken file or model is reported as on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rgap_audit import __version__
@@ -165,7 +167,7 @@ class _Run:
             err.model = model
         if self.args.debug:
             traceback.print_exception(err.__cause__ or err, file=sys.stderr)
-        line = err.one_line()
+        line = err.one_line() if err.file else f"rgap-audit: error: {' '.join(str(err.cause).split())}"
         self.errors += 1
         if line not in self.seen_errors:  # one broken pyproject shared by many files: say it once
             self.seen_errors.add(line)
@@ -177,6 +179,24 @@ class _Run:
         err = AuditError(f"internal error: {type(exc).__name__}: {text} (re-run with --debug for the traceback)", file, model)
         err.__cause__ = exc
         self.error(err)
+
+
+@contextlib.contextmanager
+def _captured(debug: bool) -> Iterator[None]:
+    """Hold what user code and libraries print while a model is loaded or audited.
+
+    stdout must carry only the report (a JSON or SARIF document breaks on a stray print) and stderr
+    only the one-line errors (torch.fx's ShapeProp prints a traceback before re-raising). With
+    --debug the captured text goes to stderr.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        if debug and (out.getvalue() or err.getvalue()):
+            sys.stderr.write(out.getvalue() + err.getvalue())
+            sys.stderr.flush()
 
 
 def _flatten(lists: list[list[str]] | None) -> list[str] | None:
@@ -243,14 +263,6 @@ def _audit(args: argparse.Namespace) -> int:
         print("rgap-audit: error: --input, --weights and --save-images need --verify", file=sys.stderr)
         return EXIT_ERROR
 
-    project: cfg.Settings = cfg.Settings()
-    if not args.no_config:
-        try:
-            project = cfg.settings_for(os.getcwd())
-        except AuditError as err:
-            run.error(err)
-    fmt = args.format or project.format or default_format(args.output)
-
     stages: dict[str, Any] = {}
 
     def stage(key: str) -> Any:
@@ -262,6 +274,27 @@ def _audit(args: argparse.Namespace) -> int:
             else:
                 stages[key] = _module("rgap_audit.analysis", "the analysis")
         return stages[key]
+
+    try:  # unknown codes on the command line are usage errors, found before any model is loaded
+        rules_mod, all_rules = stage("rules")
+        _call(
+            rules_mod.select_rules,
+            all_rules,
+            select=_flatten(args.select),
+            ignore=_flatten(args.ignore),
+            extend_select=_flatten(args.extend_select),
+        )
+    except AuditError as err:
+        run.error(err)
+        return EXIT_ERROR
+
+    project: cfg.Settings = cfg.Settings()
+    if not args.no_config:
+        try:
+            project = cfg.settings_for(os.getcwd())
+        except AuditError as err:
+            run.error(err)
+    fmt = args.format or project.format or default_format(args.output)
 
     reports: list[Any] = []
     findings: list[Any] = []
@@ -292,7 +325,8 @@ def _audit(args: argparse.Namespace) -> int:
         )
         while True:
             try:
-                item = next(items)
+                with _captured(args.debug):
+                    item = next(items)
             except StopIteration:
                 break
             except Exception as exc:  # a bug in the loader: report, go on with the next file
@@ -332,7 +366,8 @@ def _audit(args: argparse.Namespace) -> int:
         return EXIT_ERROR if run.errors else EXIT_OK  # nothing to print; json/sarif still get a (valid, empty) document for CI
     try:
         formats = _module("rgap_audit.formats", "output formats")
-        text = _call(formats.render, fmt, reports, findings, show_suppressed=args.show_suppressed)
+        rules_for_sarif = stages["rules"][1] if "rules" in stages else None
+        text = _call(formats.render, fmt, reports, findings, show_suppressed=args.show_suppressed, rules=rules_for_sarif, cwd=os.getcwd())
     except AuditError as err:
         run.error(err)
         return EXIT_ERROR
@@ -359,7 +394,7 @@ def _audit_one(run: _Run, analysis: Any, loaded: Any, options: Any, no_network: 
     """Analysis (+ verification, identifiability) of one loaded model; None after an error."""
     args = run.args
     try:
-        with no_network():
+        with no_network(), _captured(args.debug):
             report = analysis.audit_loaded(loaded, options)
             if args.identifiability:
                 ident = _module("rgap_audit.identifiability", "--identifiability")
@@ -385,11 +420,13 @@ def _findings(rules_mod: Any, all_rules: Any, reports: list[Any], settings: Any,
     ignore = _flatten(args.ignore) if args.ignore is not None else list(settings.ignore)
     ignore = [*ignore, *settings.file_ignores]
     extend = [*settings.extend_select, *(_flatten(args.extend_select) or [])]
-    found = _call(rules_mod.evaluate, reports, all_rules, select=select, ignore=ignore, extend_select=extend)
+    try:
+        found = _call(rules_mod.evaluate, reports, all_rules, select=select, ignore=ignore, extend_select=extend)
+    except AuditError as err:  # an unknown code in the configuration (the command line was checked first)
+        err.file = err.file or settings.path
+        raise
     suppress = _module("rgap_audit.suppress", "suppression comments")
-    apply = getattr(suppress, "apply", None) or getattr(suppress, "apply_suppressions", None) or getattr(suppress, "mark_suppressed")
-    marked = apply(found)
-    return list(marked) if marked is not None else list(found)
+    return list(suppress.apply(found))
 
 
 def _rules_command(argv: list[str]) -> int:

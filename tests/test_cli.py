@@ -87,6 +87,7 @@ class Stages:
         rules = types.ModuleType("rgap_audit.rules")
         rules.load_rules = lambda: ["rule-objects"]
         rules.evaluate = self.evaluate
+        rules.select_rules = self.select_rules
         rules.fails = lambda findings, fail_on: any(
             SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on) for f in findings if not f.suppressed
         )
@@ -105,6 +106,12 @@ class Stages:
             raise AuditError("cannot trace with torch.fx: data-dependent control flow", loaded.file, loaded.name, 9)
         first = next(iter(loaded.layer_locations.values()), loaded.location)
         return types.SimpleNamespace(file=loaded.file, model=loaded.name, model_line=loaded.location.line, layer_line=first.line)
+
+    def select_rules(self, rules, select=None, ignore=None, extend_select=None):
+        for code in (select or []) + (ignore or []) + (extend_select or []):
+            if not code.startswith("RGAP"):
+                raise AuditError(f"unknown rule code or prefix {code!r} in select")
+        return rules
 
     def evaluate(self, reports, rules, select=None, ignore=None, extend_select=None):
         self.calls["evaluate"].append({"select": select, "ignore": ignore, "extend_select": extend_select})
@@ -300,6 +307,7 @@ def test_internal_errors_are_one_line_unless_debug(stages, capsys, tmp_path, mon
         (["x.py", "--fail-on", "fatal"], "invalid choice"),
         (["x.py", "--memory-budget-mb", "-3"], "expected a positive number"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["x.py", "--select", "E501"], "unknown rule code or prefix 'E501'"),
     ],
 )
 def test_usage_errors_exit_2(stages, capsys, args, needle):
@@ -412,20 +420,23 @@ def test_trace_errors_name_the_line(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 2, result.stderr
     assert lines[0].startswith("untraceable.py:10: Net: error: ") and "control flow" in lines[0]
-    assert lines[1].startswith("fails.py:10: Net: error: ") and "forward failed" in lines[1]
+    assert lines[1].startswith("fails.py:") and ": Net: error: " in lines[1] and "forward failed" in lines[1]
     assert "ok.py" in result.stdout  # the good file is still reported
 
 
 @needs_pipeline
-def test_examples_end_to_end(tmp_path):
-    result = run_cli(str(EXAMPLES / "mlp_bias.py"), str(EXAMPLES / "paper_nets.py:FCN3"), "--format", "json")
+def test_example_end_to_end_with_source_locations(tmp_path):
+    """The biased MLP: exit 1, a JSON report, findings at the class line and at the `nn.Linear(` call."""
+    result = run_cli("examples/mlp_bias.py", "--format", "json")
     assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    json.loads(result.stdout)
-    concise = run_cli("examples/mlp_bias.py")
-    assert concise.returncode == 1
-    fc1 = next(i for i, t in enumerate((EXAMPLES / "mlp_bias.py").read_text().splitlines(), 1) if "self.fc1" in t)
-    assert re.search(rf"^examples/mlp_bias.py:{fc1}:\d+: RGAP\d+ ", concise.stdout, re.M), concise.stdout
+    assert result.stderr == ""
+    report = json.loads(result.stdout)
+    source = (EXAMPLES / "mlp_bias.py").read_text().splitlines()
+    fc1 = next(i for i, t in enumerate(source, 1) if "self.fc1" in t)
+    cls = next(i for i, t in enumerate(source, 1) if t.startswith("class BiasedMLP"))
+    where = {(f["code"], f["node"]): (f["file"], f["line"], f["col"]) for f in report["findings"]}
+    assert where[("RGAP201", "fc1")] == ("examples/mlp_bias.py", fc1, source[fc1 - 1].index("nn.Linear") + 1)
+    assert where[("RGAP101", None)] == ("examples/mlp_bias.py", cls, 1)
 
 
 @needs_pipeline

@@ -119,16 +119,12 @@ def test_leaky_model_fails_the_commit_and_the_fix_passes(tmp_path):
     assert str(fc1) in {line for line, _ in findings}  # the biased Linear's own line is flagged
     assert "utils.py" not in output
 
-    # The fix: drop the bias; the team accepts what remains (a fully-connected head on one sample is
-    # recoverable in closed form) with a suppression comment on each reported line.
+    # The fix: drop the bias (RGAP201 goes away), and accept what remains - a fully-connected head
+    # on one sample is still recoverable in closed form (RGAP101, at the class line) - with a
+    # suppression comment, as a team that has weighed the risk would.
     lines = model.read_text().replace("nn.Linear(64, 32)", "nn.Linear(64, 32, bias=False)").splitlines()
-    fixed = _run([sys.executable, "-m", "rgap_audit", "model.py", "--format", "concise"], repo, env)
-    by_line: dict[int, list[str]] = {}
-    for line, code in re.findall(r"^model\.py:(\d+):\d+: (RGAP\d+) ", fixed.stdout, re.M):
-        by_line.setdefault(int(line), []).append(code)
-    assert fixed.returncode in (0, 1), fixed.stderr
-    for line, codes in by_line.items():
-        lines[line - 1] += f"  # rgap: ignore[{','.join(sorted(set(codes)))}]"
+    cls = next(i for i, t in enumerate(lines) if t.startswith("class Head"))
+    lines[cls] += "  # rgap: ignore[RGAP101]"
     model.write_text("\n".join(lines) + "\n")
     _run(["git", "add", "model.py"], repo, env)
     passed = _run(["git", "commit", "-m", "head without bias, accepted risk suppressed"], repo, env)
