@@ -283,6 +283,27 @@ def test_verify_flags_are_passed_through(stages, capsys, tmp_path):
     assert code == 2 and "need --verify" in err
 
 
+def test_allow_no_models_skips_files_without_models(stages, capsys, tmp_path):
+    utils = write(tmp_path, "utils.py", "def helper():\n    return 1\n")
+    model = write(tmp_path, "leaky.py", LEAKY)
+    code, out, err = main(capsys, utils, model, "--allow-no-models", "--fail-on", "error")
+    assert code == 1 and err == "" and "leaky.py" in out
+    code, _, err = main(capsys, utils, "--allow-no-models")
+    assert code == 0 and err == ""
+    code, _, err = main(capsys, utils)
+    assert code == 2 and "no model found" in err
+
+
+def test_user_prints_stay_off_stdout(stages, capsys, tmp_path):
+    text = LEAKY.replace("import torch.nn as nn", "import sys\nimport torch.nn as nn\nprint('importing')")
+    text = text.replace("super().__init__()", "super().__init__()\n        print('building'); print('warn', file=sys.stderr)")
+    path = write(tmp_path, "noisy.py", text)
+    code, out, err = main(capsys, path, "--format", "json")
+    assert out.startswith("json|") and "importing" not in out + err and "building" not in out + err
+    code, out, err = main(capsys, path, "--format", "json", "--debug")
+    assert "importing" in err and "building" in err and "warn" in err and "importing" not in out
+
+
 def test_internal_errors_are_one_line_unless_debug(stages, capsys, tmp_path, monkeypatch):
     path = write(tmp_path, "leaky.py", LEAKY)
 
