@@ -161,6 +161,7 @@ class _Run:
         self.args = args
         self.errors = 0
         self.seen_errors: set[str] = set()
+        self.fmt: str | None = None  # known once the configuration of the working directory is read
 
     def error(self, err: AuditError, model: str | None = None) -> None:
         if err.model is None and model is not None:
@@ -172,6 +173,21 @@ class _Run:
         if line not in self.seen_errors:  # one broken pyproject shared by many files: say it once
             self.seen_errors.add(line)
             print(line, file=sys.stderr, flush=True)
+            if self.fmt == "github" and err.file and not self.args.output:
+                self._annotate(err)
+
+    @staticmethod
+    def _annotate(err: AuditError) -> None:
+        """With --format github a broken file also becomes an error annotation in the workflow."""
+        def escape_data(text: str) -> str:
+            return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+        def escape_property(text: str) -> str:
+            return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+        props = f"file={escape_property(err.file or '')}" + (f",line={err.line}" if err.line else "") + ",title=rgap-audit"
+        who = f"{err.model}: " if err.model else ""
+        print(f"::error {props}::{escape_data(who + ' '.join(str(err.cause).split()))}", flush=True)
 
     def internal(self, exc: BaseException, file: str, model: str | None) -> None:
         """A bug of ours: still one line (with --debug, the traceback)."""
@@ -295,6 +311,7 @@ def _audit(args: argparse.Namespace) -> int:
         except AuditError as err:
             run.error(err)
     fmt = args.format or project.format or default_format(args.output)
+    run.fmt = fmt
 
     reports: list[Any] = []
     findings: list[Any] = []

@@ -257,6 +257,13 @@ def test_several_files_continue_past_errors(stages, capsys, tmp_path):
     assert "good.py" in out and "Traceback" not in err  # the good file was still audited and reported
 
 
+def test_github_format_annotates_broken_files(stages, capsys, tmp_path):
+    bad = write(tmp_path, "bad.py", "import torch\nclass Net(:\n")
+    code, out, err = main(capsys, bad, "--format", "github")
+    assert code == 2 and err.count("\n") == 1
+    assert out.startswith("::error file=") and ",line=2,title=rgap-audit::syntax error" in out
+
+
 def test_targets_with_names_are_grouped_per_file(stages, capsys, tmp_path):
     path = write(
         tmp_path,
