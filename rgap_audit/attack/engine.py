@@ -1,0 +1,751 @@
+"""The R-GAP walk on the layer graph: head, then one weighted layer at a time down to the input.
+
+Between two weighted layers sits a *link*: the ops that turn layer i's output z_i into layer i+1's
+input x_{i+1} (activations, reshapes, identities). The walk inverts the link (registry inverses;
+ReLU keeps only its active entries), linearises it at the recovered z to carry dL/dz down
+(k_i = J^T W_{i+1}^T k_{i+1}) and, in the projected variant, to carry the undetermined directions of
+x_{i+1} down as directions of z_i that the forward rows must not use (docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from rgap_audit.attack._threads import single_thread
+from rgap_audit.attack.heads import HeadCandidate, HeadResult, ce_bias_head, ce_nobias_head, logistic_head
+from rgap_audit.attack.solve import LayerSolution, solve_layer
+from rgap_audit.convspec import ConvSpec
+from rgap_audit.errors import AuditError
+from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
+from rgap_audit.losses import loss_value
+from rgap_audit.options import LOSSES
+from rgap_audit.registry import ACTIVATION, IDENTITY, LAYER, RESHAPE
+from rgap_audit.tracing import trace
+
+HOMOGENEOUS = {"LeakyReLU", "ReLU", "Identity", "Dropout"}  # act(c z) = c act(z) for c > 0
+CLIPS = {"ReLU": (0.0, math.inf), "ReLU6": (0.0, 6.0)}  # non-invertible: known only strictly inside
+ACTIVE_REL_TOL = 1e-9  # a ReLU output counts as active above this fraction of the largest output
+SATURATED = 1e-10  # |sigma'(z)| below this: the unit is treated as unknown
+PRUNE_FACTOR = 1e3  # candidates whose layer residual exceeds the best by this factor are dropped
+MAX_PROJECTED_ITERS = 20
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class LayerStep:
+    """One weighted layer of the walk (output first): how its input was recovered and how well."""
+
+    node: str
+    module_path: str | None
+    op: str
+    method: str
+    unknowns: int
+    grad_rank: int | None = None
+    nullity: int | None = None  # undetermined directions of this layer's input found by the solve
+    carried_in: int = 0  # directions of z left undetermined above and projected out (projected variant)
+    fwd_rows: int = 0  # forward rows used (known entries of z)
+    rows_lost: int = 0  # entries of z not known (ReLU off, saturated units)
+    residual_grad: float | None = None
+    residual_fwd: float | None = None
+    residual_bias: float | None = None  # |sum k - dL/db| / |dL/db|: the bias as a check of k
+    sigma_min_rel: float | None = None
+    rel_error: float | None = None  # |x - x_true| / |x_true| of this layer's input, when the truth is given
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Reconstruction:
+    """What R-GAP recovered from one gradient.
+
+    input: the recovered client input, shape (1, *input_shape), or None when the chain is cut.
+    layers: per weighted layer, output first. projected: the projected variant, run when some layer was
+    deficient (None otherwise). rel_error: against the true input, when the caller supplied it.
+    """
+
+    input: torch.Tensor | None
+    label: float | int | None
+    label_status: str
+    variant: str
+    layers: list[LayerStep]
+    warnings: list[str]
+    seconds: float
+    complete: bool
+    gradient_residual: float | None
+    head: dict[str, Any]
+    rel_error: float | None = None
+    projected: "Reconstruction | None" = None
+    alternatives: list[torch.Tensor] = field(default_factory=list)  # other inputs that fit the gradient as well
+
+    def best(self) -> "Reconstruction":
+        """The variant whose re-computed gradient matches best (decidable without the true input)."""
+        if self.projected is None or self.projected.gradient_residual is None:
+            return self
+        if self.gradient_residual is None or self.projected.gradient_residual < self.gradient_residual:
+            return self.projected
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors)."""
+        return {
+            "variant": self.variant,
+            "complete": self.complete,
+            "label": self.label,
+            "label_status": self.label_status,
+            "rel_error": self.rel_error,
+            "gradient_residual": self.gradient_residual,
+            "seconds": self.seconds,
+            "head": _plain(self.head),
+            "layers": [_plain(asdict(s)) for s in self.layers],
+            "warnings": list(self.warnings),
+            "alternatives": len(self.alternatives),
+            "projected": None if self.projected is None else self.projected.to_dict(),
+        }
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ----------------------------------------------------------------------------- the link between layers
+@dataclass
+class _Step:
+    node: str
+    name: str
+    kind: str  # "reshape", "elementwise", "clip"
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
+    clip: tuple[float, float] | None = None
+
+    def deriv(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Elementwise derivative at z (None for a reshape)."""
+        if self.kind == "reshape":
+            return None
+        z = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.fn(z).sum(), z)
+        return g
+
+
+@dataclass
+class _Link:
+    steps: list[_Step]  # bottom-up: steps[0] reads z of the layer below
+    below: str | None  # weighted node or the input placeholder; None when cut
+    cut: str | None = None  # why the walk cannot pass
+
+
+def _link_forward(link: _Link, z: torch.Tensor):
+    vals, derivs = [z], []
+    for s in link.steps:
+        derivs.append(s.deriv(vals[-1]))
+        vals.append(vals[-1].reshape(s.out_shape) if s.kind == "reshape" else s.fn(vals[-1]).detach())
+    return vals, derivs
+
+
+def _pull(link: _Link, derivs, v: torch.Tensor, mode: str, lead: int = 0) -> torch.Tensor:
+    """Carry a tensor from the top of the link to z: 'vjp' multiplies by sigma', 'inv' divides (0 where unknown)."""
+    for s, d in zip(reversed(link.steps), reversed(derivs)):
+        v = v.reshape(v.shape[:lead] + tuple(s.in_shape)) if s.kind == "reshape" else v
+        if d is not None:
+            if mode == "vjp":
+                v = v * d
+            else:
+                ok = d.abs() > SATURATED
+                v = torch.where(ok, v / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(v))
+    return v
+
+
+def _known_mask(link: _Link, derivs) -> torch.Tensor:
+    top = link.steps[-1].out_shape if link.steps else None
+    m = torch.ones(top, dtype=torch.bool) if top is not None else None
+    for s, d in zip(reversed(link.steps), reversed(derivs)):
+        m = m.reshape(s.in_shape)
+        if d is not None:
+            m = m & (d.abs() > SATURATED)
+    return m
+
+
+def _invert_link(link: _Link, x: torch.Tensor) -> torch.Tensor:
+    """A first estimate of z from the layer above's input: registry inverses, ReLU's off units at 0."""
+    v = x
+    for s in reversed(link.steps):
+        if s.kind == "reshape":
+            v = v.reshape(s.in_shape)
+        elif s.kind == "elementwise":
+            v = s.inverse(v)
+        else:
+            lo, hi = s.clip
+            tol = ACTIVE_REL_TOL * float(v.abs().max().clamp_min(1e-300))
+            active = (v > lo + tol) & (v < hi - tol)
+            v = torch.where(active, v, torch.where(v >= hi - tol, torch.full_like(v, hi), torch.full_like(v, lo)))
+    return v
+
+
+# ----------------------------------------------------------------------------- the model, traced once
+class _Context:
+    """The traced model, its layer graph, the gradients per weighted node and the loss."""
+
+    def __init__(self, model: torch.nn.Module, gradients: dict[str, torch.Tensor], input_shape, loss: str):
+        if loss not in LOSSES:
+            raise AuditError(f"unsupported loss {loss!r} for reconstruction; supported: {', '.join(LOSSES)}")
+        self.loss = loss
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.gm = trace(model, torch.zeros(1, *self.input_shape))
+        self.lg: LayerGraph = build_layer_graph(self.gm)
+        self.env = self._concrete_env()
+        self.cache: dict = {}
+        self.specs: dict[str, ConvSpec] = {}
+        self.params: dict[str, tuple[str, str | None]] = {}
+        self.grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name in self.lg.weighted():
+            try:
+                self.specs[name] = self.lg.conv_spec(name)
+            except (ValueError, TypeError) as exc:
+                raise AuditError(f"layer {name}: {exc}") from exc
+            self.params[name] = self._param_names(name)
+            self.grads[name] = self._gradient(name, gradients)
+
+    def _concrete_env(self) -> dict[str, Any]:
+        env: dict[str, Any] = {}
+
+        class _Rec(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                env[n.name] = out
+                return out
+
+        with torch.no_grad():
+            _Rec(self.gm).run(torch.zeros(1, *self.input_shape, dtype=torch.float64))
+        return env
+
+    def _param_names(self, name: str) -> tuple[str, str | None]:
+        attrs = self.lg.node(name)
+        mod = attrs["module"]
+        if mod is not None:
+            path = attrs["module_path"]
+            return f"{path}.weight", (f"{path}.bias" if getattr(mod, "bias", None) is not None else None)
+        fxn: fx.Node = attrs["fx"]
+        args = list(fxn.args) + [None] * 3
+        w = fxn.kwargs.get("weight", args[1])
+        b = fxn.kwargs.get("bias", args[2])
+        wn = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        bn = str(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        if wn is None:
+            raise AuditError(f"layer {name}: its weight is not a parameter of the model; cannot match its gradient")
+        return wn, bn
+
+    def _gradient(self, name: str, gradients: dict[str, torch.Tensor]):
+        spec = self.specs[name]
+        wn, bn = self.params[name]
+        out = []
+        for pname, ref in ((wn, spec.weight), (bn, spec.bias)):
+            if pname is None:
+                out.append(None)
+                continue
+            if pname not in gradients:
+                raise AuditError(f"no gradient given for parameter {pname!r} (layer {name})")
+            g = torch.as_tensor(gradients[pname]).detach().to(torch.float64)
+            if tuple(g.shape) != tuple(ref.shape):
+                raise AuditError(f"gradient of {pname!r} has shape {tuple(g.shape)}, the parameter {tuple(ref.shape)}")
+            if not torch.isfinite(g).all():
+                raise AuditError(f"gradient of {pname!r} contains NaN or Inf")
+            out.append(g)
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------ graph helpers
+    def x_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.lg.node(name)["in_shape"])
+
+    def out_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.lg.node(name)["out_shape"])
+
+    def apply(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The node's own computation with its data input replaced."""
+        attrs = self.lg.node(name)
+        fxn: fx.Node = attrs["fx"]
+        data_in = self.lg.data_args(name)[0]
+
+        def sub(a):
+            return fx.node.map_arg(a, lambda n: _DATA if n.name == data_in else self.env[n.name])
+
+        args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
+
+        def put(a, t):
+            if a is _DATA:
+                return t
+            if isinstance(a, (list, tuple)):
+                return type(a)(put(v, t) for v in a)
+            if isinstance(a, dict):
+                return {k: put(v, t) for k, v in a.items()}
+            return a
+
+        if fxn.op == "call_module":
+            mod = attrs["module"]
+            return lambda t: mod(*put(args, t), **put(kwargs, t))
+        if fxn.op == "call_method":
+            return lambda t: getattr(t, fxn.target)(*put(args[1:], t), **put(kwargs, t))
+        return lambda t: fxn.target(*put(args, t), **put(kwargs, t))
+
+    def inverse_kwargs(self, name: str) -> dict:
+        fxn: fx.Node = self.lg.node(name)["fx"]
+        if fxn.op != "call_function":
+            return dict(fxn.kwargs)
+        try:
+            pair = normalize_function(fxn.target, tuple(fxn.args), dict(fxn.kwargs), normalize_to_only_use_kwargs=True)
+        except Exception:
+            pair = None
+        return dict(pair.kwargs) if pair is not None else dict(fxn.kwargs)
+
+    def link_below(self, layer: str) -> _Link:
+        """Ops from the layer below's output up to `layer`'s input, bottom-up."""
+        steps: list[_Step] = []
+        ins = self.lg.data_args(layer)
+        if len(ins) != 1:
+            return _Link([], None, f"{layer} has {len(ins)} data inputs")
+        node = ins[0]
+        while True:
+            attrs = self.lg.node(node)
+            info = attrs["info"]
+            if node == self.lg.input_node or info.kind == LAYER:
+                if self.lg.graph.out_degree(node) > 1:
+                    return _Link(steps[::-1], None, f"{node} feeds {self.lg.graph.out_degree(node)} consumers (not a chain)")
+                return _Link(steps[::-1], node)
+            if self.lg.graph.in_degree(node) != 1 or self.lg.graph.out_degree(node) != 1:
+                return _Link(steps[::-1], None, f"{node} ({info.name}) joins or splits branches: not a chain")
+            shp_in, shp_out = tuple(attrs["in_shape"]), tuple(attrs["out_shape"])
+            if info.kind in (RESHAPE, IDENTITY):
+                steps.append(_Step(node, info.name, "reshape", shp_in, shp_out))
+            elif info.kind == ACTIVATION and info.invertible and info.inverse is not None:
+                mod, kw, inv = attrs["module"], self.inverse_kwargs(node), info.inverse
+                steps.append(
+                    _Step(node, info.name, "elementwise", shp_in, shp_out, self.apply(node), lambda y, m=mod, k=kw, f=inv: f(m, k, y))
+                )
+            elif info.kind == ACTIVATION and info.name in CLIPS:
+                steps.append(_Step(node, info.name, "clip", shp_in, shp_out, self.apply(node), clip=CLIPS[info.name]))
+            else:
+                return _Link(steps[::-1], None, f"{node} ({info.name}): {info.why}")
+            node = self.lg.data_args(node)[0]
+
+    def positively_homogeneous_below(self, head: str) -> bool:
+        """True when every layer below the head is bias-free and every link op commutes with c > 0."""
+        layer = head
+        while True:
+            link = self.link_below(layer)
+            if link.below is None:
+                return False
+            for s in link.steps:
+                if s.kind != "reshape" and s.name not in HOMOGENEOUS:
+                    return False
+            if link.below == self.lg.input_node:
+                return True
+            if self.specs[link.below].bias is not None:
+                return False
+            layer = link.below
+
+    def head_node(self) -> tuple[str, list[str]]:
+        """The weighted layer producing the output, through reshapes/identities only."""
+        node = self.lg.data_args(self.lg.output_node)
+        if len(node) != 1:
+            raise AuditError("the model returns several tensors; R-GAP needs one output")
+        node, passed = node[0], []
+        while True:
+            info = self.lg.node(node)["info"]
+            if info.kind == LAYER:
+                return node, passed
+            if info.kind in (RESHAPE, IDENTITY) and len(self.lg.data_args(node)) == 1:
+                passed.append(node)
+                node = self.lg.data_args(node)[0]
+                continue
+            raise AuditError(
+                f"unsupported head: the output comes from {node} ({info.name}); the closed-form heads need the "
+                "output to be a Linear layer's (optionally reshaped)"
+            )
+
+
+class _DataMarker:
+    pass
+
+
+_DATA = _DataMarker()
+
+
+# ----------------------------------------------------------------------------- the walk
+@dataclass
+class _State:
+    """Where the walk stands after a layer: its node, recovered input x, output gradient k, null basis."""
+
+    layer: str
+    x: torch.Tensor
+    k: torch.Tensor
+    null: torch.Tensor | None
+
+
+@dataclass
+class _Descent:
+    input: torch.Tensor | None
+    layers: list[LayerStep]
+    states: list[_State]
+    warnings: list[str]
+    complete: bool
+
+
+def _vjp_input(spec: ConvSpec, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """W^T k: dL/dx of a layer from its output gradient."""
+    xx = x.detach().requires_grad_(True)
+    z = spec.forward(xx, with_bias=False)
+    (g,) = torch.autograd.grad((z * k.reshape(z.shape)).sum(), xx)
+    return g
+
+
+def _bias_check(spec: ConvSpec, k: torch.Tensor, db: torch.Tensor | None) -> float | None:
+    if db is None:
+        return None
+    s = k.reshape(-1, spec.out_channels, max(1, spec.n_out // spec.out_channels)).sum(dim=(0, 2))
+    return float((s - db).norm() / db.norm().clamp_min(1e-300))
+
+
+def _pattern(link: _Link, z: torch.Tensor) -> bytes:
+    """The activation pattern of the link at z (which piece of each piecewise-linear unit is active)."""
+    _, derivs = _link_forward(link, z)
+    return b"".join(d.contiguous().numpy().tobytes() for d in derivs if d is not None)
+
+
+def _descend(
+    ctx: "_Context", start: _State, projected: bool, truth: dict | None
+) -> Iterator[LayerStep]:
+    """Walk from `start` (a solved layer) down; yields a LayerStep per layer, returns a _Descent."""
+    warnings: list[str] = []
+    layers: list[LayerStep] = []
+    states: list[_State] = []
+    layer, x, k = start.layer, start.x, start.k
+    S = start.null if projected else None
+    if S is not None and S.shape[1] == 0:
+        S = None
+    while True:
+        spec = ctx.specs[layer]
+        g_top = _vjp_input(spec, x, k)
+        link = ctx.link_below(layer)
+        if link.below is None:
+            warnings.append(f"the walk stops below {layer}: {link.cut}")
+            return _Descent(None, layers, states, warnings, False)
+        if link.below == ctx.lg.input_node:
+            z = _invert_link(link, x)
+            if any(s.kind == "clip" for s in link.steps):
+                lost = int((~_known_mask(link, _link_forward(link, z)[1])).sum())
+                if lost:
+                    warnings.append(f"{lost} input entries sit behind an inactive ReLU and are not recovered")
+            return _Descent(z.reshape(1, *ctx.input_shape), layers, states, warnings, True)
+        below = link.below
+        t0 = time.perf_counter()
+        bspec = ctx.specs[below]
+        dw, db = ctx.grads[below]
+        xs = ctx.x_shape(below)
+        zshape = ctx.out_shape(below)
+        attrs = ctx.lg.node(below)
+        step = LayerStep(below, attrs["module_path"], attrs["info"].name, "", math.prod(xs))
+        n_samples = math.prod(xs) // bspec.n_in
+        null = None
+        if bspec.ndim == 0 and db is not None and n_samples == 1 and float(db.norm()) > 0:
+            # a Linear with bias leaks its input exactly: x = dW^T db / |db|^2, and k = db
+            xi = (dw.T @ db / db.norm() ** 2).reshape(xs)
+            _, derivs = _link_forward(link, _invert_link(link, x))
+            k_chain = _pull(link, derivs, g_top, "vjp")
+            ki = db.reshape(zshape).clone()
+            step.method = "bias leak: x = dW^T db / |db|^2 (exact)"
+            step.grad_rank, step.nullity, step.fwd_rows = bspec.n_in, 0, 0
+            step.residual_bias = float((k_chain.reshape(-1) - db).norm() / db.norm())
+            step.residual_grad = float((torch.outer(db, xi.reshape(-1)) - dw).norm() / dw.norm().clamp_min(1e-300))
+            null = torch.zeros(xi.numel(), 0, dtype=torch.float64)
+            S = None
+        else:
+            z_hat = _invert_link(link, x)
+            sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_hat, S)
+            if S is not None:
+                # the pattern of a deficient layer's recovered input may be wrong where it is undetermined:
+                # re-linearise at the solved z until the activation pattern settles
+                pat, iters = _pattern(link, z_hat), 0
+                for iters in range(1, MAX_PROJECTED_ITERS + 1):
+                    z_new = bspec.forward(sol.x).reshape(zshape)
+                    new_pat = _pattern(link, z_new)
+                    if new_pat == pat and iters > 1:
+                        break
+                    sol2, ki2, mask2 = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_new, S)
+                    change = float((sol2.x - sol.x).norm() / sol.x.norm().clamp_min(1e-300))
+                    sol, ki, mask, pat = sol2, ki2, mask2, new_pat
+                    if change < 1e-13:
+                        break
+                step.notes.append(f"re-linearised the link at the solved z ({iters} pass(es)) until the activation pattern settled")
+            step.method = sol.method
+            step.grad_rank, step.nullity = sol.grad_rank, sol.nullity
+            step.fwd_rows, step.rows_lost = sol.fwd_rows, int(mask.numel() - mask.sum())
+            step.residual_grad, step.residual_fwd = sol.residual_grad, sol.residual_fwd
+            step.sigma_min_rel = sol.sigma_min_rel
+            step.residual_bias = _bias_check(bspec, ki, db)
+            step.carried_in = 0 if S is None else int(S.shape[1])
+            step.notes.extend(sol.notes)
+            if step.rows_lost and any(s.kind == "clip" for s in link.steps):
+                step.notes.append(f"{step.rows_lost} of {mask.numel()} output units are off (ReLU): their forward rows are lost")
+            xi, null = sol.x, sol.null_basis
+            S = null if (projected and null is not None and null.shape[1] > 0) else None
+        step.seconds = time.perf_counter() - t0
+        if truth is not None and truth.get(below) is not None:
+            tx = truth[below]
+            step.rel_error = float((xi - tx).norm() / tx.norm().clamp_min(1e-300))
+        layers.append(step)
+        states.append(_State(below, xi, ki, null))
+        yield step
+        layer, x, k = below, xi, ki
+
+
+def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S):
+    """Linearise the link at z_hat, then solve the layer below for its input."""
+    vals, derivs = _link_forward(link, z_hat)
+    e = _pull(link, derivs, x_top - vals[-1], "inv")
+    z_t = z_hat + e.reshape(z_hat.shape)
+    mask = _known_mask(link, derivs)
+    if mask is None:
+        mask = torch.ones(z_hat.shape, dtype=torch.bool)
+    ki = _pull(link, derivs, g_top, "vjp").reshape(z_hat.shape)
+    T = None
+    if S is not None and S.shape[1] > 0:
+        Sd = S.T.reshape((S.shape[1],) + tuple(x_top.shape))
+        T = _pull(link, derivs, Sd, "inv", lead=1).reshape(S.shape[1], -1)
+    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node)
+    return sol, ki, mask.reshape(-1)
+
+
+def _run(ctx, start: _State, projected: bool, truth) -> _Descent:
+    gen = _descend(ctx, start, projected, truth)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+# ----------------------------------------------------------------------------- public entry point
+def _head(ctx: "_Context", head: str, label) -> HeadResult:
+    spec = ctx.specs[head]
+    dw, db = ctx.grads[head]
+    xs, zs = ctx.x_shape(head), ctx.out_shape(head)
+    if spec.ndim != 0 or math.prod(xs) != spec.n_in:
+        raise AuditError(f"unsupported head {head}: the closed-form heads need a Linear layer on one sample")
+    try:
+        if ctx.loss == "logistic":
+            if spec.out_channels != 1:
+                raise AuditError(f"logistic loss needs one output, the head {head} has {spec.out_channels}")
+            return logistic_head(spec.weight, dw, db, xs, zs, label)
+        if spec.out_channels < 2:
+            raise AuditError(f"cross-entropy needs at least two outputs, the head {head} has {spec.out_channels}")
+        if db is not None:
+            return ce_bias_head(dw, db, xs, zs, label)
+        return ce_nobias_head(spec.weight, dw, xs, zs, label)
+    except ValueError as exc:
+        raise AuditError(f"head {head}: {exc}") from exc
+
+
+def _gradient_residual(ctx: "_Context", x: torch.Tensor, label) -> float:
+    """|g(x, label) - g| / |g| over the weighted layers' parameters: the attacker's own check."""
+    params = dict(ctx.gm.named_parameters())
+    names = [n for pair in ctx.params.values() for n in pair if n is not None]
+    ps = [params[n] for n in names]
+    with torch.enable_grad():
+        out = ctx.gm(x.to(torch.float64))
+        lab = torch.tensor([label], dtype=torch.float64 if ctx.loss == "logistic" else torch.long)
+        gs = torch.autograd.grad(loss_value(ctx.loss, out, lab), ps, allow_unused=True)
+    given = {}
+    for node, (wn, bn) in ctx.params.items():
+        given[wn], given[bn] = ctx.grads[node]
+    num = den = 0.0
+    for n, g in zip(names, gs):
+        g = torch.zeros_like(params[n]) if g is None else g
+        num += float((g - given[n]).pow(2).sum())
+        den += float(given[n].pow(2).sum())
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def _twin_scale(a: HeadCandidate, b: HeadCandidate) -> float | None:
+    """c > 0 with x_b = c x_a and k_b = k_a / c (same label), else None."""
+    if a.label != b.label:
+        return None
+    c = float(b.x.reshape(-1) @ a.x.reshape(-1) / (a.x.reshape(-1) @ a.x.reshape(-1)).clamp_min(1e-300))
+    if c <= 0:
+        return None
+    ok_x = float((b.x - c * a.x).norm()) <= 1e-10 * float(b.x.norm())
+    ok_k = float((b.k - a.k / c).norm()) <= 1e-10 * float(b.k.norm())
+    return c if ok_x and ok_k else None
+
+
+def reconstruct(
+    model: torch.nn.Module,
+    gradients: dict[str, torch.Tensor],
+    input_shape: tuple[int, ...],
+    loss: str,
+    *,
+    label: float | int | None = None,
+    true_input: torch.Tensor | None = None,
+    variant: str = "auto",
+) -> Reconstruction:
+    """Recover a client's input from its gradient with closed-form R-GAP.
+
+    gradients: parameter name (as in model.named_parameters()) -> dL/dparam, summed over the batch (one
+    sample). input_shape: one sample's shape. loss: "logistic" or "cross-entropy". label: optional; when
+    None it is recovered from the gradient. true_input: optional; only used to report errors.
+    variant: "auto" runs plain layer-wise R-GAP and, when some layer is deficient, also the projected
+    variant (only the known directions of z feed the forward rows); "plain" runs R-GAP alone.
+    Raises AuditError (one line) on bad input: unsupported loss or head, missing, misshapen or non-finite
+    gradients, a true input of the wrong shape.
+    """
+    if variant not in ("auto", "plain"):
+        raise AuditError(f"unknown variant {variant!r}: 'auto' or 'plain'")
+    t0 = time.perf_counter()
+    with single_thread():
+        ctx = _Context(model, gradients, input_shape, loss)
+        truth = None
+        if true_input is not None:
+            tx = torch.as_tensor(true_input).detach().to(torch.float64)
+            if tx.numel() != math.prod(ctx.input_shape):
+                raise AuditError(f"true input has shape {tuple(tx.shape)}, the model takes {ctx.input_shape}")
+            tx = tx.reshape(1, *ctx.input_shape)
+            values, _ = record_instance(ctx.lg, tx, lambda out: out.sum())
+            truth = {n: values[ctx.lg.data_args(n)[0]] for n in ctx.lg.weighted()}
+            truth["__input__"] = tx
+        head, _ = ctx.head_node()
+        hres = _head(ctx, head, label)
+        attrs = ctx.lg.node(head)
+        head_step = LayerStep(head, attrs["module_path"], attrs["info"].name, hres.method, ctx.specs[head].n_in, nullity=0)
+        warnings = list(hres.warnings)
+
+        # scaled twins: in a positively homogeneous network (bias-free, ReLU/LeakyReLU) a candidate
+        # (c x, k / c) produces exactly c x below: it is not walked again, and its gradient is identical
+        cands = list(hres.candidates)
+        twins: list[tuple[int, int, float]] = []  # (twin index, source index, c)
+        if ctx.positively_homogeneous_below(head):
+            for j in range(len(cands)):
+                for i in range(j):
+                    if all(t[0] != i for t in twins):
+                        c = _twin_scale(cands[i], cands[j])
+                        if c is not None:
+                            twins.append((j, i, c))
+                            break
+        twin_of = {j: (i, c) for j, i, c in twins}
+
+        # lockstep over the other candidates: drop those whose layers stop being consistent
+        gens = [(i, _descend(ctx, _State(head, c.x, c.k, None), False, truth)) for i, c in enumerate(cands) if i not in twin_of]
+        done: dict[int, _Descent] = {}
+        pruned = 0
+        while gens:
+            stepped = []
+            for i, g in gens:
+                try:
+                    s = next(g)
+                    stepped.append((i, g, max(s.residual_grad or 0.0, s.residual_fwd or 0.0)))
+                except StopIteration as stop:
+                    done[i] = stop.value
+            if not stepped:
+                break
+            best = min(r for _, _, r in stepped)
+            keep = [(i, g) for i, g, r in stepped if r <= max(PRUNE_FACTOR * best, 1e-8)]
+            pruned += len(stepped) - len(keep)
+            gens = keep
+
+        scored = []
+        for i, dsc in done.items():
+            gr = _gradient_residual(ctx, dsc.input, cands[i].label) if dsc.complete else math.inf
+            scored.append((gr, i, dsc.input))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        gres, ci, _ = scored[0]
+        cand, dsc = cands[ci], done[ci]
+        label_status = "given" if label is not None else "recovered"
+        if cand.label is None:
+            label_status = "not recoverable"
+        # other readings that reproduce the gradient as well: scaled twins (exactly), or ties
+        alt_scales = [c for j, i, c in twins if i == ci]
+        alt_notes = [cands[j].note for j, i, c in twins if i == ci]
+        alt_inputs = [] if dsc.input is None else [c * dsc.input for c in alt_scales]
+        for gr, j, inp in scored[1:]:
+            if inp is not None and dsc.input is not None and gr <= max(10 * gres, 1e-9) and gres < 1e-6:
+                if _rel(inp, dsc.input) > 1e-6:
+                    alt_inputs.append(inp)
+                    alt_notes.append(cands[j].note)
+                    if label is None and cands[j].label != cand.label:
+                        label_status = "ambiguous"
+        if alt_notes:
+            warnings.append(
+                f"{len(alt_notes) + 1} different inputs reproduce the gradient (chosen: {cand.note}; also: "
+                f"{'; '.join(alt_notes)}); the gradient alone cannot decide between them"
+                + (
+                    ": the network is positively homogeneous, so x and c*x (both margins of the logistic head) give "
+                    "identical gradients"
+                    if alt_scales
+                    else ""
+                )
+            )
+        head_info = dict(hres.info)
+        head_info.update(
+            {"node": head, "candidates": len(cands), "pruned": pruned, "scaled_twins": len(twins), "chosen": cand.note}
+        )
+        if truth is not None:
+            th = truth.get(head)
+            head_step.rel_error = float((cand.x - th).norm() / th.norm().clamp_min(1e-300))
+        rec = Reconstruction(
+            input=dsc.input,
+            label=cand.label,
+            label_status=label_status,
+            variant="plain",
+            layers=[head_step] + dsc.layers,
+            warnings=warnings + dsc.warnings,
+            seconds=0.0,
+            complete=dsc.complete,
+            gradient_residual=None if gres == math.inf else gres,
+            head=head_info,
+            alternatives=alt_inputs,
+        )
+        if truth is not None and dsc.input is not None:
+            rec.rel_error = _rel(dsc.input, truth["__input__"])
+        deficient = [j for j, s in enumerate(dsc.layers) if s.nullity]
+        if variant == "auto" and deficient:
+            tp = time.perf_counter()
+            j0 = deficient[0]
+            pd = _run(ctx, dsc.states[j0], True, truth)
+            pr = Reconstruction(
+                input=pd.input,
+                label=cand.label,
+                label_status=label_status,
+                variant="projected",
+                layers=[head_step] + dsc.layers[: j0 + 1] + pd.layers,
+                warnings=pd.warnings,
+                seconds=time.perf_counter() - tp,
+                complete=pd.complete,
+                gradient_residual=_gradient_residual(ctx, pd.input, cand.label) if pd.complete else None,
+                head=head_info,
+                alternatives=[] if pd.input is None else [c * pd.input for c in alt_scales],
+            )
+            if truth is not None and pd.input is not None:
+                pr.rel_error = _rel(pd.input, truth["__input__"])
+            rec.projected = pr
+            rec.warnings.append(
+                f"layer(s) {', '.join(dsc.layers[j].node for j in deficient)} deficient (nullity "
+                f"{', '.join(str(dsc.layers[j].nullity) for j in deficient)}): plain R-GAP keeps the minimum-norm "
+                "guess there; the projected variant uses only the known directions of z below"
+            )
+        rec.seconds = time.perf_counter() - t0
+    return rec
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -1,0 +1,465 @@
+"""Per-layer solve of R-GAP's linear system [K; F] x = [vec dL/dW; z], exploiting its structure.
+
+Strategy, cheapest first (the method name is reported per layer):
+
+* ``gradient-blocks``: K is block-diagonal over input channels with one small block G per group
+  (structure.py). One SVD of G gives the part of x the gradient determines (all of it when G has full
+  column rank: CNN6 conv3..conv6, every bias-free Linear with a non-zero output gradient).
+* ``null(K)+forward (dense reduced)``: the rest of x lies in null(K) = block-diag(Z); the forward rows
+  restricted to it, F Z (built with one grouped convolution), form a small dense least-squares
+  problem, solved through an eigendecomposition of its (column-scaled) Gram matrix. Its null space is
+  the layer's undetermined directions (the numerical deficit).
+* ``forward (sparse normal equations)``: when null(K) is large but the forward rows alone have full
+  column rank (CNN6 conv1), F is built as a sparse matrix by index arithmetic and F^T F is factorised
+  by SuperLU; the gradient rows then serve as a check.
+* ``lsqr (matrix-free)``: the general fallback, LSQR on the scaled stacked operator, applied with the
+  layer's own convolution and autograd adjoints.
+
+Undetermined directions T of z carried from the layer above (the projected variant) enter as extra
+unknowns a:  F x - T a = z, i.e. only the components of z orthogonal to T constrain x.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse.linalg as spl
+import torch
+
+from rgap_audit.attack.structure import (
+    as_numpy,
+    channels_to_x,
+    forward_on_channel_basis,
+    gradient_blocks,
+    gradient_rhs,
+    n_samples,
+    sparse_forward,
+    window_index,
+    x_to_channels,
+)
+from rgap_audit.convspec import ConvSpec
+
+G_REL_TOL = 1e-8  # singular values of G below this (relative) are left to the forward rows
+SIGMA_REL_TOL = 1e-6  # reduced problem: singular values below this (relative) count as deficient
+DENSE_LIMIT = 1600  # largest reduced problem (columns) solved densely
+MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
+
+
+@dataclass
+class LayerSolution:
+    """A layer's recovered input and what the solve learnt about it."""
+
+    x: torch.Tensor  # full shape of the layer input
+    method: str
+    null_basis: torch.Tensor | None  # (n_in, d) orthonormal undetermined directions of x; None = not computed
+    grad_rank: int | None  # rank of the gradient constraints K
+    unknowns: int
+    fwd_rows: int  # forward rows used (known entries of z)
+    residual_grad: float  # ||K x - dW|| / ||dW||
+    residual_fwd: float | None  # ||P (W x + b - z)|| / ||P z|| on the known rows
+    sigma_min_rel: float | None = None  # of the reduced problem, when solved densely
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def nullity(self) -> int | None:
+        return None if self.null_basis is None else int(self.null_basis.shape[1])
+
+
+def _orthonormal(cols: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
+    """Orthonormal basis of the span of the columns (rank-revealing through an SVD)."""
+    if cols.numel() == 0 or cols.shape[1] == 0:
+        return cols.new_zeros(cols.shape[0], 0)
+    if cols.shape[1] <= cols.shape[0]:
+        q, r = torch.linalg.qr(cols)
+        dg = r.diagonal().abs()
+        if dg.numel() and float(dg.min()) > 1e-8 * float(dg.max()):
+            return q
+    u, s, _ = torch.linalg.svd(cols, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return cols.new_zeros(cols.shape[0], 0)
+    return u[:, s > rel_tol * s[0]]
+
+
+def _gram_lstsq(A: torch.Tensor, r: torch.Tensor, rel_tol: float = SIGMA_REL_TOL):
+    """Minimum-norm least squares A y = r through the eigendecomposition of the scaled Gram matrix.
+
+    Returns (y, null basis of A (columns), smallest kept singular value / largest).
+    One step of iterative refinement recovers the accuracy the Gram matrix squares away.
+    """
+    cn = A.norm(dim=0)
+    cn = torch.where(cn > 0, cn, torch.ones_like(cn))
+    As = A / cn
+    lam, Q = torch.linalg.eigh(As.T @ As)  # ascending
+    lam_max = float(lam[-1]) if lam.numel() else 0.0
+    keep = lam > (rel_tol**2) * lam_max if lam_max > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    Qk, lk = Q[:, keep], lam[keep]
+    y = Qk @ ((Qk.T @ (As.T @ r)) / lk)
+    for _ in range(2):
+        res = r - As @ y
+        y = y + Qk @ ((Qk.T @ (As.T @ res)) / lk)
+    null = Q[:, ~keep] / cn[:, None]
+    smin = float(torch.sqrt(lk[0] / lam_max)) if lk.numel() else 0.0
+    return y / cn, null, smin
+
+
+def _forward_parts(spec, z_target, mask, T, n):
+    """Known rows of z - b as a flat vector, the row mask, and T restricted to them (orthonormal)."""
+    zb = z_target.to(torch.float64).reshape(n, spec.out_channels, -1)
+    if spec.bias is not None:
+        zb = zb - spec.bias[None, :, None]
+    zb = zb.reshape(-1)
+    known = torch.ones_like(zb, dtype=torch.bool) if mask is None else mask.reshape(-1).to(torch.bool)
+    Tk = None
+    if T is not None and T.numel() > 0:
+        Tk = _orthonormal(T.reshape(T.shape[0], -1).T[known])
+        if Tk.shape[1] == 0:
+            Tk = None
+    return zb, known, Tk
+
+
+def _residuals(spec, x, k, dw, zb, known, Tk):
+    """Relative residuals of the gradient rows and (projected) forward rows."""
+    g = spec.weight_grad(x, k.reshape(x.shape[: x.dim() - len(spec.in_shape)] + spec.out_shape))
+    rg = float((g - dw).norm() / dw.norm().clamp_min(1e-300))
+    if zb is None:
+        return rg, None
+    fx = spec.forward(x, with_bias=False).reshape(-1)
+    d = (fx - zb)[known]
+    ref = zb[known]
+    if Tk is not None:
+        d = d - Tk @ (Tk.T @ d)
+        ref = ref - Tk @ (Tk.T @ ref)
+    rf = float(d.norm() / ref.norm().clamp_min(1e-300)) if known.any() else None
+    return rg, rf
+
+
+def solve_layer(
+    spec: ConvSpec,
+    x_shape: tuple[int, ...],
+    k: torch.Tensor,
+    dw: torch.Tensor,
+    z_target: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    T: torch.Tensor | None = None,
+    *,
+    dense_limit: int = DENSE_LIMIT,
+    cache: dict | None = None,
+    cache_key: object = None,
+) -> LayerSolution:
+    """Recover a weighted layer's input x from its gradient dW (given dL/dz = k) and what is known of z.
+
+    z_target: the layer output z (bias included), full shape; None when nothing is known of it.
+    mask: which entries of z are known (None: all). T: (d, *z.shape) directions of z left undetermined
+    above (projected variant); only the components of z orthogonal to them are used.
+    cache/cache_key: reuse factorisations between calls on the same layer (same weights and mask).
+    """
+    t0 = time.perf_counter()
+    dw = dw.to(torch.float64)
+    k = k.to(torch.float64)
+    n = n_samples(spec, x_shape)
+    unknowns = n * spec.n_in
+    ci = spec.in_channels
+    n_cols = n * spec.n_in // ci
+    zb = known = Tk = None
+    if z_target is not None:
+        zb, known, Tk = _forward_parts(spec, z_target, mask, T, n)
+    fwd_rows = int(known.sum()) if known is not None else 0
+    d = 0 if Tk is None else Tk.shape[1]
+    notes: list[str] = []
+
+    if n_cols > MAX_G_COLS:
+        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+        sol.fwd_rows, sol.seconds = fwd_rows, time.perf_counter() - t0
+        sol.notes.insert(0, f"{n_cols} positions per channel: channel blocks not formed")
+        return sol
+
+    # ---- gradient rows: one SVD per group
+    tmap = window_index(spec)
+    blocks = gradient_blocks(spec, k, tmap)
+    rhs = gradient_rhs(spec, dw)
+    cig = ci // spec.groups
+    nz_lower = sum(max(0, n_cols - G.shape[0]) for G in blocks) * cig
+    if zb is not None and nz_lower + d > dense_limit and fwd_rows >= unknowns:
+        # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
+        grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in map(torch.linalg.svdvals, blocks)) * cig
+        try:
+            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key)
+        except _Singular as exc:
+            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+            sol.notes.insert(0, str(exc))
+            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
+            return sol
+        rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
+        return LayerSolution(
+            x=x,
+            method="forward (sparse normal equations, SuperLU); gradient rows as check",
+            null_basis=null,
+            grad_rank=grad_rank,
+            unknowns=unknowns,
+            fwd_rows=fwd_rows,
+            residual_grad=rg,
+            residual_fwd=rf,
+            notes=notes,
+            seconds=time.perf_counter() - t0,
+        )
+    xc = torch.zeros(ci, n_cols, dtype=torch.float64)
+    Zs: list[torch.Tensor] = []
+    grad_rank = 0
+    for gi, (G, B) in enumerate(zip(blocks, rhs)):
+        if G.abs().max() == 0:
+            Zs.append(torch.eye(n_cols, dtype=torch.float64))
+            continue
+        U, S, Vh = torch.linalg.svd(G, full_matrices=G.shape[0] < G.shape[1])
+        r = int((S > G_REL_TOL * S[0]).sum())
+        grad_rank += r * cig
+        X = Vh[:r].T @ ((U[:, :r].T @ B) / S[:r, None])  # (n_cols, cig)
+        xc[gi * cig : (gi + 1) * cig] = X.T
+        Zs.append(Vh[r:].T.contiguous())
+    x_det = channels_to_x(spec, xc, x_shape)
+    nz = sum(Z.shape[1] for Z in Zs) * cig
+
+    if nz == 0:
+        x, null, smin, method = x_det, torch.zeros(unknowns, 0, dtype=torch.float64), None, "gradient-blocks"
+    elif zb is None or fwd_rows == 0:
+        x, smin, method = x_det, None, "gradient-blocks (nothing known of z)"
+        null = _null_from_blocks(spec, Zs, x_shape)
+        notes.append(f"{nz} directions of the input are not constrained by the gradient and z is unknown")
+    elif nz + d <= dense_limit:
+        FZ = forward_on_channel_basis(spec, n, Zs)[known]
+        r = zb[known] - spec.forward(x_det, with_bias=False).reshape(-1)[known]
+        A = FZ if Tk is None else torch.cat([FZ, -Tk], dim=1)
+        y, null_y, smin = _gram_lstsq(A, r)
+        x = x_det + _from_null_coords(spec, Zs, y[:nz], x_shape)
+        null = _orthonormal(_from_null_coords_batch(spec, Zs, null_y[:nz], x_shape))
+        method = "null(K)+forward (dense reduced)"
+    elif fwd_rows >= unknowns:
+        try:
+            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key)
+            smin, method = None, "forward (sparse normal equations, SuperLU); gradient rows as check"
+        except _Singular as exc:
+            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+            sol.notes.insert(0, str(exc))
+            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
+            return sol
+    else:
+        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+        sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
+        return sol
+
+    rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
+    return LayerSolution(
+        x=x,
+        method=method,
+        null_basis=null,
+        grad_rank=grad_rank,
+        unknowns=unknowns,
+        fwd_rows=fwd_rows,
+        residual_grad=rg,
+        residual_fwd=rf,
+        sigma_min_rel=smin,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _from_null_coords(spec, Zs, y, x_shape) -> torch.Tensor:
+    """x = Z y for coordinates ordered (group, channel in group, basis vector)."""
+    cig = spec.in_channels // spec.groups
+    n_cols = Zs[0].shape[0]
+    xc = torch.zeros(spec.in_channels, n_cols, dtype=torch.float64)
+    off = 0
+    for gi, Z in enumerate(Zs):
+        m = Z.shape[1]
+        if m:
+            Y = y[off : off + cig * m].reshape(cig, m)
+            xc[gi * cig : (gi + 1) * cig] = (Z @ Y.T).T
+        off += cig * m
+    return channels_to_x(spec, xc, x_shape)
+
+
+def _from_null_coords_batch(spec, Zs, Y, x_shape) -> torch.Tensor:
+    """Columns Z y for every column y of Y: (n_in, m)."""
+    cig = spec.in_channels // spec.groups
+    m = Y.shape[1]
+    n_cols = Zs[0].shape[0]
+    xc = torch.zeros(spec.in_channels, n_cols, m, dtype=torch.float64)
+    off = 0
+    for gi, Z in enumerate(Zs):
+        mz = Z.shape[1]
+        if mz:
+            Yg = Y[off : off + cig * mz].reshape(cig, mz, m)
+            xc[gi * cig : (gi + 1) * cig] = torch.einsum("pj,cjm->cpm", Z, Yg)
+        off += cig * mz
+    cols = xc.permute(2, 0, 1)  # (m, C_in, n_cols)
+    return torch.stack([channels_to_x(spec, c, x_shape).reshape(-1) for c in cols], 1) if m else xc.new_zeros(math.prod(x_shape), 0)
+
+
+def _null_from_blocks(spec, Zs, x_shape) -> torch.Tensor:
+    """Orthonormal basis (n_in, nz) of null(K): each channel's block null vectors, placed in that channel."""
+    nz = sum(Z.shape[1] for Z in Zs) * (spec.in_channels // spec.groups)
+    return _from_null_coords_batch(spec, Zs, torch.eye(nz, dtype=torch.float64), x_shape)
+
+
+class _Singular(Exception):
+    pass
+
+
+def _factor_forward(spec, n, tmap, known):
+    Fs = sparse_forward(spec, n, tmap)[known.numpy().astype(bool)]
+    A = (Fs.T @ Fs).tocsc()
+    try:
+        lu = spl.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    except RuntimeError as exc:
+        raise _Singular(f"forward rows are singular ({exc}); falling back to LSQR") from exc
+    piv = np.abs(lu.U.diagonal())
+    if piv.min() <= 1e-13 * piv.max():
+        raise _Singular("forward rows are (numerically) rank-deficient; falling back to LSQR")
+    return Fs, lu
+
+
+def _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache=None, cache_key=None):
+    """min ||F x - T a - (z - b)|| with F sparse; SuperLU on F^T F, Schur complement for a."""
+    if cache is not None:
+        key = ("sparse-forward", cache_key, hash(known.numpy().tobytes()))
+        if key not in cache:
+            cache[key] = _factor_forward(spec, n, tmap, known)
+        Fs, lu = cache[key]
+    else:
+        Fs, lu = _factor_forward(spec, n, tmap, known)
+    r = as_numpy(zb[known])
+
+    def ls(b):
+        x = lu.solve(Fs.T @ b)
+        for _ in range(2):
+            x = x + lu.solve(Fs.T @ (b - Fs @ x))
+        return x
+
+    null = torch.zeros(Fs.shape[1], 0, dtype=torch.float64)
+    if Tk is None:
+        return torch.from_numpy(ls(r)).reshape(x_shape), null
+    # carried directions T: F x = r + T a needs N^T (r + T a) = 0, N an orthonormal basis of range(F)^perp
+    # (computed once per layer and mask); then x = F^+ (r + T a) is one more solve
+    if cache is not None:
+        key = ("left-null", cache_key, hash(known.numpy().tobytes()))
+        if key not in cache:
+            cache[key] = _left_null(Fs, lu)
+        N = cache[key]
+    else:
+        N = _left_null(Fs, lu)
+    Tn = Tk.numpy()
+    NT = torch.from_numpy(N.T @ Tn)  # (q, d)
+    Nr = torch.from_numpy(N.T @ r)
+    if NT.shape[0]:
+        U, sv, Vh = torch.linalg.svd(NT, full_matrices=True)
+        keep = sv > SIGMA_REL_TOL * max(float(sv[0]) if sv.numel() else 0.0, 1e-300)
+        nk = int(keep.sum())
+        a = -(Vh[:nk].T @ ((U[:, :nk].T @ Nr) / sv[:nk]))
+        a_null = Vh[nk:].T
+    else:
+        a = torch.zeros(Tn.shape[1], dtype=torch.float64)
+        a_null = torch.eye(Tn.shape[1], dtype=torch.float64)
+    x = ls(r + Tn @ a.numpy())
+    if a_null.shape[1]:
+        null = _orthonormal(torch.from_numpy(lu.solve(np.asarray(Fs.T @ (Tn @ a_null.numpy())))))
+    return torch.from_numpy(x).reshape(x_shape), null
+
+
+def _left_null(Fs, lu) -> np.ndarray:
+    """Orthonormal basis of range(F)^perp for a full-column-rank sparse F: (I - F (F^T F)^-1 F^T) R, R random."""
+    m, n = Fs.shape
+    q = m - n
+    if q <= 0:
+        return np.zeros((m, 0))
+    R = np.random.default_rng(0).standard_normal((m, q))
+    W = R - Fs @ lu.solve(np.asarray(Fs.T @ R))
+    return _orthonormal(torch.from_numpy(W)).numpy()
+
+
+def _power_norm(apply, adjoint, shape, iters: int = 12) -> float:
+    """Largest singular value of a linear operator, by power iteration on its normal operator."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(shape, dtype=torch.float64, generator=g)
+    s = 1.0
+    for _ in range(iters):
+        v = v / v.norm().clamp_min(1e-300)
+        w = adjoint(apply(v))
+        s = float(w.norm()) ** 0.5
+        v = w
+    return max(s, 1e-300)
+
+
+def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n) -> LayerSolution:
+    """Matrix-free LSQR on [alpha K; beta (F, -T)], both blocks scaled to unit spectral norm."""
+    kk = k.reshape(n, *spec.out_shape) if spec.ndim else k.reshape(n, spec.out_channels)
+    xs = (n, *spec.in_shape) if spec.ndim else (n, spec.in_shape[0])
+    unknowns = n * spec.n_in
+    d = 0 if Tk is None else Tk.shape[1]
+
+    def K(x):
+        return spec.weight_grad(x.reshape(xs), kk)
+
+    def KT(u):
+        x = torch.zeros(xs, dtype=torch.float64, requires_grad=True)
+        us = ConvSpec(u.reshape(spec.weight.shape), spec.in_shape, spec.stride, spec.padding, spec.dilation, spec.groups)
+        (g,) = torch.autograd.grad((us.forward(x, with_bias=False) * kk).sum(), x)
+        return g
+
+    def Fw(x):
+        return spec.forward(x.reshape(xs), with_bias=False).reshape(-1)
+
+    def FT(w):
+        x = torch.zeros(xs, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad((spec.forward(x, with_bias=False).reshape(-1) * w).sum(), x)
+        return g
+
+    alpha = 1.0 / _power_norm(K, KT, xs)
+    beta = 1.0 / _power_norm(Fw, FT, xs) if zb is not None else 0.0
+    m_k = dw.numel()
+    m_f = int(known.sum()) if zb is not None else 0
+
+    def matvec(v):
+        v = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+        x, a = v[:unknowns], v[unknowns:]
+        out = [alpha * K(x).reshape(-1)]
+        if m_f:
+            f = Fw(x)[known]
+            if d:
+                f = f - Tk @ a
+            out.append(beta * f)
+        return torch.cat(out).numpy()
+
+    def rmatvec(u):
+        u = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64))
+        gx = alpha * KT(u[:m_k]).reshape(-1)
+        ga = torch.zeros(d, dtype=torch.float64)
+        if m_f:
+            w = torch.zeros(known.numel(), dtype=torch.float64)
+            w[known] = u[m_k:]
+            gx = gx + beta * FT(w).reshape(-1)
+            if d:
+                ga = -beta * (Tk.T @ u[m_k:])
+        return torch.cat([gx, ga]).numpy()
+
+    op = spl.LinearOperator((m_k + m_f, unknowns + d), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    b = [alpha * as_numpy(dw)]
+    if m_f:
+        b.append(beta * as_numpy(zb[known]))
+    res = spl.lsqr(op, np.concatenate(b), atol=1e-15, btol=1e-15, iter_lim=min(20 * (unknowns + d), 20000))
+    x = torch.from_numpy(res[0][:unknowns]).reshape(x_shape)
+    rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
+    notes = [f"LSQR stopped with flag {res[1]} after {res[2]} iterations; the undetermined directions are not computed"]
+    return LayerSolution(
+        x=x,
+        method="lsqr (matrix-free)",
+        null_basis=None,
+        grad_rank=None,
+        unknowns=unknowns,
+        fwd_rows=m_f,
+        residual_grad=rg,
+        residual_fwd=rf,
+        notes=notes,
+    )
