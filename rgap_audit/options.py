@@ -29,7 +29,7 @@ class LoadedModel:
 class AuditOptions:
     """Knobs of one audit; command-line flags and [tool.rgap-audit] end up here."""
 
-    batch_size: int = 1
+    batch_size: int | None = None  # None: the model's declaration, else 1
     loss: str | None = None
     seed: int = 0
     input_shape: tuple[int, ...] | None = None  # overrides the model's declaration

@@ -1,0 +1,473 @@
+"""The R-GAP walk: from the output down to the input, one LayerRecord per operation.
+
+For every weighted layer the walk measures, on one seeded random instance (float64, the model's
+weights as constructed, a random input, the real dL/dz from autograd and the real activation
+pattern), the rank of the layer's linear system [K; F] (rgap_audit.rank), where F holds only the
+forward constraints the attacker really has: those that survive the ops between this layer and the
+layer above (a ReLU keeps active units only) and the directions the layer above left undetermined.
+The undetermined directions of each layer are handed down to the next one, so the deficit reported
+at the lowest layer is the number of input directions that no closed-form solve can pin down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from rgap_audit.errors import AuditError
+from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
+from rgap_audit.losses import choose_loss, loss_value, make_labels
+from rgap_audit.options import AuditOptions, LoadedModel
+from rgap_audit.rank import ForwardInfo, LayerRank, layer_rank
+from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
+from rgap_audit.registry import ACTIVATION, IDENTITY, IO, LAYER, MERGE, RESHAPE, UNKNOWN, numel
+from rgap_audit.tracing import trace
+
+CAVEAT_DEFICIT = (
+    "A layer-wise deficit makes the closed-form recursion fail and the recovery worse conditioned, "
+    "but it is not proof of safety: attacks that use all layers jointly (gradient matching, or the "
+    "Jacobian of the whole gradient map) may still recover the input."
+)
+CAVEAT_PATTERN = "Activation patterns (which units are active, signs) are taken as known to the attacker, as in R-GAP."
+CAVEAT_BATCH = (
+    "With {b} samples sharing one gradient, the per-sample dL/dz is taken from the instance: "
+    "an upper bound on what an attacker knows."
+)
+
+
+@dataclass
+class _Above:
+    """How a weighted layer's output reaches what the attacker knows: ops in between and the end."""
+
+    ops: list[str]  # op nodes from this layer's output upwards (exclusive), in data-flow order
+    end: str | None  # the weighted layer above, "output", or None when the path branches or merges
+    why_cut: str | None = None  # why the path could not be followed
+
+
+def _path_above(lg: LayerGraph, name: str) -> _Above:
+    ops: list[str] = []
+    cur = name
+    while True:
+        succ = list(lg.graph.successors(cur))
+        if len(succ) != 1:
+            why = "its output feeds several consumers" if succ else "its output is not used"
+            return _Above(ops, None, why)
+        nxt = succ[0]
+        attrs = lg.node(nxt)
+        kind = attrs["info"].kind
+        if nxt == lg.output_node:
+            return _Above(ops, "output")
+        if kind == LAYER:
+            return _Above(ops, nxt)
+        if kind == MERGE or lg.graph.in_degree(nxt) > 1:
+            return _Above(ops + [nxt], None, f"its output joins other branches at {nxt} ({attrs['info'].name})")
+        ops.append(nxt)
+        cur = nxt
+
+
+def _make_path_fn(lg: LayerGraph, ops: list[str], env: dict[str, object]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function z -> (value after `ops`), non-data arguments fixed to their instance values."""
+    modules = dict(lg.gm.named_modules())
+    steps = []
+    for n in ops:
+        node = lg.node(n)["fx"]
+        src = [a for a in node.all_input_nodes if a.name in lg.graph][0]
+        steps.append((node, src))
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        cur = t
+        for node, src in steps:
+            args = fx.node.map_arg(node.args, lambda a: cur if a is src else env[a.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: cur if a is src else env[a.name])
+            if node.op == "call_module":
+                cur = modules[str(node.target)](*args, **kwargs)
+            elif node.op == "call_function":
+                cur = node.target(*args, **kwargs)
+            else:  # call_method
+                self_, *rest = args
+                cur = getattr(self_, node.target)(*rest, **kwargs)
+        return cur
+
+    return fn
+
+
+def _jvp_batch(fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Batched Jacobian-vector products of fn at z0: tangents (d, *z0.shape) -> (d, *fn(z0).shape)."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(fn, (z0,), (t,))[1]
+
+    def apply(ts: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in torch.split(ts, 256):
+            out.append(torch.func.vmap(one)(chunk))
+        return torch.cat(out) if out else ts.new_zeros((0, *fn(z0).shape))
+
+    return apply
+
+
+def _known_rows(fn: Callable, z0: torch.Tensor, n_out_above: int, unknown_dims: int, gen: torch.Generator) -> int:
+    """Count the directions of z the attacker knows: entries that reach the next tensor, capped by its size."""
+    r = torch.randn(fn(z0).shape, generator=gen, dtype=z0.dtype)
+    _, vjp = torch.func.vjp(fn, z0)
+    (back,) = vjp(r)
+    reach = int((back != 0).sum())
+    return max(0, min(reach, n_out_above) - unknown_dims)
+
+
+def _instance_env(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
+    """Every node's value (tensors and shape arithmetic) on input x, for fixing non-data arguments."""
+    env: dict[str, object] = {}
+
+    class _Env(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            env[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
+            return out
+
+    with torch.no_grad():
+        _Env(gm).run(x)
+    return env
+
+
+def _location(loaded: LoadedModel | None, module_path: str | None) -> Location | None:
+    if loaded is None:
+        return None
+    if module_path is not None:
+        # a module reused at several places, or a child of a located container
+        path = module_path
+        while path:
+            if path in loaded.layer_locations:
+                return loaded.layer_locations[path]
+            path = path.rpartition(".")[0]
+    return loaded.location
+
+
+class Walker:
+    """One audit of one model: trace, instance, and the walk from the output down."""
+
+    def __init__(self, loaded: LoadedModel, options: AuditOptions):
+        self.loaded = loaded
+        self.options = options
+
+    def run(self) -> ModelReport:
+        t_start = time.perf_counter()
+        loaded, opts = self.loaded, self.options
+        shape = opts.input_shape or loaded.input_shape
+        if shape is None:
+            raise AuditError("input shape unknown: declare it in RGAP_MODELS or pass --input-shape", loaded.file, loaded.name)
+        shape = tuple(int(s) for s in shape)
+        batch = int(opts.batch_size or loaded.batch_size or 1)
+        if batch < 1:
+            raise AuditError(f"batch size must be >= 1, got {batch}", loaded.file, loaded.name)
+        gen = torch.Generator().manual_seed(opts.seed)
+        x = torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
+
+        gm = trace(loaded.module, x, file=loaded.file, name=loaded.name)
+        t_trace = time.perf_counter()
+        lg = build_layer_graph(gm)
+        out_shape = lg.node(lg.output_node)["out_shape"]
+        if out_shape is None:
+            raise AuditError("forward must return one tensor (got a tuple or a non-tensor)", loaded.file, loaded.name)
+        out_features = numel(out_shape[1:])
+        try:
+            loss = choose_loss(opts.loss or loaded.loss, out_features)
+        except ValueError as exc:
+            raise AuditError(str(exc), loaded.file, loaded.name) from exc
+        labels = make_labels(loss, batch, out_features, gen)
+        values, grads = record_instance(lg, x, lambda out: loss_value(loss, out, labels))
+        env = _instance_env(gm, x)
+        t_instance = time.perf_counter()
+
+        self.lg, self.values, self.grads, self.env, self.gen = lg, values, grads, env, gen
+        self.loss, self.batch = loss, batch
+        records = self._walk()
+        t_walk = time.perf_counter()
+
+        verdict = self._verdict(records)
+        return ModelReport(
+            file=loaded.file,
+            model=loaded.name,
+            input_shape=list(shape),
+            batch_size=batch,
+            loss=loss,
+            seed=opts.seed,
+            dtype="float64",
+            layers=records,
+            verdict=verdict,
+            location=loaded.location,
+            warnings=self.warnings,
+            timings={
+                "trace_s": t_trace - t_start,
+                "instance_s": t_instance - t_trace,
+                "walk_s": t_walk - t_instance,
+                "total_s": time.perf_counter() - t_start,
+            },
+        )
+
+    # ------------------------------------------------------------------ the walk
+    def _walk(self) -> list[LayerRecord]:
+        lg = self.lg
+        self.warnings: list[str] = []
+        self.nulls: dict[str, torch.Tensor | None] = {}  # weighted layer -> undetermined directions of its input
+        self.bounded: set[str] = set()  # weighted layers whose rank is only bounded
+        self.below: dict[str, tuple[str, list[str]]] = {}  # weighted layer -> (layer below, ops between)
+        for lower in lg.weighted():
+            path = _path_above(lg, lower)
+            if path.end is not None and path.end != "output":
+                self.below[path.end] = (lower, path.ops)
+        records = []
+        for index, name in enumerate(lg.ops()):
+            attrs = lg.node(name)
+            info = attrs["info"]
+            rec = LayerRecord(
+                index=index,
+                node=name,
+                op=info.name,
+                kind=info.kind,
+                module_path=attrs["module_path"],
+                input_shape=list(attrs["in_shape"]),
+                output_shape=list(attrs["out_shape"]),
+                location=_location(self.loaded, attrs["module_path"]),
+            )
+            t0 = time.perf_counter()
+            if info.kind == LAYER:
+                self._weighted(name, rec)
+            elif info.kind == UNKNOWN:
+                rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
+                rec.reason = f"{info.name}: {info.why}; never counted as safe"
+                self.warnings.append(f"{name} ({info.name}) is not understood by rgap-audit and was not analysed")
+            elif info.kind == MERGE:
+                rec.verdict, rec.basis = Verdict.CHAIN_BROKEN, Basis.STRUCTURE
+                rec.reason = f"{info.name}: {info.why}"
+            elif info.kind in (ACTIVATION, RESHAPE, IDENTITY, IO) or info.invertible:
+                rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
+                rec.basis = Basis.STRUCTURE
+                rec.reason = info.why
+            else:  # pooling, norms ... non-invertible ones cut the chain
+                rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
+                rec.basis = Basis.STRUCTURE
+                rec.reason = info.why
+            rec.seconds = time.perf_counter() - t0
+            records.append(rec)
+        return records
+
+    def _forward_info(self, name: str, spec) -> tuple[ForwardInfo, Chain, str]:
+        """What the attacker knows about this layer's output z, and why."""
+        lg = self.lg
+        above = _path_above(lg, name)
+        z0 = self.values[name]
+        n_samples_z = z0.shape[0]
+        if above.end is None:
+            return ForwardInfo(none=True, rows=0), Chain.NONE, f"no forward constraints: {above.why_cut}"
+        ops_info = [lg.node(o)["info"] for o in above.ops]
+        lossy = [i.name for i in ops_info if not i.invertible]
+        unknown_ops = [i.name for i in ops_info if i.kind == UNKNOWN]
+        fn = _make_path_fn(lg, above.ops, self.env)
+        if above.end == "output":
+            if self.batch > 1 or n_samples_z != self.batch:
+                return (
+                    ForwardInfo(none=True, rows=0),
+                    Chain.NONE,
+                    f"output layer: the {self.loss} loss of a batch of {self.batch} does not reveal each sample's output",
+                )
+            unknown = None
+            why = f"output layer: the {self.loss} loss reveals the output"
+            if self.loss == "cross-entropy":
+                out_val = fn(z0)
+                c = out_val.numel()
+                unknown = torch.full((c, 1), 1.0 / math.sqrt(c), dtype=torch.float64)
+                why = "output layer: cross-entropy reveals the logits up to a constant"
+            end_dims = fn(z0).numel()
+        else:
+            upper = self.nulls.get(above.end)
+            unknown = upper if (upper is not None and upper.shape[1] > 0) else None
+            end_dims = self.values[above.end].new_empty(lg.node(above.end)["in_shape"]).numel()
+            if above.end in self.bounded:
+                why = f"layer above ({above.end}) only bounded: assumed recovered"
+            elif unknown is not None:
+                why = f"layer above ({above.end}) left {unknown.shape[1]} directions undetermined"
+            else:
+                why = f"layer above ({above.end}) recovered"
+        d = 0 if unknown is None else unknown.shape[1]
+        rows = _known_rows(fn, z0, end_dims, d, self.gen)
+        info = ForwardInfo(jac=_jvp_batch(fn, z0) if above.ops else None, unknown=unknown, rows=rows)
+        if lossy:
+            why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
+        if unknown_ops:
+            why += f"; through not-understood {', '.join(unknown_ops)} (treated as known to the attacker)"
+        chain = Chain.FULL if not lossy and d == 0 else Chain.PARTIAL
+        return info, chain, why
+
+    def _weighted(self, name: str, rec: LayerRecord) -> None:
+        lg = self.lg
+        attrs = lg.node(name)
+        try:
+            spec = lg.conv_spec(name)
+        except (ValueError, TypeError) as exc:
+            rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
+            rec.reason = f"cannot normalise this layer: {exc}"
+            self.warnings.append(f"{name}: {rec.reason}")
+            self.nulls[name] = None
+            return
+        k = self.grads[name]
+        x_in = self.values[lg.data_args(name)[0]]
+        n_samples = x_in.numel() // spec.n_in
+        k = k.reshape(n_samples, *spec.out_shape)
+        fwd, chain, why = self._forward_info(name, spec)
+        known = self._known_inputs(name, n_samples, spec)
+        res: LayerRank = layer_rank(
+            spec, k, fwd, known=known, want_null=True, exact_limit=self.options.exact_rank_limit
+        )
+        if known is not None:
+            rec.extra["known_inputs"] = int(known.sum())
+        rec.unknowns, rec.grad_rows, rec.fwd_rows = res.unknowns, res.grad_rows, res.fwd_rows
+        rec.rank_grad, rec.rank_grad_counting = res.rank_grad, res.rank_grad_counting
+        rec.rank, rec.rank_lower, rec.rank_upper = res.rank, res.rank_lower, res.rank_upper
+        rec.rank_method, rec.deficit, rec.sigma_min_rel = res.method, res.deficit, res.sigma_min_rel
+        rec.chain, rec.chain_reason = chain, why
+        rec.extra["samples"] = n_samples
+        self.nulls[name] = res.null_basis
+        if res.rank is None:
+            self.bounded.add(name)
+        bias_grad_nonzero = spec.bias is not None and bool((k.sum(dim=tuple(i for i in range(k.dim()) if i != 1)) != 0).any())
+        if spec.ndim == 0 and spec.bias is not None and n_samples == 1 and bias_grad_nonzero:
+            rec.verdict, rec.basis = Verdict.LEAKS_EXACTLY, Basis.STRUCTURE
+            rec.reason = "Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] != 0"
+            self.nulls[name] = None
+        elif res.rank is None:
+            rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
+            rec.basis = Basis.BOUNDS
+            rec.reason = (
+                f"rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns (system too large for an exact rank)"
+            )
+        elif res.deficit == 0:
+            rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
+            rec.reason = f"rank {res.rank} = {res.unknowns} unknowns: closed-form solve"
+        else:
+            rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
+            rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
+        if chain != Chain.FULL:
+            rec.reason += f" ({why})"
+
+    def _known_inputs(self, name: str, n_samples: int, spec) -> torch.Tensor | None:
+        """Entries of this layer's input that do not depend on the layer below (a ReLU's zeros, given
+        the activation pattern): known constants to the attacker, so not unknowns."""
+        below = self.below.get(name)
+        if below is None:
+            return None
+        lower, ops = below
+        if not ops:
+            return None
+        fn = _make_path_fn(self.lg, ops, self.env)
+        z0 = self.values[lower]
+        t = torch.randn(z0.shape, generator=self.gen, dtype=z0.dtype)
+        moved = torch.func.jvp(fn, (z0,), (t,))[1]
+        known = (moved == 0).reshape(n_samples, *spec.in_shape)
+        return known if bool(known.any()) else None
+
+    # ------------------------------------------------------------------ the model verdict
+    def _verdict(self, records: list[LayerRecord]) -> ModelVerdict:
+        lg = self.lg
+        layers = [r for r in records if r.kind == LAYER and r.unknowns is not None]
+        deficient = [r for r in layers if r.verdict == Verdict.DEFICIENT]
+        total_deficit = sum(r.deficit or 0 for r in deficient)
+        not_understood = [r for r in records if r.verdict == Verdict.NOT_UNDERSTOOD]
+        caveats = [CAVEAT_PATTERN]
+        if self.batch > 1:
+            caveats.append(CAVEAT_BATCH.format(b=self.batch))
+        if deficient:
+            caveats.append(CAVEAT_DEFICIT)
+
+        # the layers that read the model input (through invertible, single-input ops)
+        first, path_ok, why_path = self._input_layer()
+        basis = Basis.NUMERICAL
+        if first is None:
+            status, recoverable, input_deficit = "unknown", None, None
+            summary = f"the input cannot be traced to a weighted layer: {why_path}"
+        else:
+            rec = next(r for r in records if r.node == first)
+            input_deficit = rec.deficit
+            if rec.verdict == Verdict.LEAKS_EXACTLY and path_ok:
+                status, recoverable, basis = "leaks-exactly", True, Basis.STRUCTURE
+                summary = f"the input leaks exactly through {rec.module_path or first} (Linear with bias)"
+            elif rec.deficit is None:
+                status, recoverable, basis = "unknown", None, Basis.BOUNDS
+                summary = f"input layer {rec.module_path or first} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"
+            elif rec.deficit == 0 and path_ok:
+                if deficient:
+                    status = "recoverable-joint"
+                    summary = (
+                        f"input recoverable in closed form, though {len(deficient)} layer(s) are deficient "
+                        f"(total {total_deficit}): a solve that keeps only the known directions of each z pins it down"
+                    )
+                else:
+                    status = "recoverable-layerwise"
+                    summary = "input recoverable in closed form, layer by layer (R-GAP)"
+                recoverable = True
+            elif rec.deficit == 0:
+                status, recoverable = "deficient", False
+                summary = f"the first layer's input is recoverable, but {why_path}"
+            else:
+                status, recoverable = "deficient", False
+                summary = f"input not recoverable in closed form: {rec.deficit} input directions undetermined"
+        if not_understood:
+            names = ", ".join(sorted({r.op for r in not_understood}))
+            if recoverable is not True:
+                status, recoverable = "unknown", None
+            summary += f"; not understood: {names} (never counted as safe)"
+        return ModelVerdict(
+            status=status,
+            input_recoverable=recoverable,
+            deficient_layers=len(deficient),
+            total_deficit=total_deficit,
+            input_deficit=input_deficit,
+            basis=basis,
+            summary=summary,
+            caveats=caveats,
+        )
+
+    def _input_layer(self) -> tuple[str | None, bool, str]:
+        """The weighted layer that reads the model input, whether the ops before it are invertible, and why not."""
+        lg = self.lg
+        cur = lg.input_node
+        lossy = []
+        while True:
+            succ = list(lg.graph.successors(cur))
+            if len(succ) != 1:
+                return None, False, "the input feeds several branches"
+            cur = succ[0]
+            info = lg.node(cur)["info"]
+            if info.kind == LAYER:
+                why = "" if not lossy else f"the ops before it are not invertible ({', '.join(lossy)})"
+                return cur, not lossy, why
+            if cur == lg.output_node:
+                return None, False, "no weighted layer reads the input"
+            if info.kind == MERGE:
+                return None, False, f"the input joins another branch at {cur}"
+            if not info.invertible:
+                lossy.append(info.name)
+
+
+def audit_loaded(loaded: LoadedModel, options: AuditOptions) -> ModelReport:
+    """Audit one loaded model: the R-GAP walk, a record per op and the model verdict."""
+    return Walker(loaded, options).run()
+
+
+def audit(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    loss: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> ModelReport:
+    """Python API: audit a model object directly (notebooks, tests)."""
+    loaded = LoadedModel(file="<api>", name=name or type(model).__name__, module=model, input_shape=tuple(input_shape))
+    return audit_loaded(loaded, AuditOptions(batch_size=batch_size, loss=loss, seed=seed))

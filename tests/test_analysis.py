@@ -1,0 +1,216 @@
+"""The walk's per-layer deficits against an independent dense computation of the whole chain.
+
+The reference builds, with autograd Jacobians only, one linear system over ALL layer inputs of a
+chain network: each layer's gradient constraints K_i x_i = g_i, the links x_{i+1} = J_i W_i x_i
+through the ops between layers (linearised at the instance, activation pattern known), and what the
+loss reveals of the output. The number of directions of x_i left free by the constraints of layers
+i..L (the rank of the null space restricted to x_i) is what the walk must report as layer i's deficit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+
+from rgap_audit.analysis import audit
+from rgap_audit.losses import loss_value, make_labels
+from rgap_audit.records import Verdict
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _jac(f, x: torch.Tensor) -> np.ndarray:
+    j = torch.autograd.functional.jacobian(f, x)
+    return j.reshape(-1, x.numel()).numpy()
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(a)
+    return a / n if n > 0 else a
+
+
+def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int = 0, batch: int = 1) -> list[int]:
+    """Per weighted layer (input first): directions of its input left free by the layers at and above it."""
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch, *input_shape), generator=gen, dtype=torch.float64)
+    out_features = None
+    with torch.no_grad():
+        out_features = model(x).reshape(batch, -1).shape[1]
+    labels = make_labels(loss, batch, out_features, gen)
+
+    layers = list(model)
+    idx = [i for i, m in enumerate(layers) if isinstance(m, WEIGHTED)]
+    # forward with retained grads at every weighted layer's output
+    inputs, outputs = [], []
+    h = x
+    for i, m in enumerate(layers):
+        if i in idx:
+            inputs.append(h.detach())
+            h = m(h)
+            h.retain_grad()
+            outputs.append(h)
+        else:
+            h = m(h)
+    loss_value(loss, h, labels).backward()
+    ks = [o.grad.detach() for o in outputs]
+    zs = [o.detach() for o in outputs]
+
+    def segment(a: int, b: int):
+        mods = layers[a:b]
+
+        def g(t):
+            for m in mods:
+                t = m(t)
+            return t
+
+        return g
+
+    L = len(idx)
+    sizes = [inp.numel() for inp in inputs]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    deficits = []
+    for i in range(L):
+        blocks = []
+        ncols = int(offsets[-1] - offsets[i])
+
+        def place(mat: np.ndarray, j: int) -> np.ndarray:
+            row = np.zeros((mat.shape[0], ncols))
+            row[:, offsets[j] - offsets[i] : offsets[j + 1] - offsets[i]] = mat
+            return row
+
+        for j in range(i, L):
+            m = layers[idx[j]]
+            kj = ks[j]
+
+            def grad_of(xx, m=m, kj=kj):
+                w = m.weight
+                fwd = (lambda t: nn.functional.linear(t, w)) if isinstance(m, nn.Linear) else (lambda t: m._conv_forward(t, w, None))
+                return torch.autograd.grad((fwd(xx) * kj).sum(), w, create_graph=True)[0]
+
+            K = _jac(grad_of, inputs[j].clone().requires_grad_(True))
+            blocks.append(place(_normalise(K), j))
+            Wj = _jac(lambda t, m=m: m(t) - (0 if m.bias is None else m(torch.zeros_like(t))), inputs[j])
+            end = idx[j + 1] if j + 1 < L else len(layers)
+            G = _jac(segment(idx[j] + 1, end), zs[j])
+            link = G @ Wj
+            if j + 1 < L:
+                # x_{j+1} = G W x_j: link rows, plus rows on x_{j+1} alone where G is zero (known zeros)
+                row = place(link, j)
+                row[:, offsets[j + 1] - offsets[i] : offsets[j + 2] - offsets[i]] -= np.eye(sizes[j + 1])
+                blocks.append(_normalise(row))
+            else:
+                if batch > 1:
+                    continue  # the loss of a batch reveals no single output
+                if loss == "cross-entropy":
+                    c = link.shape[0]
+                    link = (np.eye(c) - np.ones((c, c)) / c) @ link
+                blocks.append(place(_normalise(link), j))
+        A = np.vstack(blocks)
+        N = scipy.linalg.null_space(A)
+        if N.size == 0:
+            deficits.append(0)
+        else:
+            deficits.append(int(np.linalg.matrix_rank(N[: sizes[i]], tol=1e-8)))
+    return deficits
+
+
+def _walk_deficits(model: nn.Module, input_shape, loss: str, batch: int = 1) -> list[int]:
+    rep = audit(model, input_shape, loss=loss, batch_size=batch, seed=0)
+    layers = [r for r in rep.layers if r.unknowns is not None]
+    return [r.deficit for r in reversed(layers)]
+
+
+CASES = {
+    "leaky-convs": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=1, padding=1, bias=False),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(3, 2, 3, stride=2, padding=1, bias=False),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(18, 1, bias=False),
+        ),
+        (2, 6, 6),
+        "logistic",
+    ),
+    "narrow-middle": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False),
+            nn.Tanh(),
+            nn.Conv2d(4, 1, 3, stride=1, padding=1, bias=False),
+            nn.Sigmoid(),
+            nn.Conv2d(1, 3, 3, stride=1, padding=0, bias=False),
+            nn.LeakyReLU(0.1),
+            nn.Flatten(),
+            nn.Linear(27, 4, bias=False),
+        ),
+        (1, 10, 10),
+        "cross-entropy",
+    ),
+    "relu-mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(12, 8, bias=False), nn.ReLU(), nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False)
+        ),
+        (12,),
+        "cross-entropy",
+    ),
+    "conv1d-dilated": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3, dilation=2, padding=2, bias=False),
+            nn.LeakyReLU(0.2),
+            nn.Conv1d(3, 1, 2, stride=2, bias=False),
+            nn.Flatten(),
+            nn.Linear(5, 1, bias=False),
+        ),
+        (2, 10),
+        "logistic",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_walk_deficits_match_dense_chain_system(case):
+    make, shape, loss = CASES[case]
+    torch.manual_seed(3)
+    model = make()
+    expected = dense_chain_deficits(model, shape, loss)
+    got = _walk_deficits(model, shape, loss)
+    assert got == expected
+
+
+def test_walk_detects_a_deficient_layer_and_a_recoverable_one():
+    # the narrow middle conv (4 -> 1 channel) cannot be recovered layer-wise; the dense chain says so too
+    make, shape, loss = CASES["narrow-middle"]
+    torch.manual_seed(3)
+    deficits = dense_chain_deficits(make(), shape, loss)
+    assert any(d > 0 for d in deficits) and deficits[-1] == 0
+
+
+def test_biased_linear_leaks_exactly():
+    model = nn.Sequential(nn.Linear(10, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    rep = audit(model, (10,), loss="cross-entropy")
+    first = [r for r in rep.layers if r.unknowns is not None][-1]
+    assert first.verdict == Verdict.LEAKS_EXACTLY
+    assert rep.verdict.status == "leaks-exactly" and rep.verdict.input_recoverable is True
+    # the leak is real: x = dW[j] / db[j] on the instance
+    x = torch.rand(1, 10, dtype=torch.float64)
+    m = model.double()
+    loss = nn.functional.cross_entropy(m(x), torch.tensor([1]))
+    gw, gb = torch.autograd.grad(loss, [m[0].weight, m[0].bias])
+    j = int(gb.abs().argmax())
+    assert torch.allclose(gw[j] / gb[j], x[0], rtol=1e-10)
+
+
+def test_not_understood_op_is_never_safe():
+    class Weird(nn.Module):
+        def forward(self, x):
+            return torch.sin(x)
+
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), Weird(), nn.Linear(6, 1, bias=False))
+    rep = audit(model, (6,))
+    assert any(r.verdict == Verdict.NOT_UNDERSTOOD for r in rep.layers)
+    assert rep.verdict.input_recoverable is not False
