@@ -5,13 +5,6 @@ instance of a loaded model and compares the result with the static verdict of th
 """
 
 from rgap_audit.attack.engine import LayerStep, Reconstruction, reconstruct
+from rgap_audit.attack.verification import verify
 
 __all__ = ["LayerStep", "Reconstruction", "reconstruct", "verify"]
-
-
-def __getattr__(name):  # verify pulls in pillow lazily
-    if name == "verify":
-        from rgap_audit.attack.verify import verify
-
-        return verify
-    raise AttributeError(name)

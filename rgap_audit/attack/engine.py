@@ -169,6 +169,31 @@ def _pull(link: _Link, derivs, v: torch.Tensor, mode: str, lead: int = 0) -> tor
     return v
 
 
+def _pull_directions(link: _Link, derivs, Sd: torch.Tensor, e: torch.Tensor):
+    """Carry undetermined directions S (d, *top) down to z: T = J^-1 S on the units J keeps.
+
+    Where a unit is off (sigma' = 0, ReLU) the linearised constraint sigma(z) = x' + S a has no z in it:
+    it becomes a row on the carried coordinates alone, S_i a = -e_i (e = x' - sigma(z_hat) carried down).
+    Returns (T (d, n_z), (E, f) or None).
+    """
+    d = Sd.shape[0]
+    E_rows, f_rows = [], []
+    for s, dv in zip(reversed(link.steps), reversed(derivs)):
+        Sd = Sd.reshape((d,) + tuple(s.in_shape))
+        e = e.reshape(s.in_shape)
+        if dv is None:
+            continue
+        off = dv.abs() <= SATURATED
+        if bool(off.any()):
+            E_rows.append(Sd[:, off].T)
+            f_rows.append(-e[off])
+        safe = torch.where(off, torch.ones_like(dv), dv)
+        Sd = torch.where(off, torch.zeros_like(Sd), Sd / safe)
+        e = torch.where(off, torch.zeros_like(e), e / safe)
+    rows = (torch.cat(E_rows), torch.cat(f_rows)) if E_rows else None
+    return Sd.reshape(d, -1), rows
+
+
 def _known_mask(link: _Link, derivs) -> torch.Tensor:
     top = link.steps[-1].out_shape if link.steps else None
     m = torch.ones(top, dtype=torch.bool) if top is not None else None
@@ -477,18 +502,32 @@ def _descend(
             if S is not None:
                 # the pattern of a deficient layer's recovered input may be wrong where it is undetermined:
                 # re-linearise at the solved z until the activation pattern settles
-                pat, iters = _pattern(link, z_hat), 0
+                pat, iters, settled = _pattern(link, z_hat), 0, False
+                best = (sol.residual_fwd if sol.residual_fwd is not None else math.inf, sol, ki, mask)
                 for iters in range(1, MAX_PROJECTED_ITERS + 1):
                     z_new = bspec.forward(sol.x).reshape(zshape)
                     new_pat = _pattern(link, z_new)
                     if new_pat == pat and iters > 1:
+                        settled = True
                         break
                     sol2, ki2, mask2 = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_new, S)
                     change = float((sol2.x - sol.x).norm() / sol.x.norm().clamp_min(1e-300))
                     sol, ki, mask, pat = sol2, ki2, mask2, new_pat
+                    rf = sol.residual_fwd if sol.residual_fwd is not None else math.inf
+                    if rf <= best[0]:
+                        best = (rf, sol, ki, mask)
                     if change < 1e-13:
+                        settled = True
                         break
-                step.notes.append(f"re-linearised the link at the solved z ({iters} pass(es)) until the activation pattern settled")
+                if settled:
+                    step.notes.append(f"re-linearised the link at the solved z: the activation pattern settled after {iters} pass(es)")
+                else:
+                    _, sol, ki, mask = best
+                    step.notes.append(
+                        f"the activation pattern did not settle in {MAX_PROJECTED_ITERS} passes; kept the pass with the "
+                        "smallest forward residual (the projected solve needs the pattern of the undetermined layer's input)"
+                    )
+                    warnings.append(f"{below}: activation pattern did not settle; the projected recovery is approximate")
             step.method = sol.method
             step.grad_rank, step.nullity = sol.grad_rank, sol.nullity
             step.fwd_rows, step.rows_lost = sol.fwd_rows, int(mask.numel() - mask.sum())
@@ -520,11 +559,11 @@ def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S):
     if mask is None:
         mask = torch.ones(z_hat.shape, dtype=torch.bool)
     ki = _pull(link, derivs, g_top, "vjp").reshape(z_hat.shape)
-    T = None
+    T = a_rows = None
     if S is not None and S.shape[1] > 0:
         Sd = S.T.reshape((S.shape[1],) + tuple(x_top.shape))
-        T = _pull(link, derivs, Sd, "inv", lead=1).reshape(S.shape[1], -1)
-    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node)
+        T, a_rows = _pull_directions(link, derivs, Sd, x_top - vals[-1])
+    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node, a_rows=a_rows)
     return sol, ki, mask.reshape(-1)
 
 

@@ -84,18 +84,35 @@ def _orthonormal(cols: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
     return u[:, s > rel_tol * s[0]]
 
 
-def _gram_lstsq(A: torch.Tensor, r: torch.Tensor, rel_tol: float = SIGMA_REL_TOL):
-    """Minimum-norm least squares A y = r through the eigendecomposition of the scaled Gram matrix.
+def _gram_lstsq(
+    A: torch.Tensor,
+    r: torch.Tensor,
+    blocks: list[int] | None = None,
+    scales: list[float | None] | None = None,
+    rel_tol: float = SIGMA_REL_TOL,
+):
+    """Minimum-norm least squares A y = r through the eigendecomposition of the block-scaled Gram matrix.
 
-    Returns (y, null basis of A (columns), smallest kept singular value / largest).
-    One step of iterative refinement recovers the accuracy the Gram matrix squares away.
+    blocks: column counts of the blocks of A (e.g. [F Z, -T]); scales: the natural magnitude of each block
+    (None: its largest column norm). Scaling by the operator's own magnitude, not by the block's columns,
+    keeps a block that is numerically zero (F Z when the forward rows add nothing) at zero.
+    Returns (y, null basis of A (columns), smallest kept singular value / largest). Two steps of
+    iterative refinement recover the accuracy the Gram matrix squares away.
     """
-    cn = A.norm(dim=0)
-    cn = torch.where(cn > 0, cn, torch.ones_like(cn))
+    blocks = blocks or [A.shape[1]]
+    scales = scales or [None] * len(blocks)
+    cn = torch.ones(A.shape[1], dtype=A.dtype)
+    off = 0
+    for b, sc in zip(blocks, scales):
+        if b:
+            m = float(A[:, off : off + b].norm(dim=0).max()) if sc is None else float(sc)
+            cn[off : off + b] = m if m > 0 else 1.0
+        off += b
     As = A / cn
     lam, Q = torch.linalg.eigh(As.T @ As)  # ascending
-    lam_max = float(lam[-1]) if lam.numel() else 0.0
-    keep = lam > (rel_tol**2) * lam_max if lam_max > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    # blocks are scaled to unit magnitude: a block that is numerically zero must not set the reference
+    lam_max = max(float(lam[-1]) if lam.numel() else 0.0, 1.0)
+    keep = lam > (rel_tol**2) * lam_max
     Qk, lk = Q[:, keep], lam[keep]
     y = Qk @ ((Qk.T @ (As.T @ r)) / lk)
     for _ in range(2):
@@ -107,7 +124,7 @@ def _gram_lstsq(A: torch.Tensor, r: torch.Tensor, rel_tol: float = SIGMA_REL_TOL
 
 
 def _forward_parts(spec, z_target, mask, T, n):
-    """Known rows of z - b as a flat vector, the row mask, and T restricted to them (orthonormal)."""
+    """Known rows of z - b as a flat vector, the row mask, and T restricted to those rows (n_known, d)."""
     zb = z_target.to(torch.float64).reshape(n, spec.out_channels, -1)
     if spec.bias is not None:
         zb = zb - spec.bias[None, :, None]
@@ -115,26 +132,24 @@ def _forward_parts(spec, z_target, mask, T, n):
     known = torch.ones_like(zb, dtype=torch.bool) if mask is None else mask.reshape(-1).to(torch.bool)
     Tk = None
     if T is not None and T.numel() > 0:
-        Tk = _orthonormal(T.reshape(T.shape[0], -1).T[known])
-        if Tk.shape[1] == 0:
-            Tk = None
+        Tk = T.reshape(T.shape[0], -1).T[known].contiguous()
     return zb, known, Tk
 
 
 def _residuals(spec, x, k, dw, zb, known, Tk):
-    """Relative residuals of the gradient rows and (projected) forward rows."""
+    """Relative residuals of the gradient rows and of the forward rows with the carried directions projected out."""
     g = spec.weight_grad(x, k.reshape(x.shape[: x.dim() - len(spec.in_shape)] + spec.out_shape))
     rg = float((g - dw).norm() / dw.norm().clamp_min(1e-300))
-    if zb is None:
+    if zb is None or not bool(known.any()):
         return rg, None
     fx = spec.forward(x, with_bias=False).reshape(-1)
     d = (fx - zb)[known]
     ref = zb[known]
     if Tk is not None:
-        d = d - Tk @ (Tk.T @ d)
-        ref = ref - Tk @ (Tk.T @ ref)
-    rf = float(d.norm() / ref.norm().clamp_min(1e-300)) if known.any() else None
-    return rg, rf
+        Q = _orthonormal(Tk)
+        d = d - Q @ (Q.T @ d)
+        ref = ref - Q @ (Q.T @ ref)
+    return rg, float(d.norm() / ref.norm().clamp_min(1e-300))
 
 
 def solve_layer(
@@ -149,12 +164,15 @@ def solve_layer(
     dense_limit: int = DENSE_LIMIT,
     cache: dict | None = None,
     cache_key: object = None,
+    a_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LayerSolution:
     """Recover a weighted layer's input x from its gradient dW (given dL/dz = k) and what is known of z.
 
     z_target: the layer output z (bias included), full shape; None when nothing is known of it.
     mask: which entries of z are known (None: all). T: (d, *z.shape) directions of z left undetermined
     above (projected variant); only the components of z orthogonal to them are used.
+    a_rows: (E, f), constraints E a = f on the carried coordinates alone (ReLU units that are off above:
+    there x' + S a must vanish).
     cache/cache_key: reuse factorisations between calls on the same layer (same weights and mask).
     """
     t0 = time.perf_counter()
@@ -169,10 +187,12 @@ def solve_layer(
         zb, known, Tk = _forward_parts(spec, z_target, mask, T, n)
     fwd_rows = int(known.sum()) if known is not None else 0
     d = 0 if Tk is None else Tk.shape[1]
+    if Tk is None or a_rows is None or a_rows[0].numel() == 0:
+        a_rows = None
     notes: list[str] = []
 
     if n_cols > MAX_G_COLS:
-        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
         sol.fwd_rows, sol.seconds = fwd_rows, time.perf_counter() - t0
         sol.notes.insert(0, f"{n_cols} positions per channel: channel blocks not formed")
         return sol
@@ -187,9 +207,9 @@ def solve_layer(
         # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
         grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in map(torch.linalg.svdvals, blocks)) * cig
         try:
-            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key)
+            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
         except _Singular as exc:
-            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
             sol.notes.insert(0, str(exc))
             sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
             return sol
@@ -232,21 +252,26 @@ def solve_layer(
         FZ = forward_on_channel_basis(spec, n, Zs)[known]
         r = zb[known] - spec.forward(x_det, with_bias=False).reshape(-1)[known]
         A = FZ if Tk is None else torch.cat([FZ, -Tk], dim=1)
-        y, null_y, smin = _gram_lstsq(A, r)
+        if a_rows is not None:
+            E, f = a_rows
+            A = torch.cat([A, torch.cat([torch.zeros(E.shape[0], nz, dtype=torch.float64), E], dim=1)])
+            r = torch.cat([r, f])
+        w_scale = float(spec.weight.transpose(0, 1).reshape(spec.in_channels // spec.groups, -1).norm(dim=1).max())
+        y, null_y, smin = _gram_lstsq(A, r, [nz, d], [w_scale, None])
         x = x_det + _from_null_coords(spec, Zs, y[:nz], x_shape)
         null = _orthonormal(_from_null_coords_batch(spec, Zs, null_y[:nz], x_shape))
         method = "null(K)+forward (dense reduced)"
     elif fwd_rows >= unknowns:
         try:
-            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key)
+            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
             smin, method = None, "forward (sparse normal equations, SuperLU); gradient rows as check"
         except _Singular as exc:
-            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
             sol.notes.insert(0, str(exc))
             sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
             return sol
     else:
-        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n)
+        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
         sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
         return sol
 
@@ -321,7 +346,7 @@ def _factor_forward(spec, n, tmap, known):
     return Fs, lu
 
 
-def _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache=None, cache_key=None):
+def _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache=None, cache_key=None, a_rows=None):
     """min ||F x - T a - (z - b)|| with F sparse; SuperLU on F^T F, Schur complement for a."""
     if cache is not None:
         key = ("sparse-forward", cache_key, hash(known.numpy().tobytes()))
@@ -352,12 +377,15 @@ def _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache=None, cac
         N = _left_null(Fs, lu)
     Tn = Tk.numpy()
     NT = torch.from_numpy(N.T @ Tn)  # (q, d)
-    Nr = torch.from_numpy(N.T @ r)
+    Nr = -torch.from_numpy(N.T @ r)
+    if a_rows is not None:
+        NT = torch.cat([NT, a_rows[0]])
+        Nr = torch.cat([Nr, a_rows[1]])
     if NT.shape[0]:
         U, sv, Vh = torch.linalg.svd(NT, full_matrices=True)
         keep = sv > SIGMA_REL_TOL * max(float(sv[0]) if sv.numel() else 0.0, 1e-300)
         nk = int(keep.sum())
-        a = -(Vh[:nk].T @ ((U[:, :nk].T @ Nr) / sv[:nk]))
+        a = Vh[:nk].T @ ((U[:, :nk].T @ Nr) / sv[:nk])
         a_null = Vh[nk:].T
     else:
         a = torch.zeros(Tn.shape[1], dtype=torch.float64)
@@ -392,7 +420,7 @@ def _power_norm(apply, adjoint, shape, iters: int = 12) -> float:
     return max(s, 1e-300)
 
 
-def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n) -> LayerSolution:
+def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows=None) -> LayerSolution:
     """Matrix-free LSQR on [alpha K; beta (F, -T)], both blocks scaled to unit spectral norm."""
     kk = k.reshape(n, *spec.out_shape) if spec.ndim else k.reshape(n, spec.out_channels)
     xs = (n, *spec.in_shape) if spec.ndim else (n, spec.in_shape[0])
@@ -420,6 +448,11 @@ def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n) -> LayerSolution:
     beta = 1.0 / _power_norm(Fw, FT, xs) if zb is not None else 0.0
     m_k = dw.numel()
     m_f = int(known.sum()) if zb is not None else 0
+    if a_rows is not None and d:
+        E, fe = a_rows
+    else:
+        E, fe = torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    m_e = E.shape[0]
 
     def matvec(v):
         v = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
@@ -430,6 +463,8 @@ def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n) -> LayerSolution:
             if d:
                 f = f - Tk @ a
             out.append(beta * f)
+        if m_e:
+            out.append(beta * (E @ a))
         return torch.cat(out).numpy()
 
     def rmatvec(u):
@@ -438,16 +473,20 @@ def _lsqr(spec, x_shape, k, dw, zb, known, Tk, n) -> LayerSolution:
         ga = torch.zeros(d, dtype=torch.float64)
         if m_f:
             w = torch.zeros(known.numel(), dtype=torch.float64)
-            w[known] = u[m_k:]
+            w[known] = u[m_k : m_k + m_f]
             gx = gx + beta * FT(w).reshape(-1)
             if d:
-                ga = -beta * (Tk.T @ u[m_k:])
+                ga = -beta * (Tk.T @ u[m_k : m_k + m_f])
+        if m_e:
+            ga = ga + beta * (E.T @ u[m_k + m_f :])
         return torch.cat([gx, ga]).numpy()
 
-    op = spl.LinearOperator((m_k + m_f, unknowns + d), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    op = spl.LinearOperator((m_k + m_f + m_e, unknowns + d), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
     b = [alpha * as_numpy(dw)]
     if m_f:
         b.append(beta * as_numpy(zb[known]))
+    if m_e:
+        b.append(beta * fe.numpy())
     res = spl.lsqr(op, np.concatenate(b), atol=1e-15, btol=1e-15, iter_lim=min(20 * (unknowns + d), 20000))
     x = torch.from_numpy(res[0][:unknowns]).reshape(x_shape)
     rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
