@@ -22,6 +22,7 @@ Everything is float64 numpy/torch; no loops over positions.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -531,7 +532,7 @@ def layer_rank(
         # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
         # (rank(K) + rank of F on a subset of Z), worth it only while the null bases are cheap
         z_cost = sum((class_cols[ci].size if keep is None else keep.size) ** 2 for _g, ci, keep in plan.values())
-        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 4
+        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40
 
     blocks: dict[tuple, _Block] = {}
     kp_cache: dict[int, np.ndarray] = {}
@@ -651,23 +652,28 @@ def dense_system(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dense K (n_weight x N*n_in) and F = C W, built independently of the block code, for tests.
 
-    K is the Jacobian of the linear map x -> spec.weight_grad(x, k), taken column by column on the
-    unit vectors (spec.weight_grad detaches its result, so autograd's jacobian of it is zero).
+    K is torch.autograd.functional.jacobian of x -> dL/dW = grad_W <k, W x>, the map of
+    spec.weight_grad written with create_graph=True (spec.weight_grad detaches its result, so the
+    jacobian of spec.weight_grad itself is zero; the tests check K x == spec.weight_grad(x, k)).
     W is torch.autograd.functional.jacobian of x -> spec.forward(x, with_bias=False); C is fwd.jac
     applied to the identity, with fwd.unknown projected out (C = V^T J, V an orthonormal
-    complement of fwd.unknown). Columns of `known` entries are dropped. Cost: N*n_in conv backwards.
+    complement of fwd.unknown). Columns of `known` entries are dropped.
     """
     kk = k.detach().to(torch.float64).reshape(-1, *spec.out_shape)
     n = kk.shape[0]
     total_x = n * spec.n_in
-    eye = torch.eye(total_x, dtype=torch.float64)
-    kmat = np.empty((spec.n_weight, total_x))
-    for j in range(total_x):
-        kmat[:, j] = spec.weight_grad(eye[j].reshape(n, *spec.in_shape), kk).reshape(-1).numpy()
+    x0 = torch.zeros(n, *spec.in_shape, dtype=torch.float64)
+    w = spec.weight.detach().to(torch.float64).clone().requires_grad_(True)
+    spec_w = dataclasses.replace(spec, weight=w, bias=None)
+
+    def grad_w(x: torch.Tensor) -> torch.Tensor:
+        z = spec_w.forward(x, with_bias=False)
+        return torch.autograd.grad((z * kk).sum(), w, create_graph=True)[0]
+
+    kmat = torch.autograd.functional.jacobian(grad_w, x0, vectorize=True).reshape(spec.n_weight, total_x).detach().numpy()
     if fwd.none:
         fmat = np.zeros((0, total_x))
     else:
-        x0 = torch.zeros(n, *spec.in_shape, dtype=torch.float64)
         wmat = torch.autograd.functional.jacobian(lambda x: spec.forward(x, with_bias=False), x0, vectorize=True)
         wmat = wmat.reshape(n * spec.n_out, total_x).numpy()
         e_out = torch.eye(n * spec.n_out, dtype=torch.float64).reshape(n * spec.n_out, n, *spec.out_shape)
