@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--verify", action="store_true", help="reconstruct the input in closed form and report the errors")
     ver.add_argument("--input", metavar="FILE", help="--verify on this input (a saved tensor or an image) instead of a random one")
     ver.add_argument("--weights", metavar="CKPT", help="--verify with these weights (loaded with weights_only=True)")
-    ver.add_argument("--save-images", metavar="DIR", help="--verify writes original / reconstruction PNGs here")
+    ver.add_argument(
+        "--save-images",
+        metavar="DIR",
+        help="--verify writes original / reconstruction PNGs here; --identifiability its singular spectrum",
+    )
     return p
 
 
@@ -275,8 +279,11 @@ def _audit(args: argparse.Namespace) -> int:
     if not args.targets:
         print("rgap-audit: error: no files given (usage: rgap-audit PATH[:NAME] ...; see --help)", file=sys.stderr)
         return EXIT_ERROR
-    if (args.input or args.weights or args.save_images) and not args.verify:
-        print("rgap-audit: error: --input, --weights and --save-images need --verify", file=sys.stderr)
+    if (args.input or args.weights) and not args.verify:
+        print("rgap-audit: error: --input and --weights need --verify", file=sys.stderr)
+        return EXIT_ERROR
+    if args.save_images and not (args.verify or args.identifiability):
+        print("rgap-audit: error: --save-images needs --verify or --identifiability", file=sys.stderr)
         return EXIT_ERROR
 
     stages: dict[str, Any] = {}
@@ -414,8 +421,7 @@ def _audit_one(run: _Run, analysis: Any, loaded: Any, options: Any, no_network: 
         with no_network(), _captured(args.debug):
             report = analysis.audit_loaded(loaded, options)
             if args.identifiability:
-                ident = _module("rgap_audit.identifiability", "--identifiability")
-                _call(ident.analyse, loaded, options, report)
+                _identifiability(loaded, options, report, args.save_images)
             if args.verify:
                 attack = _module("rgap_audit.attack", "--verify")
                 _call(attack.verify, loaded, options, report, input=args.input, weights=args.weights, save_images=args.save_images)
@@ -429,6 +435,36 @@ def _audit_one(run: _Run, analysis: Any, loaded: Any, options: Any, no_network: 
             raise
         run.internal(exc, loaded.file, loaded.name)
     return None
+
+
+def _identifiability(loaded: Any, options: Any, report: Any, images: str | None) -> None:
+    """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance.
+
+    The result goes to `report.identifiability` when the report has that field, else its summary
+    becomes a report warning; with --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png.
+    """
+    ident = _module("rgap_audit.identifiability", "--identifiability")
+    plot = None
+    if images:
+        os.makedirs(images, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)
+        plot = os.path.join(images, f"{safe}-spectrum.png")
+    try:
+        result = _call(
+            ident.identifiability,
+            loaded.module,
+            tuple(report.input_shape),
+            report.loss,
+            batch_size=report.batch_size,
+            seed=options.seed,
+            plot=plot,
+        )
+    except (ValueError, RuntimeError, MemoryError) as exc:
+        raise AuditError(f"identifiability failed: {type(exc).__name__}: {' '.join(str(exc).split())}", loaded.file, loaded.name) from exc
+    if hasattr(report, "identifiability"):
+        report.identifiability = result
+    else:
+        report.warnings.append(f"identifiability: {result.get('summary', '')}")
 
 
 def _findings(rules_mod: Any, all_rules: Any, reports: list[Any], settings: Any, args: argparse.Namespace) -> list[Any]:

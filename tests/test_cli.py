@@ -37,7 +37,7 @@ def write(folder: Path, name: str, text: str) -> str:
 
 
 def _pipeline_missing() -> str | None:
-    for name in ("rgap_audit.analysis", "rgap_audit.rules", "rgap_audit.suppress", "rgap_audit.formats", "rgap_audit.docs"):
+    for name in ("rgap_audit.analysis", "rgap_audit.rules", "rgap_audit.suppress", "rgap_audit.formats", "rgap_audit.docs", "rgap_audit.attack", "rgap_audit.identifiability"):
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any import failure means the stage is not there yet
@@ -476,3 +476,36 @@ def test_rules_and_rule_subcommands():
     assert explained.returncode == 0 and code in explained.stdout
     unknown = run_cli("rule", "RGAP999")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "RGAP999" in unknown.stderr
+
+
+TINY = """
+import torch.nn as nn
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 4, bias=False)
+        self.act = nn.LeakyReLU(0.2)
+        self.fc2 = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+"""
+
+
+@needs_pipeline
+def test_verify_identifiability_and_their_errors(tmp_path):
+    write(tmp_path, "tiny.py", TINY)
+    torch = pytest.importorskip("torch")
+    torch.save({"x": 1}, tmp_path / "bad.pt")
+    result = run_cli("tiny.py", "--verify", "--identifiability", "--save-images", "img", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["verification"]["confirmed"] is True
+    ident = model.get("identifiability") or next(w for w in model["warnings"] if w.startswith("identifiability:"))
+    assert ident
+    assert (tmp_path / "img" / "Tiny-spectrum.png").is_file()
+    # a checkpoint that does not fit: one line, exit 2, no traceback
+    bad = run_cli("tiny.py", "--verify", "--weights", "bad.pt", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("tiny.py: Tiny: error: --weights") and "bad.pt" in bad.stderr
