@@ -605,12 +605,13 @@ def layer_rank(
     if fwd.none:
         null = None
         if want_null and z_ok and total_x * d_total <= exact_limit:
-            colmap, col = [], 0
-            for pi, (_g, chans, z) in enumerate(pieces):
+            out = np.zeros((n, cin, s_sp, d_total))
+            col = 0
+            for _g, chans, z in pieces:
                 for c in chans:
-                    colmap.append((c, pi, 0, z.shape[1], col))
+                    out[:, c, :, col : col + z.shape[1]] = z.reshape(n, s_sp, -1)
                     col += z.shape[1]
-            null = null_to_x(colmap, pieces, np.eye(col))
+            null = torch.from_numpy(out.reshape(total_x, d_total))
         return result(rank_k, rank_k, rank_k, "structured-svd", null)
 
     if d_total == 0:
