@@ -498,7 +498,10 @@ def _descend(
             S = None
         else:
             z_hat = _invert_link(link, x)
-            sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_hat, S)
+            # with carried directions the activation pattern below them is uncertain, and k (hence the
+            # gradient rows) depends on it: estimate the pattern with the forward rows, gradient rows as check
+            rows = "check" if (S is not None and any(s.kind != "reshape" for s in link.steps)) else "use"
+            sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_hat, S, rows)
             if S is not None:
                 # the pattern of a deficient layer's recovered input may be wrong where it is undetermined:
                 # re-linearise at the solved z until the activation pattern settles
@@ -510,7 +513,7 @@ def _descend(
                     if new_pat == pat and iters > 1:
                         settled = True
                         break
-                    sol2, ki2, mask2 = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_new, S)
+                    sol2, ki2, mask2 = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_new, S, rows)
                     change = float((sol2.x - sol.x).norm() / sol.x.norm().clamp_min(1e-300))
                     sol, ki, mask, pat = sol2, ki2, mask2, new_pat
                     rf = sol.residual_fwd if sol.residual_fwd is not None else math.inf
@@ -521,6 +524,8 @@ def _descend(
                         break
                 if settled:
                     step.notes.append(f"re-linearised the link at the solved z: the activation pattern settled after {iters} pass(es)")
+                    if rows == "check":  # the pattern is fixed now: one solve with the gradient rows too
+                        sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, bspec.forward(sol.x).reshape(zshape), S)
                 else:
                     _, sol, ki, mask = best
                     step.notes.append(
@@ -550,7 +555,7 @@ def _descend(
         layer, x, k = below, xi, ki
 
 
-def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S):
+def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S, gradient_rows="use"):
     """Linearise the link at z_hat, then solve the layer below for its input."""
     vals, derivs = _link_forward(link, z_hat)
     e = _pull(link, derivs, x_top - vals[-1], "inv")
@@ -563,7 +568,7 @@ def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S):
     if S is not None and S.shape[1] > 0:
         Sd = S.T.reshape((S.shape[1],) + tuple(x_top.shape))
         T, a_rows = _pull_directions(link, derivs, Sd, x_top - vals[-1])
-    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node, a_rows=a_rows)
+    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node, a_rows=a_rows, gradient_rows=gradient_rows)
     return sol, ki, mask.reshape(-1)
 
 

@@ -165,6 +165,7 @@ def solve_layer(
     cache: dict | None = None,
     cache_key: object = None,
     a_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gradient_rows: str = "use",
 ) -> LayerSolution:
     """Recover a weighted layer's input x from its gradient dW (given dL/dz = k) and what is known of z.
 
@@ -174,6 +175,9 @@ def solve_layer(
     a_rows: (E, f), constraints E a = f on the carried coordinates alone (ReLU units that are off above:
     there x' + S a must vanish).
     cache/cache_key: reuse factorisations between calls on the same layer (same weights and mask).
+    gradient_rows: "use" (default), or "check": when the forward rows alone have enough rows, solve with
+    them and only check the gradient rows (used while k itself is uncertain: it depends on an activation
+    pattern that is still being estimated).
     """
     t0 = time.perf_counter()
     dw = dw.to(torch.float64)
@@ -203,7 +207,8 @@ def solve_layer(
     rhs = gradient_rhs(spec, dw)
     cig = ci // spec.groups
     nz_lower = sum(max(0, n_cols - G.shape[0]) for G in blocks) * cig
-    if zb is not None and nz_lower + d > dense_limit and fwd_rows >= unknowns:
+    forward_first = nz_lower + d > dense_limit or gradient_rows == "check"
+    if zb is not None and forward_first and fwd_rows >= unknowns:
         # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
         grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in map(torch.linalg.svdvals, blocks)) * cig
         try:

@@ -312,6 +312,7 @@ def verify(
         p = proj_steps.get(s.node)
         if p is not None and rec.projected is not None:
             entry["rel_error_projected"] = p.rel_error
+            entry["measured_nullity_projected"] = p.nullity
             entry["carried_in"] = p.carried_in
         layers.append(entry)
 
@@ -337,7 +338,7 @@ def verify(
         "projected": m_proj,
         "ambiguous_inputs": 1 + len(rec.alternatives),
         "layers": layers,
-        "warnings": list(rec.warnings),
+        "warnings": list(rec.warnings) + ([f"projected variant: {w}" for w in rec.projected.warnings] if rec.projected else []),
     }
     if rec.alternatives:
         result["warnings"].append(

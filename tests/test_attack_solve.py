@@ -1,0 +1,132 @@
+"""The per-layer structured solve: index arithmetic against autograd, nullity and min-norm against dense algebra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rgap_audit.attack._threads import single_thread
+from rgap_audit.attack.solve import solve_layer
+from rgap_audit.attack.structure import (
+    channels_to_x,
+    forward_on_channel_basis,
+    gradient_blocks,
+    gradient_rhs,
+    sparse_forward,
+    x_to_channels,
+)
+from rgap_audit.convspec import ConvSpec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """As reconstruct() does: small dense solves, no OpenMP/OpenBLAS contention on a busy machine."""
+    with single_thread():
+        yield
+
+
+def _conv(nd, cin, cout, k, s, p, d, g, size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin // g, *([k] * nd), generator=gen, dtype=torch.float64)
+    return ConvSpec.conv(w, None, (cin, *([size] * nd)), s, p, d, g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    nd=st.integers(1, 3),
+    g=st.sampled_from([1, 2]),
+    k=st.integers(1, 3),
+    s=st.integers(1, 2),
+    p=st.integers(0, 2),
+    d=st.integers(1, 2),
+    seed=st.integers(0, 10_000),
+)
+def test_index_arithmetic_matches_autograd(nd, g, k, s, p, d, seed):
+    size = 5 if nd < 3 else 4
+    spec = _conv(nd, 2 * g, 2 * g, k, s, p, d, g, size, seed)
+    if min(spec.out_spatial) < 1:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
+    kk = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
+    # gradient rows: G_g applied per channel == dL/dW by autograd
+    dw = spec.weight_grad(x, kk)
+    xc = x_to_channels(spec, x)
+    cig = spec.in_channels // g
+    for gi, (G, B) in enumerate(zip(gradient_blocks(spec, kk), gradient_rhs(spec, dw))):
+        assert torch.allclose(G @ xc[gi * cig : (gi + 1) * cig].T, B, atol=1e-12)
+    assert torch.equal(channels_to_x(spec, xc, tuple(x.shape)), x)
+    # forward rows: the sparse matrix and the channel-basis convolution == the layer
+    z = spec.forward(x, with_bias=False).reshape(-1)
+    assert torch.allclose(torch.from_numpy(sparse_forward(spec, 1) @ x.reshape(-1).numpy()), z, atol=1e-12)
+    n_sp = spec.n_in // spec.in_channels
+    Zs = [torch.linalg.qr(torch.randn(n_sp, 2, generator=gen, dtype=torch.float64))[0] for _ in range(g)]
+    FZ = forward_on_channel_basis(spec, 1, Zs)
+    cols = []
+    for gi in range(g):
+        for c in range(cig):
+            for j in range(2):
+                v = torch.zeros(spec.in_channels, n_sp, dtype=torch.float64)
+                v[gi * cig + c] = Zs[gi][:, j]
+                cols.append(spec.forward(v.reshape(1, *spec.in_shape), with_bias=False).reshape(-1))
+    assert torch.allclose(FZ, torch.stack(cols, 1), atol=1e-12)
+
+
+def _dense(spec, k):
+    n = spec.n_in
+    eye = torch.eye(n, dtype=torch.float64)
+    K = torch.stack([spec.weight_grad(eye[i].reshape(1, *spec.in_shape), k).reshape(-1) for i in range(n)], 1)
+    Fm = torch.stack([spec.forward(eye[i].reshape(1, *spec.in_shape), with_bias=False).reshape(-1) for i in range(n)], 1)
+    return K, Fm
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(cin=4, cout=8, k=3, s=2, p=2, d=2, g=2, size=8),  # uncovered entries: deficient
+        dict(cin=3, cout=6, k=3, s=2, p=1, d=1, g=1, size=7),  # narrow: deficient
+        dict(cin=2, cout=8, k=3, s=1, p=1, d=1, g=1, size=6),  # wide: recoverable
+    ],
+)
+def test_nullity_and_minimum_norm_solution_match_dense_algebra(cfg):
+    spec = _conv(2, cfg["cin"], cfg["cout"], cfg["k"], cfg["s"], cfg["p"], cfg["d"], cfg["g"], cfg["size"], 0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
+    z = spec.forward(x)
+    dw = spec.weight_grad(x, k)
+    sol = solve_layer(spec, tuple(x.shape), k, dw, z)
+    K, Fm = _dense(spec, k)
+    A = torch.cat([K, Fm])
+    b = torch.cat([dw.reshape(-1), z.reshape(-1)])
+    rank = int(torch.linalg.matrix_rank(A))
+    assert sol.nullity == spec.n_in - rank
+    x_mn = torch.linalg.pinv(A) @ b
+    assert torch.allclose(sol.x.reshape(-1), x_mn, atol=1e-9 * float(x.norm()))
+    if sol.nullity:
+        # the reported directions are exactly the null space of the layer system
+        assert float((A @ sol.null_basis).norm()) < 1e-9 * float(A.norm())
+        assert torch.allclose(sol.null_basis.T @ sol.null_basis, torch.eye(sol.nullity, dtype=torch.float64), atol=1e-10)
+    else:
+        assert float((sol.x - x).norm() / x.norm()) < 1e-10
+
+
+def test_carried_directions_and_sparse_path():
+    """A layer whose gradient rows leave most of x free (CNN6 conv1 shape): sparse forward solve, with T."""
+    spec = _conv(2, 3, 12, 4, 2, 2, 1, 1, 32, 3)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
+    z = spec.forward(x)
+    dw = spec.weight_grad(x, k)
+    sol = solve_layer(spec, tuple(x.shape), k, dw, z)
+    assert sol.method.startswith("forward (sparse")
+    assert float((sol.x - x).norm() / x.norm()) < 1e-10
+    # z known only up to 40 random directions: still determined (rows to spare), z perturbed along them
+    T = torch.randn(40, z.numel(), generator=gen, dtype=torch.float64)
+    z_bad = z.reshape(-1) + T.T @ torch.randn(40, generator=gen, dtype=torch.float64)
+    sol2 = solve_layer(spec, tuple(x.shape), k, dw, z_bad.reshape(z.shape), T=T.reshape(40, *z.shape[1:]))
+    assert sol2.nullity == 0
+    assert float((sol2.x - x).norm() / x.norm()) < 1e-8
