@@ -1,0 +1,225 @@
+"""Whole-network identifiability: is the input locally unique given the whole shared gradient?
+
+The layer-wise R-GAP recursion can fail (a deficient layer, a ReLU, a merge) while an attack that uses
+every layer's gradient at once still pins the input down (rgap-notes section 3: CNN6-d). The local
+answer is the rank of the Jacobian J = d g / d x of the gradient map x -> g(x) = dL/dtheta (every
+trainable parameter's gradient, concatenated), at a seeded random instance in float64:
+
+* rank J = number of unknowns (full column rank): the gradient map is an immersion at x, so x is
+  locally unique (no other input nearby gives the same gradient);
+* rank J < unknowns: the gradient does not determine the input in `deficit` directions at x (and,
+  rank being generic, at almost every x).
+
+The smallest relative singular value says how well conditioned the recovery is: a full-rank J with
+sigma_min / sigma_max = 1e-6 protects almost nothing against a noiseless attacker and a great deal
+against a noisy one.
+
+Two exact routes, chosen by size: "dense-svd" builds J column by column (batched forward-over-reverse
+products) and takes its SVD; "gram-eigh" never stores J: it forms J^T J column block by column block
+as vjp(jvp(e_i)) and takes eigenvalues, whose rounding floor, sqrt(10 n eps) sigma_max, is the rank tolerance (reported).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from rgap_audit.losses import choose_loss, loss_value, make_labels
+
+_EPS = float(np.finfo(np.float64).eps)
+DENSE_LIMIT = 6_000_000  # entries of J (gradient entries x unknowns) up to which J is built and SVD'd
+CHUNK_ELEMS = 8_000_000  # gradient entries x directions pushed through one batched product
+
+
+def _gradient_map(model: nn.Module, loss: str, labels: torch.Tensor):
+    """x -> concatenated gradients of all trainable parameters (the shared update), as a pure function."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b for n, b in model.named_buffers()}
+    if not params:
+        raise ValueError("the model has no trainable parameters: there is no gradient to share")
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        def total_loss(ps: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = functional_call(model, {**ps, **frozen, **buffers}, (x,))
+            return loss_value(loss, out, labels)
+
+        grads = grad(total_loss)(params)
+        return torch.cat([grads[n].reshape(-1) for n in params])
+
+    return g
+
+
+def _columns(fn, x: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
+    """fn applied to the unit directions e_start..e_stop-1 of x, batched."""
+    eye = torch.zeros((stop - start, n), dtype=x.dtype)
+    eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+    return vmap(fn)(eye.reshape(stop - start, *x.shape))
+
+
+def identifiability(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    loss: str | None = None,
+    *,
+    batch_size: int = 1,
+    seed: int = 0,
+    plot: str | None = None,
+    method: str = "auto",
+    max_unknowns: int = 16384,
+) -> dict[str, Any]:
+    """Numerical rank and singular spectrum of d(gradient)/d(input) at a seeded random instance.
+
+    The instance is the one `rgap_audit.analysis` audits for the same seed: x = rand(B, *input_shape)
+    from a generator seeded with `seed`, then the labels from the same generator. `method` is "auto",
+    "dense-svd" or "gram-eigh". With `plot`, the spectrum is drawn to that PNG path. Meant for small
+    inputs: it costs one Jacobian product per unknown, so more than `max_unknowns` is refused.
+    Returns a JSON-ready dict (see the keys below).
+    """
+    if method not in ("auto", "dense-svd", "gram-eigh"):
+        raise ValueError(f"unknown method {method!r}")
+    n_req = batch_size * math.prod(int(s) for s in input_shape)
+    if n_req > max_unknowns:
+        raise ValueError(
+            f"{n_req} input entries: the whole-network Jacobian needs one product per entry and an "
+            f"{n_req}x{n_req} eigenproblem; identifiability is for inputs up to {max_unknowns} entries"
+        )
+    t0 = time.perf_counter()
+    model = copy.deepcopy(model).to(torch.float64).eval()
+    shape = tuple(int(s) for s in input_shape)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch_size, *shape), generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    out_features = math.prod(out.shape[1:]) if out.dim() > 1 else 1
+    loss = choose_loss(loss, out_features)
+    labels = make_labels(loss, batch_size, out_features, gen)
+    g = _gradient_map(model, loss, labels)
+    n = x.numel()
+    n_grad = int(g(x).numel())
+    if method == "auto":
+        method = "dense-svd" if n_grad * n <= DENSE_LIMIT or n_grad < n else "gram-eigh"
+    chunk = max(1, min(n, CHUNK_ELEMS // max(n_grad, 1)))
+
+    def jv(v: torch.Tensor) -> torch.Tensor:
+        return jvp(g, (x,), (v,))[1]
+
+    if method == "dense-svd":
+        cols = [_columns(jv, x, n, s, min(n, s + chunk)) for s in range(0, n, chunk)]
+        jac = torch.cat(cols).T.numpy()  # (n_grad, n)
+        sv = np.linalg.svd(jac, compute_uv=False)
+        sv = np.concatenate([sv, np.zeros(n - sv.size)]) if sv.size < n else sv
+        smax = float(sv[0]) if sv.size else 0.0
+        tol = max(n_grad, n) * _EPS * smax
+        floor = tol
+    else:
+        _, vjp_fn = vjp(g, x)
+
+        def gram_col(v: torch.Tensor) -> torch.Tensor:
+            return vjp_fn(jv(v))[0]
+
+        blocks = [
+            _columns(gram_col, x, n, s, min(n, s + chunk)).reshape(-1, n) for s in range(0, n, chunk)
+        ]
+        gram = torch.cat(blocks).numpy()
+        gram = 0.5 * (gram + gram.T)
+        lam = np.linalg.eigvalsh(gram)[::-1]
+        lam_max = float(max(lam[0], 0.0)) if lam.size else 0.0
+        sv = np.sqrt(np.clip(lam, 0.0, None))
+        smax = math.sqrt(lam_max)
+        tol = math.sqrt(10.0 * n * _EPS * lam_max)  # eigenvalues of J^T J are exact to about n * eps * lam_max
+        floor = tol
+    rank = int((sv > tol).sum()) if smax > 0 else 0
+    smin = float(sv[-1]) if sv.size else 0.0
+    result: dict[str, Any] = {
+        "unknowns": n,
+        "gradient_entries": n_grad,
+        "rank": rank,
+        "deficit": n - rank,
+        "locally_unique": rank == n,
+        "sigma_max": smax,
+        "sigma_min": smin,
+        "sigma_min_rel": smin / smax if smax > 0 else 0.0,
+        "sigma_min_kept_rel": float(sv[rank - 1]) / smax if rank > 0 else 0.0,
+        "tolerance_rel": floor / smax if smax > 0 else 0.0,
+        "singular_values": [float(s) for s in sv],
+        "method": method,
+        "batch_size": batch_size,
+        "loss": loss,
+        "seed": seed,
+        "seconds": 0.0,
+        "plot": None,
+        "summary": "",
+    }
+    if rank == n:
+        result["summary"] = (
+            f"the whole gradient determines the input locally: Jacobian rank {rank} = {n} unknowns, "
+            f"smallest relative singular value {result['sigma_min_rel']:.2e}"
+        )
+    else:
+        result["summary"] = (
+            f"the whole gradient leaves {n - rank} of {n} input directions undetermined at this instance "
+            f"(Jacobian rank {rank}): the input is not locally unique"
+        )
+    if plot is not None:
+        plot_spectrum(result, plot)
+        result["plot"] = str(plot)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def plot_spectrum(result: dict[str, Any], path: str, size: tuple[int, int] = (720, 440)) -> None:
+    """Draw log10(sigma_i / sigma_max) against i, with the rank tolerance, to a PNG (pillow only)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 70, 20, 40, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    sv = np.asarray(result["singular_values"], dtype=np.float64)
+    smax = result["sigma_max"] or 1.0
+    tol_rel = max(result["tolerance_rel"], 1e-300)
+    floor = math.log10(tol_rel) - 1.0
+    with np.errstate(divide="ignore"):
+        ys = np.log10(np.maximum(sv / smax, 10.0**floor))
+    lo = math.floor(min(float(ys.min()) if ys.size else 0.0, math.log10(tol_rel)))
+    hi = 0.0
+    span = max(hi - lo, 1.0)
+    n = max(len(sv), 2)
+
+    def px(i: float, y: float) -> tuple[float, float]:
+        return (left + (w - left - right) * i / (n - 1), top + (h - top - bottom) * (hi - y) / span)
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for e in range(int(lo), int(hi) + 1):
+        _, yy = px(0, e)
+        d.line([left - 4, yy, left, yy], fill="black")
+        d.text((8, yy - 6), f"1e{e}", fill="black")
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        i = round(frac * (len(sv) - 1)) if len(sv) > 1 else 0
+        xx, _ = px(i, lo)
+        d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
+        d.text((xx - 10, h - bottom + 8), str(i + 1), fill="black")
+    _, ty = px(0, math.log10(tol_rel))
+    for xs in range(left, w - right, 12):
+        d.line([xs, ty, min(xs + 6, w - right), ty], fill=(200, 0, 0))
+    pts = [px(i, float(y)) for i, y in enumerate(ys)]
+    if len(pts) > 1:
+        d.line(pts, fill=(0, 70, 200), width=2)
+    elif pts:
+        d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(0, 70, 200))
+    title = (
+        f"singular values of d(gradient)/d(input) / sigma_max: rank {result['rank']} of {result['unknowns']} "
+        f"({result['method']})"
+    )
+    d.text((left, 12), title, fill="black")
+    d.text((w - right - 150, ty - 14), "rank tolerance", fill=(200, 0, 0))
+    d.text((left + (w - left - right) // 2 - 20, h - 22), "index", fill="black")
+    img.save(path, format="PNG")
