@@ -275,3 +275,33 @@ def test_relu_cnn_projected_variant_estimates_the_pattern():
     assert [s.node for s in deficient] == ["features_2"] and deficient[0].rows_lost > 0
     assert _rel(rec.input, x) > 1e-2  # plain R-GAP: the minimum-norm guess below the deficient layer
     assert _rel(rec.projected.input, x) < 1e-8  # ReLU zeros constrain the carried directions
+
+
+class _PermuteNet(nn.Module):
+    """Conv, eval-mode BatchNorm, Tanh, permute, a constant affine map, flatten and x @ W (a Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.Tanh()
+        self.W = nn.Parameter(torch.randn(288, 5) * 0.1)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv(x))).permute(0, 2, 3, 1)
+        return (h * 2.0 + 1.0).flatten(1) @ self.W
+
+
+def test_links_through_batchnorm_permute_affine_and_matmul():
+    torch.manual_seed(12)
+    model = _PermuteNet().double()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.bn.weight.data.uniform_(0.5, 1.5)
+    model.bn.bias.data.normal_()
+    model.eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    rec = reconstruct(model, _grads(model, x, "cross-entropy", 3), (3, 6, 6), "cross-entropy")
+    assert rec.complete and rec.label == 3
+    assert _rel(rec.input, x) < 1e-10
+    assert rec.gradient_residual < 1e-10  # the W of x @ W gets its gradient in its own orientation

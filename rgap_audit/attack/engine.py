@@ -26,7 +26,8 @@ from rgap_audit.errors import AuditError
 from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
-from rgap_audit.registry import ACTIVATION, IDENTITY, LAYER, RESHAPE
+from rgap_audit import registry
+from rgap_audit.registry import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
 from rgap_audit.tracing import trace
 
 HOMOGENEOUS = {"LeakyReLU", "ReLU", "Identity", "Dropout"}  # act(c z) = c act(z) for c > 0
@@ -125,16 +126,17 @@ def _plain(obj):
 class _Step:
     node: str
     name: str
-    kind: str  # "reshape", "elementwise", "clip"
+    kind: str  # "reshape", "permute", "elementwise", "clip"
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
     clip: tuple[float, float] | None = None
+    perm: torch.Tensor | None = None  # permute: out.flatten()[j] = in.flatten()[perm[j]]
 
     def deriv(self, z: torch.Tensor) -> torch.Tensor | None:
-        """Elementwise derivative at z (None for a reshape)."""
-        if self.kind == "reshape":
+        """Elementwise derivative at z (None for a reshape or permutation)."""
+        if self.kind in ("reshape", "permute"):
             return None
         z = z.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(self.fn(z).sum(), z)
@@ -152,14 +154,30 @@ def _link_forward(link: _Link, z: torch.Tensor):
     vals, derivs = [z], []
     for s in link.steps:
         derivs.append(s.deriv(vals[-1]))
-        vals.append(vals[-1].reshape(s.out_shape) if s.kind == "reshape" else s.fn(vals[-1]).detach())
+        if s.kind == "reshape":
+            vals.append(vals[-1].reshape(s.out_shape))
+        elif s.kind == "permute":
+            vals.append(vals[-1].reshape(-1)[s.perm].reshape(s.out_shape))
+        else:
+            vals.append(s.fn(vals[-1]).detach())
     return vals, derivs
+
+
+def _unpermute(s: _Step, v: torch.Tensor, lead: int) -> torch.Tensor:
+    """From a permutation's output back to its input (also for a leading batch of directions)."""
+    flat = v.reshape(v.shape[:lead] + (-1,))
+    out = torch.empty_like(flat)
+    out[..., s.perm] = flat
+    return out.reshape(v.shape[:lead] + tuple(s.in_shape))
 
 
 def _pull(link: _Link, derivs, v: torch.Tensor, mode: str, lead: int = 0) -> torch.Tensor:
     """Carry a tensor from the top of the link to z: 'vjp' multiplies by sigma', 'inv' divides (0 where unknown)."""
     for s, d in zip(reversed(link.steps), reversed(derivs)):
-        v = v.reshape(v.shape[:lead] + tuple(s.in_shape)) if s.kind == "reshape" else v
+        if s.kind == "permute":
+            v = _unpermute(s, v, lead)
+        else:
+            v = v.reshape(v.shape[:lead] + tuple(s.in_shape))
         if d is not None:
             if mode == "vjp":
                 v = v * d
@@ -179,6 +197,8 @@ def _pull_directions(link: _Link, derivs, Sd: torch.Tensor, e: torch.Tensor):
     d = Sd.shape[0]
     E_rows, f_rows = [], []
     for s, dv in zip(reversed(link.steps), reversed(derivs)):
+        if s.kind == "permute":
+            Sd, e = _unpermute(s, Sd, 1), _unpermute(s, e, 0)
         Sd = Sd.reshape((d,) + tuple(s.in_shape))
         e = e.reshape(s.in_shape)
         if dv is None:
@@ -198,7 +218,7 @@ def _known_mask(link: _Link, derivs) -> torch.Tensor:
     top = link.steps[-1].out_shape if link.steps else None
     m = torch.ones(top, dtype=torch.bool) if top is not None else None
     for s, d in zip(reversed(link.steps), reversed(derivs)):
-        m = m.reshape(s.in_shape)
+        m = _unpermute(s, m, 0) if s.kind == "permute" else m.reshape(s.in_shape)
         if d is not None:
             m = m & (d.abs() > SATURATED)
     return m
@@ -210,6 +230,8 @@ def _invert_link(link: _Link, x: torch.Tensor) -> torch.Tensor:
     for s in reversed(link.steps):
         if s.kind == "reshape":
             v = v.reshape(s.in_shape)
+        elif s.kind == "permute":
+            v = _unpermute(s, v, 0)
         elif s.kind == "elementwise":
             v = s.inverse(v)
         else:
@@ -236,6 +258,7 @@ class _Context:
         self.specs: dict[str, ConvSpec] = {}
         self.params: dict[str, tuple[str, str | None]] = {}
         self.grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.raw_grads: dict[str, torch.Tensor] = {}  # as given, per parameter name
         for name in self.lg.weighted():
             try:
                 self.specs[name] = self.lg.conv_spec(name)
@@ -276,6 +299,7 @@ class _Context:
     def _gradient(self, name: str, gradients: dict[str, torch.Tensor]):
         spec = self.specs[name]
         wn, bn = self.params[name]
+        transposed = self.lg.node(name)["fx"].target is registry.linear_matmul  # x @ W: the layer's weight is W^T
         out = []
         for pname, ref in ((wn, spec.weight), (bn, spec.bias)):
             if pname is None:
@@ -284,6 +308,11 @@ class _Context:
             if pname not in gradients:
                 raise AuditError(f"no gradient given for parameter {pname!r} (layer {name})")
             g = torch.as_tensor(gradients[pname]).detach().to(torch.float64)
+            self.raw_grads[pname] = g
+            if transposed and pname == wn and g.dim() == 2:
+                g = g.T
+            if pname == wn and g.dim() == 1 and ref.dim() == 2 and g.numel() == ref.numel():
+                g = g.reshape(ref.shape)  # x @ w with a 1-d w: one output
             if tuple(g.shape) != tuple(ref.shape):
                 raise AuditError(f"gradient of {pname!r} has shape {tuple(g.shape)}, the parameter {tuple(ref.shape)}")
             if not torch.isfinite(g).all():
@@ -352,14 +381,23 @@ class _Context:
             if self.lg.graph.in_degree(node) != 1 or self.lg.graph.out_degree(node) != 1:
                 return _Link(steps[::-1], None, f"{node} ({info.name}) joins or splits branches: not a chain")
             shp_in, shp_out = tuple(attrs["in_shape"]), tuple(attrs["out_shape"])
-            if info.kind in (RESHAPE, IDENTITY):
+            if info.kind in (RESHAPE, IDENTITY) and math.prod(shp_in) == math.prod(shp_out):
                 steps.append(_Step(node, info.name, "reshape", shp_in, shp_out))
-            elif info.kind == ACTIVATION and info.invertible and info.inverse is not None:
+            elif info.kind == PERMUTE and math.prod(shp_in) == math.prod(shp_out):
+                fn = self.apply(node)
+                with torch.no_grad():
+                    perm = fn(torch.arange(math.prod(shp_in), dtype=torch.float64).reshape(shp_in)).reshape(-1).round().long()
+                steps.append(_Step(node, info.name, "permute", shp_in, shp_out, fn, perm=perm))
+            elif info.invertible and info.inverse is not None and shp_in == shp_out:
+                # elementwise invertible maps: activations, eval-mode BatchNorm (per-channel affine), PReLU ...
                 mod, kw, inv = attrs["module"], self.inverse_kwargs(node), info.inverse
                 steps.append(
                     _Step(node, info.name, "elementwise", shp_in, shp_out, self.apply(node), lambda y, m=mod, k=kw, f=inv: f(m, k, y))
                 )
-            elif info.kind == ACTIVATION and info.name in CLIPS:
+            elif info.kind == AFFINE and info.invertible and shp_in == shp_out:
+                fn = self.apply(node)
+                steps.append(_Step(node, info.name, "elementwise", shp_in, shp_out, fn, _affine_inverse(fn, shp_in)))
+            elif info.name in CLIPS:
                 steps.append(_Step(node, info.name, "clip", shp_in, shp_out, self.apply(node), clip=CLIPS[info.name]))
             else:
                 return _Link(steps[::-1], None, f"{node} ({info.name}): {info.why}")
@@ -399,6 +437,15 @@ class _Context:
                 f"unsupported head: the output comes from {node} ({info.name}); the closed-form heads need the "
                 "output to be a Linear layer's (optionally reshaped)"
             )
+
+
+def _affine_inverse(fn: Callable[[torch.Tensor], torch.Tensor], shape) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x + c, c * x (c constant): y = a x + b elementwise, so x = (y - b) / a."""
+    z = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    y0 = fn(z)
+    (a,) = torch.autograd.grad(y0.sum(), z)
+    b = y0.detach()
+    return lambda y: (y - b) / a
 
 
 class _DataMarker:
@@ -611,9 +658,7 @@ def _gradient_residual(ctx: "_Context", x: torch.Tensor, label) -> float:
         out = ctx.gm(x.to(torch.float64))
         lab = torch.tensor([label], dtype=torch.float64 if ctx.loss == "logistic" else torch.long)
         gs = torch.autograd.grad(loss_value(ctx.loss, out, lab), ps, allow_unused=True)
-    given = {}
-    for node, (wn, bn) in ctx.params.items():
-        given[wn], given[bn] = ctx.grads[node]
+    given = ctx.raw_grads
     num = den = 0.0
     for n, g in zip(names, gs):
         g = torch.zeros_like(params[n]) if g is None else g
