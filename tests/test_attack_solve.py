@@ -130,3 +130,17 @@ def test_carried_directions_and_sparse_path():
     sol2 = solve_layer(spec, tuple(x.shape), k, dw, z_bad.reshape(z.shape), T=T.reshape(40, *z.shape[1:]))
     assert sol2.nullity == 0
     assert float((sol2.x - x).norm() / x.norm()) < 1e-8
+
+
+def test_matrix_free_lsqr_fallback(monkeypatch):
+    """Layers too large for channel blocks go to LSQR on the scaled operator; it still recovers x."""
+    import rgap_audit.attack.solve as solve_mod
+
+    monkeypatch.setattr(solve_mod, "MAX_G_COLS", 10)
+    spec = _conv(2, 2, 8, 3, 1, 1, 1, 1, 6, 4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
+    sol = solve_layer(spec, tuple(x.shape), k, spec.weight_grad(x, k), spec.forward(x))
+    assert sol.method.startswith("lsqr") and sol.nullity is None
+    assert float((sol.x - x).norm() / x.norm()) < 1e-8

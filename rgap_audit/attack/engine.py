@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
+from rgap_audit import registry
 from rgap_audit.attack._threads import single_thread
 from rgap_audit.attack.heads import HeadCandidate, HeadResult, ce_bias_head, ce_nobias_head, logistic_head
-from rgap_audit.attack.solve import LayerSolution, solve_layer
+from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.errors import AuditError
 from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
-from rgap_audit import registry
 from rgap_audit.registry import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
 from rgap_audit.tracing import trace
 
@@ -82,10 +83,10 @@ class Reconstruction:
     gradient_residual: float | None
     head: dict[str, Any]
     rel_error: float | None = None
-    projected: "Reconstruction | None" = None
+    projected: Reconstruction | None = None
     alternatives: list[torch.Tensor] = field(default_factory=list)  # other inputs that fit the gradient as well
 
-    def best(self) -> "Reconstruction":
+    def best(self) -> Reconstruction:
         """The variant whose re-computed gradient matches best (decidable without the true input)."""
         if self.projected is None or self.projected.gradient_residual is None:
             return self
@@ -497,7 +498,7 @@ def _pattern(link: _Link, z: torch.Tensor) -> bytes:
 
 
 def _descend(
-    ctx: "_Context", start: _State, projected: bool, truth: dict | None
+    ctx: _Context, start: _State, projected: bool, truth: dict | None
 ) -> Iterator[LayerStep]:
     """Walk from `start` (a solved layer) down; yields a LayerStep per layer, returns a _Descent."""
     warnings: list[str] = []
@@ -629,7 +630,7 @@ def _run(ctx, start: _State, projected: bool, truth) -> _Descent:
 
 
 # ----------------------------------------------------------------------------- public entry point
-def _head(ctx: "_Context", head: str, label) -> HeadResult:
+def _head(ctx: _Context, head: str, label) -> HeadResult:
     spec = ctx.specs[head]
     dw, db = ctx.grads[head]
     xs, zs = ctx.x_shape(head), ctx.out_shape(head)
@@ -649,7 +650,7 @@ def _head(ctx: "_Context", head: str, label) -> HeadResult:
         raise AuditError(f"head {head}: {exc}") from exc
 
 
-def _gradient_residual(ctx: "_Context", x: torch.Tensor, label) -> float:
+def _gradient_residual(ctx: _Context, x: torch.Tensor, label) -> float:
     """|g(x, label) - g| / |g| over the weighted layers' parameters: the attacker's own check."""
     params = dict(ctx.gm.named_parameters())
     names = [n for pair in ctx.params.values() for n in pair if n is not None]
@@ -685,7 +686,7 @@ def reconstruct(
     input_shape: tuple[int, ...],
     loss: str,
     *,
-    label: float | int | None = None,
+    label: float | None = None,
     true_input: torch.Tensor | None = None,
     variant: str = "auto",
 ) -> Reconstruction:
@@ -767,12 +768,12 @@ def reconstruct(
         alt_notes = [cands[j].note for j, i, c in twins if i == ci]
         alt_inputs = [] if dsc.input is None else [c * dsc.input for c in alt_scales]
         for gr, j, inp in scored[1:]:
-            if inp is not None and dsc.input is not None and gr <= max(10 * gres, 1e-9) and gres < 1e-6:
-                if _rel(inp, dsc.input) > 1e-6:
-                    alt_inputs.append(inp)
-                    alt_notes.append(cands[j].note)
-                    if label is None and cands[j].label != cand.label:
-                        label_status = "ambiguous"
+            tie = inp is not None and dsc.input is not None and gr <= max(10 * gres, 1e-9) and gres < 1e-6
+            if tie and _rel(inp, dsc.input) > 1e-6:
+                alt_inputs.append(inp)
+                alt_notes.append(cands[j].note)
+                if label is None and cands[j].label != cand.label:
+                    label_status = "ambiguous"
         if alt_notes:
             warnings.append(
                 f"{len(alt_notes) + 1} different inputs reproduce the gradient (chosen: {cand.note}; also: "

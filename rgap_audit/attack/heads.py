@@ -50,7 +50,7 @@ def logistic_roots(t: float) -> list[float]:
         return []
     if t == 0.0:
         return [0.0]
-    tol = dict(xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+    tol = {"xtol": 1e-300, "rtol": 4 * np.finfo(float).eps, "maxiter": 500}
     if t > 0:
         lo = -1.0
         while logistic_f(lo) < t:

@@ -38,7 +38,6 @@ from rgap_audit.attack.structure import (
     n_samples,
     sparse_forward,
     window_index,
-    x_to_channels,
 )
 from rgap_audit.convspec import ConvSpec
 

@@ -278,9 +278,9 @@ def verify(
     wall = time.perf_counter() - t0
 
     plain_in, plain_idx = _best_of(rec, x)
-    proj_in = proj_idx = None
+    proj_in = None
     if rec.projected is not None:
-        proj_in, proj_idx = _best_of(rec.projected, x)
+        proj_in, _ = _best_of(rec.projected, x)
     m_plain = image_metrics(x, plain_in) if plain_in is not None else None
     m_proj = image_metrics(x, proj_in) if proj_in is not None else None
     confirmed, sentence = _judge(report, rec, m_plain and m_plain["rel_error"], m_proj and m_proj["rel_error"])
