@@ -89,6 +89,11 @@ def constant_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def computed_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A product of data with a matrix computed in forward from Parameters (a derived weight)."""
+    return torch.matmul(a, b)
+
+
 def shift_add(a: Any, b: Any) -> Any:
     """``a + b`` where exactly one operand depends on the input."""
     return a + b
@@ -349,8 +354,13 @@ _CONVT_WHY = (
     "cannot express it without zero-inserted unknowns, so the layer is not analysed"
 )
 _BILINEAR_WHY = "bilinear layer x1^T A x2: its gradient is quadratic in the input, not a linear system; not analysed"
-_SHIFT_WHY = "adds a constant (or a Parameter) that does not depend on the input: an invertible shift, passes the chain"
-_SCALE_WHY = "scales by a constant with no zero entry: invertible, passes the chain"
+_SHIFT_WHY = (
+    "adds a constant (or a Parameter) that does not depend on the input: an invertible shift, passes the chain"
+)
+_SCALE_WHY = (
+    "scales by a constant with no zero entry: invertible, passes the chain (when the constant is a Parameter, "
+    "its own gradient rows are not yet used as constraints)"
+)
 _ADD_WHY = "joins branches: each input's forward value is not known separately"
 _PRODUCT_WHY = (
     "product of two data tensors (e.g. attention scores q k^T, gating): bilinear, joins branches; neither factor "
@@ -460,8 +470,14 @@ OPS: dict[Any, OpInfo] = {
         "W @ x with W a Parameter acts on x's second-to-last dimension; rgap-audit normalises x @ W only: "
         "write it as nn.Linear or x @ W.T",
     ),
+    computed_matmul: OpInfo(
+        "matmul", UNKNOWN, False,
+        "x @ (an expression of Parameters): a weighted layer whose weight is computed in forward; rgap-audit "
+        "normalises x @ W and x @ W.T with W a Parameter only",
+    ),
     constant_matmul: OpInfo(
-        "matmul", POOL, False, "multiplies by a constant matrix (a buffer, no gradient): a fixed linear map, treated as not invertible"
+        "matmul", POOL, False,
+        "multiplies by a constant matrix (a buffer or frozen Parameter, no gradient): a fixed linear map, treated as not invertible",
     ),
     # weighted layers not understood, with the precise reason
     nn.ConvTranspose1d: OpInfo("ConvTranspose1d", UNKNOWN, False, _CONVT_WHY),

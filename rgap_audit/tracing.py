@@ -422,10 +422,17 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
                     new = (registry.linear_matmul, (a, b))
                 elif wt is not None:
                     new = (registry.linear_matmul_t, (a, wt))
-                else:
+                elif isinstance(b, fx.Node) and b.op == "get_attr":
                     new = (registry.constant_matmul, (a, b))
+                else:
+                    new = (registry.computed_matmul, (a, b))
             elif is_data(b) and not is_data(a):
-                new = (registry.param_matmul_left if _trainable_param(gm, a) else registry.constant_matmul, (a, b))
+                if _trainable_param(gm, a):
+                    new = (registry.param_matmul_left, (a, b))
+                elif isinstance(a, fx.Node) and a.op == "get_attr":
+                    new = (registry.constant_matmul, (a, b))
+                else:
+                    new = (registry.computed_matmul, (a, b))
         elif (_in(t, _ADD) or _in(t, _SUB)) and not n.kwargs and is_data(a) != is_data(b):
             new = (registry.shift_add if _in(t, _ADD) else registry.shift_sub, (a, b))
         elif _in(t, _MUL) and not n.kwargs and is_data(a) != is_data(b):
@@ -469,16 +476,24 @@ def trace(
     warnings = [f"{path}: {msg}" for path, msg in registry.check_model(model)]
     model = copy.deepcopy(model).to(torch.float64).eval()
     ex = example.to(torch.float64) if example.is_floating_point() else example
-    try:
-        with torch.no_grad():
-            model(ex)
-    except Exception as exc:
-        raise AuditError(
-            f"forward failed on an input of shape {tuple(example.shape)}: {_cause(exc)}{_where(exc, file)}",
-            file=file,
-            model=name,
-            line=_user_line(exc, file),
-        ) from exc
+    eager_checked = False
+
+    def check_eager() -> None:
+        """A forward that fails without tracing is the user's error, not a tracing problem."""
+        nonlocal eager_checked
+        if eager_checked:
+            return
+        eager_checked = True
+        try:
+            with torch.no_grad():
+                model(ex)
+        except Exception as exc:
+            raise AuditError(
+                f"forward failed on an input of shape {tuple(example.shape)}: {_cause(exc)}{_where(exc, file)}",
+                file=file,
+                model=name,
+                line=_user_line(exc, file),
+            ) from exc
 
     failures: list[tuple[str, str]] = []
     first_line: int | None = None
@@ -489,16 +504,16 @@ def trace(
             failures.append((method, str(skip)))
             continue
         except Exception as exc:
+            check_eager()
             failures.append((method, _cause(exc) + _where(exc, file)))
             first_line = first_line if first_line is not None else _user_line(exc, file)
             continue
         try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(ex)
             notes = _normalise(gm)
             with torch.no_grad():
                 ShapeProp(gm).propagate(ex)
         except Exception as exc:
+            check_eager()
             failures.append((method, f"traced, but the traced graph failed on the input: {_cause(exc)}{_where(exc, file)}"))
             first_line = first_line if first_line is not None else _user_line(exc, file)
             continue
@@ -512,6 +527,7 @@ def trace(
         }
         gm.meta["rgap_warnings"] = warnings
         return gm
+    check_eager()
     raise AuditError(
         "cannot trace the model: " + "; ".join(f"{m}: {why}" for m, why in failures),
         file=file,

@@ -217,6 +217,26 @@ def test_constant_operands_and_data_marks():
     assert [lg.node(n)["info"].kind for n in lg.graph.nodes if lg.node(n)["fx"].target is operator.mul] == [MERGE, MERGE]
 
 
+class Products(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+        self.register_buffer("proj", torch.randn(3, 3))
+
+    def forward(self, x):
+        h = x @ (self.w * 2.0)  # a weight computed in forward
+        return (h @ self.proj) @ (h.t() @ h)  # a constant matrix; then data @ data
+
+
+def test_matmul_call_sites_are_classified_by_their_operands():
+    gm = trace(Products(), rnd(2, 3))
+    lg = build_layer_graph(gm)
+    infos = {lg.node(n)["fx"].target: lg.node(n)["info"] for n in lg.graph.nodes}
+    assert infos[registry.computed_matmul].kind == UNKNOWN and "computed in forward" in infos[registry.computed_matmul].why
+    assert infos[registry.constant_matmul].kind == "pool"
+    assert infos[operator.matmul].kind == MERGE
+
+
 class Tokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()
