@@ -13,9 +13,13 @@ constraints on the input x (N samples, padding excluded):
 rank([K; F]) = rank(K) + rank(F Z) with Z an orthonormal basis of null(K) (block-diagonal). F Z is
 formed without F: the null vectors of each block are put into their channel of an input batch and
 pushed through the convolution (one call per distinct block), then through fwd.jac, then the
-undetermined directions fwd.unknown are projected out. Each block (every K residue block, and F Z)
-gets its own numerical-rank tolerance max(shape) * eps * sigma_max: the scales of K and F are
-unrelated and never meet in one SVD. The null space of the layer is Z . null(F Z).
+undetermined directions fwd.unknown are projected out. Each block gets its own numerical-rank
+tolerance, the scales of K and F are unrelated and never meet in one SVD: a K residue block
+max(shape) * eps * sigma_max; F Z max(shape) * eps * max(sigma_max(F Z), |F|) / g, with |F|
+estimated on random vectors (F Z may be pure round-off) and g the smallest relative gap of the K
+blocks whose null bases enter Z (their errors, ~eps / g, pass into F Z). The null space of the
+layer is Z . null(F Z). Clearly full-rank blocks (sigma_min / reference > 1e-4) are settled from
+their Gram matrix, without an SVD.
 
 Everything is float64 numpy/torch; no loops over positions.
 """
