@@ -145,10 +145,18 @@ def _residuals(spec, x, k, dw, zb, known, Tk):
     d = (fx - zb)[known]
     ref = zb[known]
     if Tk is not None:
-        Q = _orthonormal(Tk)
-        d = d - Q @ (Q.T @ d)
-        ref = ref - Q @ (Q.T @ ref)
+        d, ref = _project_out(Tk, d), _project_out(Tk, ref)
     return rg, float(d.norm() / ref.norm().clamp_min(1e-300))
+
+
+def _project_out(T: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v minus its least-squares component in span(T) (Cholesky of T^T T; QR when that fails)."""
+    G = T.T @ T
+    L, info = torch.linalg.cholesky_ex(G + 1e-13 * float(G.diagonal().max()) * torch.eye(G.shape[0], dtype=G.dtype))
+    if int(info) == 0:
+        return v - T @ torch.cholesky_solve((T.T @ v)[:, None], L)[:, 0]
+    Q = _orthonormal(T)
+    return v - Q @ (Q.T @ v)
 
 
 def solve_layer(
@@ -209,7 +217,10 @@ def solve_layer(
     forward_first = nz_lower + d > dense_limit or gradient_rows == "check"
     if zb is not None and forward_first and fwd_rows >= unknowns:
         # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
-        grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in map(torch.linalg.svdvals, blocks)) * cig
+        grad_rank = None
+        if gradient_rows != "check":
+            svs = map(torch.linalg.svdvals, blocks)
+            grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in svs) * cig
         try:
             x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
         except _Singular as exc:
