@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from examples.mlp_bias import BiasedMLP
 from examples.paper_nets import cnn6, cnn6_d, fcn3

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from examples.mlp_bias import BiasedMLP
 from examples.paper_nets import fcn3
