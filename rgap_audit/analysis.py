@@ -25,8 +25,44 @@ from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import ForwardInfo, LayerRank, layer_rank
 from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
-from rgap_audit.registry import ACTIVATION, IDENTITY, IO, LAYER, MERGE, RESHAPE, UNKNOWN, numel
+from rgap_audit.registry import (
+    ACTIVATION,
+    AFFINE,
+    IDENTITY,
+    IO,
+    LAYER,
+    MERGE,
+    NORM,
+    PERMUTE,
+    POOL,
+    RESHAPE,
+    UNKNOWN,
+    numel,
+)
 from rgap_audit.tracing import trace
+
+CONSTANT, FROM_OUTPUT, FROM_INPUT = "constant", "output", "input"
+
+
+def jacobian_source(info) -> str:
+    """What an op's Jacobian (for back-propagating dL/dz) depends on: CONSTANT (linear ops),
+    FROM_OUTPUT (monotone elementwise activations: the derivative is a function of the output),
+    FROM_INPUT (anything else: max-pool arg-max, norms over a slice, products, unknown ops)."""
+    explicit = getattr(info, "jacobian", None)
+    if explicit:
+        return explicit
+    if info.kind in (LAYER, RESHAPE, PERMUTE, IDENTITY, IO, AFFINE):
+        return CONSTANT
+    if info.kind == MERGE and info.name in ("add", "sub", "cat", "stack"):
+        return CONSTANT
+    if info.kind == POOL and info.name in ("AvgPool", "AdaptiveAvgPool", "avg_pool", "mean", "sum", "getitem"):
+        return CONSTANT
+    if info.kind == NORM and info.name == "BatchNorm":
+        return CONSTANT
+    if info.kind == ACTIVATION and (info.invertible or info.name in ("ReLU", "ReLU6", "Softmax")):
+        return FROM_OUTPUT
+    return FROM_INPUT
+
 
 CAVEAT_DEFICIT = (
     "A layer-wise deficit makes the closed-form recursion fail and the recovery worse conditioned, "
@@ -103,6 +139,7 @@ def _jvp_batch(fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> 
         return torch.func.jvp(fn, (z0,), (t,))[1]
 
     def apply(ts: torch.Tensor) -> torch.Tensor:
+        ts = ts.reshape(ts.shape[0], *z0.shape)  # the rank code's (d, N, *out) may split the batch differently
         out = []
         for chunk in torch.split(ts, 256):
             out.append(torch.func.vmap(one)(chunk))
@@ -217,6 +254,10 @@ class Walker:
         self.nulls: dict[str, torch.Tensor | None] = {}  # weighted layer -> undetermined directions of its input
         self.bounded: set[str] = set()  # weighted layers whose rank is only bounded
         self.below: dict[str, tuple[str, list[str]]] = {}  # weighted layer -> (layer below, ops between)
+        # what the attacker can derive, node by node: dL/d(output) (needs every activation pattern above)
+        # and the output value itself (set by the layers above as they are recovered)
+        self.k_known: dict[str, bool] = {lg.output_node: self.batch == 1}
+        self.val_known: dict[str, bool] = {}
         for lower in lg.weighted():
             path = _path_above(lg, lower)
             if path.end is not None and path.end != "output":
@@ -236,26 +277,35 @@ class Walker:
                 location=_location(self.loaded, attrs["module_path"]),
             )
             t0 = time.perf_counter()
+            self.k_known[name] = self._k_derivable(name)
             if info.kind == LAYER:
                 self._weighted(name, rec)
             elif info.kind == UNKNOWN:
                 rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
                 rec.reason = f"{info.name}: {info.why}; never counted as safe"
                 self.warnings.append(f"{name} ({info.name}) is not understood by rgap-audit and was not analysed")
-            elif info.kind == MERGE:
-                rec.verdict, rec.basis = Verdict.CHAIN_BROKEN, Basis.STRUCTURE
-                rec.reason = f"{info.name}: {info.why}"
-            elif info.kind in (ACTIVATION, RESHAPE, IDENTITY, IO) or info.invertible:
+            else:
                 rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
                 rec.basis = Basis.STRUCTURE
                 rec.reason = info.why
-            else:  # pooling, norms ... non-invertible ones cut the chain
-                rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
-                rec.basis = Basis.STRUCTURE
-                rec.reason = info.why
+                if info.invertible and self.val_known.get(name):
+                    for a in lg.data_args(name):
+                        self.val_known[a] = True
             rec.seconds = time.perf_counter() - t0
             records.append(rec)
         return records
+
+    def _k_derivable(self, name: str) -> bool:
+        """Can the attacker compute dL/d(output of name)? Every consumer's k must be derivable and its
+        Jacobian known: constant (weighted layer, reshape, add, BatchNorm, average pool), a function
+        of the consumer's output for monotone activations (ReLU, LeakyReLU, Sigmoid ...) once that
+        output is recovered, and otherwise a function of values the walk does not recover."""
+        ok = True
+        for c in self.lg.graph.successors(name):
+            source = jacobian_source(self.lg.node(c)["info"])
+            known = source == CONSTANT or (source == FROM_OUTPUT and self.val_known.get(c, False))
+            ok = ok and self.k_known.get(c, False) and known
+        return ok
 
     def _forward_info(self, name: str, spec) -> tuple[ForwardInfo, Chain, str]:
         """What the attacker knows about this layer's output z, and why."""
@@ -295,7 +345,10 @@ class Walker:
             else:
                 why = f"layer above ({above.end}) recovered"
         d = 0 if unknown is None else unknown.shape[1]
-        rows = _known_rows(fn, z0, end_dims, d, self.gen)
+        if above.ops:
+            rows = _known_rows(fn, z0, end_dims, d, self.gen)
+        else:  # z itself is the next tensor: every entry reaches it
+            rows = max(0, min(z0.numel(), end_dims) - d)
         info = ForwardInfo(jac=_jvp_batch(fn, z0) if above.ops else None, unknown=unknown, rows=rows)
         if lossy:
             why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
@@ -354,6 +407,16 @@ class Walker:
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
         if chain != Chain.FULL:
             rec.reason += f" ({why})"
+        k_ok = self.k_known.get(name, False)
+        rec.extra["k_derivable"] = k_ok
+        leaked = rec.verdict == Verdict.LEAKS_EXACTLY
+        if (res.deficit == 0 and k_ok) or leaked:
+            self.val_known[lg.data_args(name)[0]] = True
+        if rec.verdict == Verdict.RECOVERABLE and not k_ok:
+            rec.reason += (
+                "; needs dL/dz, which rests on activation patterns above that the attacker cannot derive "
+                "in closed form (taken from the instance)"
+            )
 
     def _known_inputs(self, name: str, n_samples: int, spec) -> torch.Tensor | None:
         """Entries of this layer's input that do not depend on the layer below (a ReLU's zeros, given
@@ -399,6 +462,13 @@ class Walker:
             elif rec.deficit is None:
                 status, recoverable, basis = "unknown", None, Basis.BOUNDS
                 summary = f"input layer {rec.module_path or first} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"
+            elif rec.deficit == 0 and path_ok and not self.val_known.get(lg.input_node, False):
+                status, recoverable = "recoverable-given-pattern", None
+                summary = (
+                    f"the input is determined by {rec.module_path or first}'s gradient and forward constraints, "
+                    "but forming them needs dL/dz, which rests on activation patterns above that the attacker "
+                    "cannot derive in closed form; an attacker who estimates them may still recover the input"
+                )
             elif rec.deficit == 0 and path_ok:
                 if deficient:
                     status = "recoverable-joint"

@@ -21,6 +21,8 @@ from rgap_audit.registry import LAYER, OpInfo, lookup
 
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and meta and isinstance(meta[0], TensorMetadata):
+        meta = meta[0]  # an op returning several tensors (MultiheadAttention): keep it, shaped by the first
     if isinstance(meta, TensorMetadata):
         return tuple(int(s) for s in meta.shape)
     return None
