@@ -1,3 +1,37 @@
-"""rgap-audit: a privacy-risk linter for PyTorch model architectures (R-GAP rank analysis)."""
+"""rgap-audit: a privacy-risk linter for PyTorch model architectures (R-GAP rank analysis).
+
+Python API (notebooks, tests)::
+
+    from rgap_audit import audit, reconstruct
+    report = audit(model, (3, 32, 32))          # static rank analysis -> ModelReport
+    rec = reconstruct(model, grads, (3, 32, 32), "logistic")   # closed-form R-GAP attack
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "audit", "reconstruct", "identifiability"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rgap_audit.analysis import audit
+    from rgap_audit.attack import reconstruct
+    from rgap_audit.identifiability import identifiability
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy entry points (torch, scipy) only when they are used."""
+    if name == "audit":
+        from rgap_audit.analysis import audit
+
+        return audit
+    if name == "reconstruct":
+        from rgap_audit.attack import reconstruct
+
+        return reconstruct
+    if name == "identifiability":
+        from rgap_audit.identifiability import identifiability
+
+        return identifiability
+    raise AttributeError(f"module 'rgap_audit' has no attribute {name!r}")
