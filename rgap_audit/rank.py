@@ -30,8 +30,8 @@ import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import scipy.linalg as sla
@@ -44,13 +44,13 @@ from rgap_audit.convspec import ConvSpec
 __all__ = [
     "ForwardInfo",
     "LayerRank",
-    "layer_rank",
-    "gradient_rank_counting",
-    "layer_rank_counting",
-    "gradient_blocks",
     "dense_system",
+    "gradient_blocks",
     "gradient_counting_holds",
+    "gradient_rank_counting",
     "layer_counting_holds",
+    "layer_rank",
+    "layer_rank_counting",
 ]
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -264,7 +264,7 @@ def _rank_null(
     if not want_null:
         r, rel = _rank_values(a, scale, amp)
         return r, rel, None
-    if m >= n and n >= _GRAM_MIN:
+    if m >= n >= _GRAM_MIN:
         rel = _gram_full_rank(a, scale, amp)
         if rel is not None:
             return n, rel, np.zeros((n, 0))

@@ -116,26 +116,26 @@ def check_against_dense(spec: ConvSpec, k: torch.Tensor, fwd: ForwardInfo, known
 
 # Hand-picked configurations: each feature on its own and mixed. `k` is the kernel, h the input size.
 CONFIGS = {
-    "linear-1": dict(nd=0, cin=7, cout=3, k=(), n=1),
-    "linear-N4": dict(nd=0, cin=6, cout=3, k=(), n=4),
-    "linear-N5-wide": dict(nd=0, cin=5, cout=8, k=(), n=5),
-    "conv1d": dict(nd=1, cin=3, cout=4, k=(3,), h=(9,), s=(2,), p=(1,), n=1),
-    "conv1d-N3": dict(nd=1, cin=2, cout=2, k=(3,), h=(8,), s=(1,), p=(0,), n=3),
-    "conv1d-dil-groups": dict(nd=1, cin=4, cout=6, k=(3,), h=(12,), s=(2,), p=(2,), d=(2,), groups=2, n=1),
-    "conv2d-s2p1": dict(nd=2, cin=3, cout=5, k=(3, 3), h=(7, 7), s=(2, 2), p=(1, 1), n=1),
-    "conv2d-k4s2p2": dict(nd=2, cin=2, cout=3, k=(4, 4), h=(8, 8), s=(2, 2), p=(2, 2), n=1),
-    "conv2d-groups3": dict(nd=2, cin=6, cout=6, k=(3, 2), h=(6, 5), s=(1, 2), p=(1, 0), groups=3, n=1),
-    "conv2d-depthwise": dict(nd=2, cin=3, cout=6, k=(3, 3), h=(6, 6), s=(1, 1), p=(1, 1), groups=3, n=1),
-    "conv2d-dilation": dict(nd=2, cin=2, cout=3, k=(2, 3), h=(7, 8), s=(1, 2), p=(1, 2), d=(2, 3), n=1),
-    "conv2d-N2-stride3": dict(nd=2, cin=2, cout=3, k=(2, 2), h=(7, 6), s=(3, 2), p=(0, 1), n=2),
-    "conv2d-uncovered": dict(nd=2, cin=2, cout=2, k=(1, 2), h=(5, 7), s=(3, 3), p=(1, 0), n=1),
-    "conv3d": dict(nd=3, cin=2, cout=3, k=(2, 2, 2), h=(4, 4, 4), s=(2, 1, 1), p=(1, 0, 1), n=1),
-    "conv3d-dil-groups": dict(nd=3, cin=2, cout=4, k=(2, 2, 2), h=(5, 5, 4), s=(1, 1, 2), p=(0, 1, 0), d=(2, 1, 1), groups=2, n=1),
+    "linear-1": {"nd": 0, "cin": 7, "cout": 3, "k": (), "n": 1},
+    "linear-N4": {"nd": 0, "cin": 6, "cout": 3, "k": (), "n": 4},
+    "linear-N5-wide": {"nd": 0, "cin": 5, "cout": 8, "k": (), "n": 5},
+    "conv1d": {"nd": 1, "cin": 3, "cout": 4, "k": (3,), "h": (9,), "s": (2,), "p": (1,), "n": 1},
+    "conv1d-N3": {"nd": 1, "cin": 2, "cout": 2, "k": (3,), "h": (8,), "s": (1,), "p": (0,), "n": 3},
+    "conv1d-dil-groups": {"nd": 1, "cin": 4, "cout": 6, "k": (3,), "h": (12,), "s": (2,), "p": (2,), "d": (2,), "groups": 2, "n": 1},
+    "conv2d-s2p1": {"nd": 2, "cin": 3, "cout": 5, "k": (3, 3), "h": (7, 7), "s": (2, 2), "p": (1, 1), "n": 1},
+    "conv2d-k4s2p2": {"nd": 2, "cin": 2, "cout": 3, "k": (4, 4), "h": (8, 8), "s": (2, 2), "p": (2, 2), "n": 1},
+    "conv2d-groups3": {"nd": 2, "cin": 6, "cout": 6, "k": (3, 2), "h": (6, 5), "s": (1, 2), "p": (1, 0), "groups": 3, "n": 1},
+    "conv2d-depthwise": {"nd": 2, "cin": 3, "cout": 6, "k": (3, 3), "h": (6, 6), "s": (1, 1), "p": (1, 1), "groups": 3, "n": 1},
+    "conv2d-dilation": {"nd": 2, "cin": 2, "cout": 3, "k": (2, 3), "h": (7, 8), "s": (1, 2), "p": (1, 2), "d": (2, 3), "n": 1},
+    "conv2d-N2-stride3": {"nd": 2, "cin": 2, "cout": 3, "k": (2, 2), "h": (7, 6), "s": (3, 2), "p": (0, 1), "n": 2},
+    "conv2d-uncovered": {"nd": 2, "cin": 2, "cout": 2, "k": (1, 2), "h": (5, 7), "s": (3, 3), "p": (1, 0), "n": 1},
+    "conv3d": {"nd": 3, "cin": 2, "cout": 3, "k": (2, 2, 2), "h": (4, 4, 4), "s": (2, 1, 1), "p": (1, 0, 1), "n": 1},
+    "conv3d-dil-groups": {"nd": 3, "cin": 2, "cout": 4, "k": (2, 2, 2), "h": (5, 5, 4), "s": (1, 1, 2), "p": (0, 1, 0), "d": (2, 1, 1), "groups": 2, "n": 1},
     # stride = kernel, groups: with a log-uniform k the K blocks are ill-conditioned and F Z carries
     # the null bases' errors (eps / gap), which a plain tolerance would count as rank
-    "groups2-s=k": dict(nd=2, cin=6, cout=8, k=(1, 2), h=(4, 3), s=(1, 2), p=(0, 0), groups=2, n=1),
+    "groups2-s=k": {"nd": 2, "cin": 6, "cout": 8, "k": (1, 2), "h": (4, 3), "s": (1, 2), "p": (0, 0), "groups": 2, "n": 1},
     # F Z is pure round-off here (F's rows lie in K's row space): its rank must be 0, not noise
-    "fz-roundoff": dict(nd=3, cin=3, cout=3, k=(1, 2, 3), h=(3, 3, 5), s=(1, 3, 3), p=(2, 2, 0), n=1),
+    "fz-roundoff": {"nd": 3, "cin": 3, "cout": 3, "k": (1, 2, 3), "h": (3, 3, 5), "s": (1, 3, 3), "p": (2, 2, 0), "n": 1},
 }
 
 
@@ -254,7 +254,7 @@ def test_gradient_blocks_are_the_dense_k(name: str) -> None:
 
 
 def test_no_null_when_not_wanted() -> None:
-    spec, k, gen = _spec_and_k("conv2d-s2p1")
+    spec, k, _gen = _spec_and_k("conv2d-s2p1")
     res = layer_rank(spec, k, ForwardInfo(none=True), want_null=False)
     assert res.null_basis is None and res.deficit == spec.n_in - res.rank_grad > 0
 
@@ -262,7 +262,7 @@ def test_no_null_when_not_wanted() -> None:
 def test_zero_gradient_gives_rank_of_f_only() -> None:
     spec, k, _ = _spec_and_k("conv2d-k4s2p2")
     k = torch.zeros_like(k)
-    kd, fd = dense_system(spec, k, ForwardInfo())
+    _kd, fd = dense_system(spec, k, ForwardInfo())
     res = layer_rank(spec, k, ForwardInfo())
     assert res.rank_grad == 0 and res.rank == dense_rank(fd) > 0
 
@@ -482,7 +482,7 @@ def test_bounds_contain_the_rank(name: str) -> None:
 def test_bounds_branches() -> None:
     """The three ways out: rank(K) itself bounded (a K block too big), rank(K) exact but F Z not
     formed, rank(K) exact plus the rank of F on a subset of null(K) (a lower bound above rank(K))."""
-    spec, k, gen = _spec_and_k("conv2d-s2p1", seed=2)
+    spec, k, _gen = _spec_and_k("conv2d-s2p1", seed=2)
     fwd = ForwardInfo()
     kd, fd = dense_system(spec, k, fwd)
     true_rank, true_k = dense_rank(kd, fd), dense_rank(kd)
