@@ -1,0 +1,170 @@
+"""Scale benchmark: wall time and peak memory of the static audit at ImageNet resolution.
+
+Cases (each runs in a fresh subprocess, so peak RSS is its own):
+
+* resnet18   - examples/resnet_bn.py:resnet18 (11.7 M parameters, BatchNorm, residual adds), 3x224x224
+* vgg-chain  - a VGG-style chain of eight 3x3 convolutions with LeakyReLU and stride-2 downsampling
+               (bias-free, no pooling, so the R-GAP chain passes every activation), 3x224x224
+* cnn6d-ident - whole-network identifiability of CNN6-d at 3x32x32 (rgap-notes section 3: rank 3072)
+* vgg-verify  - full R-GAP reconstruction of vgg-chain (rgap_audit.attack.verify), when available
+
+Usage:  python benchmarks/bench_scale.py                 (resnet18, vgg-chain, cnn6d-ident)
+        python benchmarks/bench_scale.py --cases all     (also vgg-verify)
+        python benchmarks/bench_scale.py --case resnet18 (one case in this process; prints JSON)
+
+Peak memory is measured two ways: resource.ru_maxrss (the whole process: torch's tensors included)
+and tracemalloc (Python and numpy allocations only; torch's allocator is invisible to it).
+The issue's targets: static audit of ResNet-18 at 224 in under 30 s on 2 cores with bounded memory;
+the VGG-style chain verifies in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+DEFAULT_CASES = ["resnet18", "vgg-chain", "cnn6d-ident"]
+ALL_CASES = DEFAULT_CASES + ["vgg-verify"]
+
+
+def vgg_chain() -> nn.Sequential:
+    """Eight 3x3 convolutions (16-16-32-32-64-64-128-128 channels, five of stride 2), LeakyReLU(0.2),
+    Flatten and Linear(128*7*7 -> 1): 224 -> 112 -> 56 -> 28 -> 14 -> 7."""
+    cfg = [(3, 16, 2), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 2)]
+    layers: list[nn.Module] = []
+    for c_in, c_out, s in cfg:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 7 * 7, 1, bias=False))
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _summary(rep) -> dict:
+    layers = [r for r in rep.layers if r.unknowns is not None]
+    return {
+        "status": rep.verdict.status,
+        "summary": rep.verdict.summary,
+        "layers": len(layers),
+        "exact": sum(r.rank is not None for r in layers),
+        "bounded": sum(r.rank is None for r in layers),
+        "methods": sorted({r.rank_method or "-" for r in layers}),
+        "timings": {k: round(v, 2) for k, v in rep.timings.items()},
+        "slowest": sorted(((round(r.seconds, 2), r.node, r.rank_method) for r in rep.layers), reverse=True)[:5],
+    }
+
+
+def run_case(name: str) -> dict:
+    """Run one case in this process and measure it."""
+    torch.manual_seed(0)
+    out: dict = {"case": name}
+    if name in ("resnet18", "vgg-chain", "vgg-verify"):
+        if name == "resnet18":
+            from resnet_bn import resnet18
+
+            model, shape, loss = resnet18(), (3, 224, 224), "cross-entropy"
+        else:
+            model, shape, loss = vgg_chain(), (3, 224, 224), "logistic"
+        model.eval()
+        rss0 = _rss_mb()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        if name == "vgg-verify":
+            try:
+                from rgap_audit.attack.verification import verify
+            except ImportError as exc:  # the attack engine is another module's job
+                return {**out, "skipped": f"rgap_audit.attack.verification not available: {exc}"}
+            from rgap_audit.analysis import audit_loaded
+            from rgap_audit.options import AuditOptions, LoadedModel
+
+            loaded = LoadedModel(file="<bench>", name="vgg-chain", module=model, input_shape=shape, loss=loss)
+            options = AuditOptions()
+            rep = audit_loaded(loaded, options)
+            out["audit_seconds"] = round(time.perf_counter() - t0, 2)
+            res = verify(loaded, options, rep)
+            out["result"] = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+        else:
+            from rgap_audit.analysis import audit
+
+            rep = audit(model, shape, loss=loss)
+            out["result"] = _summary(rep)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out["tracemalloc_peak_mb"] = round(peak / 2**20, 1)
+        out["rss_before_mb"] = round(rss0, 1)
+        out["rss_peak_mb"] = round(_rss_mb(), 1)
+        return out
+    if name == "cnn6d-ident":
+        from paper_nets import cnn6_d
+
+        from rgap_audit.identifiability import identifiability
+
+        rss0 = _rss_mb()
+        t0 = time.perf_counter()
+        res = identifiability(cnn6_d(), (3, 32, 32), "logistic")
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        out["result"] = {k: res[k] for k in ("rank", "unknowns", "gradient_entries", "sigma_min_rel", "tolerance_rel", "method")}
+        out["rss_before_mb"] = round(rss0, 1)
+        out["rss_peak_mb"] = round(_rss_mb(), 1)
+        return out
+    raise SystemExit(f"unknown case {name!r}; known: {', '.join(ALL_CASES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", help="run one case in this process and print its JSON")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated cases, or 'all'")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case)))
+        return 0
+    cases = ALL_CASES if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    failed = 0
+    for case in cases:
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--case", case], capture_output=True, text=True, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{case}: timed out after {args.timeout:.0f} s")
+            failed += 1
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{case}: failed (exit {proc.returncode}): {tail}")
+            failed += 1
+            continue
+        res = json.loads(lines[-1])
+        if "skipped" in res:
+            print(f"{case}: skipped: {res['skipped']}")
+            continue
+        mem = f"peak RSS {res['rss_peak_mb']:.0f} MiB (before {res['rss_before_mb']:.0f})"
+        if "tracemalloc_peak_mb" in res:
+            mem += f", tracemalloc peak {res['tracemalloc_peak_mb']:.0f} MiB"
+        print(f"{case}: {res['seconds']:.1f} s, {mem}")
+        print("    " + json.dumps(res.get("result", {})))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
