@@ -144,3 +144,17 @@ def test_matrix_free_lsqr_fallback(monkeypatch):
     sol = solve_layer(spec, tuple(x.shape), k, spec.weight_grad(x, k), spec.forward(x))
     assert sol.method.startswith("lsqr") and sol.nullity is None
     assert float((sol.x - x).norm() / x.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+def test_gram_least_squares_tall_and_wide(shape):
+    """Minimum-norm solution and null space of a rank-deficient block, through the column or the row Gram."""
+    from rgap_audit.attack.solve import _gram_lstsq
+
+    gen = torch.Generator().manual_seed(5)
+    m, n = shape
+    A = torch.randn(m, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, n, generator=gen, dtype=torch.float64)
+    r = torch.randn(m, generator=gen, dtype=torch.float64)
+    y, null, _ = _gram_lstsq(A, r)
+    assert torch.allclose(y, torch.linalg.pinv(A) @ r, atol=1e-9)
+    assert null.shape[1] == n - 8 and float((A @ null).norm()) < 1e-9

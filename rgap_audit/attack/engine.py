@@ -555,7 +555,8 @@ def _descend(
                 # re-linearise at the solved z until the activation pattern settles
                 pat, iters, settled = _pattern(link, z_hat), 0, False
                 best = (sol.residual_fwd if sol.residual_fwd is not None else math.inf, sol, ki, mask)
-                for iters in range(1, MAX_PROJECTED_ITERS + 1):
+                max_passes = MAX_PROJECTED_ITERS if sol.nullity == 0 else (3 if sol.nullity is None else 1)
+                for iters in range(1, max_passes + 1):
                     z_new = bspec.forward(sol.x).reshape(zshape)
                     new_pat = _pattern(link, z_new)
                     if new_pat == pat and iters > 1:
@@ -574,10 +575,15 @@ def _descend(
                     step.notes.append(f"re-linearised the link at the solved z: the activation pattern settled after {iters} pass(es)")
                     if rows == "check":  # the pattern is fixed now: one solve with the gradient rows too
                         sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, bspec.forward(sol.x).reshape(zshape), S)
+                elif sol.nullity:
+                    step.notes.append(
+                        "this layer is itself undetermined given the carried directions: the activation pattern of its "
+                        "output was not re-estimated"
+                    )
                 else:
                     _, sol, ki, mask = best
                     step.notes.append(
-                        f"the activation pattern did not settle in {MAX_PROJECTED_ITERS} passes; kept the pass with the "
+                        f"the activation pattern did not settle in {max_passes} passes; kept the pass with the "
                         "smallest forward residual (the projected solve needs the pattern of the undetermined layer's input)"
                     )
                     warnings.append(f"{below}: activation pattern did not settle; the projected recovery is approximate")

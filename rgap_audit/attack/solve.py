@@ -43,7 +43,8 @@ from rgap_audit.convspec import ConvSpec
 
 G_REL_TOL = 1e-8  # singular values of G below this (relative) are left to the forward rows
 SIGMA_REL_TOL = 1e-6  # reduced problem: singular values below this (relative) count as deficient
-DENSE_LIMIT = 1600  # largest reduced problem (columns) solved densely
+DENSE_LIMIT = 1600  # largest reduced problem (columns, or rows when it is wide) solved densely
+WIDE_LIMIT = 4000  # most columns of a wide reduced problem (its null basis is formed explicitly)
 MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
 
 
@@ -108,6 +109,8 @@ def _gram_lstsq(
             cn[off : off + b] = m if m > 0 else 1.0
         off += b
     As = A / cn
+    if As.shape[0] < As.shape[1]:
+        return _wide_lstsq(As, r, cn, rel_tol)
     lam, Q = torch.linalg.eigh(As.T @ As)  # ascending
     # blocks are scaled to unit magnitude: a block that is numerically zero must not set the reference
     lam_max = max(float(lam[-1]) if lam.numel() else 0.0, 1.0)
@@ -120,6 +123,28 @@ def _gram_lstsq(
     null = Q[:, ~keep] / cn[:, None]
     smin = float(torch.sqrt(lk[0] / lam_max)) if lk.numel() else 0.0
     return y / cn, null, smin
+
+
+def _wide_lstsq(As: torch.Tensor, r: torch.Tensor, cn: torch.Tensor, rel_tol: float):
+    """A wide (scaled) system: eigendecomposition of the row Gram As As^T; null basis by a complete QR."""
+    lam, U = torch.linalg.eigh(As @ As.T)
+    lam_max = max(float(lam[-1]) if lam.numel() else 0.0, 1.0)
+    keep = lam > (rel_tol**2) * lam_max
+    Uk, lk = U[:, keep], lam[keep]
+    Vr = (As.T @ Uk) / torch.sqrt(lk)  # orthonormal basis of the row space
+    y = Vr @ ((Uk.T @ r) / torch.sqrt(lk))
+    for _ in range(2):
+        res = r - As @ y
+        y = y + Vr @ ((Uk.T @ res) / torch.sqrt(lk))
+    Vr, _ = torch.linalg.qr(Vr)
+    Q, _ = torch.linalg.qr(Vr, mode="complete")
+    null = Q[:, Vr.shape[1] :] / cn[:, None]
+    smin = float(torch.sqrt(lk[0] / lam_max)) if lk.numel() else 0.0
+    return y / cn, null, smin
+
+
+def _n_rows(a_rows) -> int:
+    return 0 if a_rows is None else int(a_rows[0].shape[0])
 
 
 def _forward_parts(spec, z_target, mask, T, n):
@@ -263,7 +288,7 @@ def solve_layer(
         x, smin, method = x_det, None, "gradient-blocks (nothing known of z)"
         null = _null_from_blocks(spec, Zs, x_shape)
         notes.append(f"{nz} directions of the input are not constrained by the gradient and z is unknown")
-    elif nz + d <= dense_limit:
+    elif nz + d <= dense_limit or (fwd_rows + _n_rows(a_rows) <= dense_limit and nz + d <= WIDE_LIMIT):
         FZ = forward_on_channel_basis(spec, n, Zs)[known]
         r = zb[known] - spec.forward(x_det, with_bias=False).reshape(-1)[known]
         A = FZ if Tk is None else torch.cat([FZ, -Tk], dim=1)
