@@ -39,6 +39,7 @@ from rgap_audit.registry import (
     UNKNOWN,
     numel,
 )
+from rgap_audit.threads import single_thread
 from rgap_audit.tracing import trace
 
 CONSTANT, FROM_OUTPUT, FROM_INPUT = "constant", "output", "input"
@@ -526,7 +527,8 @@ class Walker:
 
 def audit_loaded(loaded: LoadedModel, options: AuditOptions) -> ModelReport:
     """Audit one loaded model: the R-GAP walk, a record per op and the model verdict."""
-    return Walker(loaded, options).run()
+    with single_thread():
+        return Walker(loaded, options).run()
 
 
 def audit(
