@@ -608,7 +608,8 @@ OPS: dict[Any, OpInfo] = {
     aten.squeeze.dim: _squeeze,
     aten.squeeze.dims: _squeeze,
     # normalisation
-    nn.modules.batchnorm._BatchNorm: _batchnorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants
+    nn.modules.batchnorm._BatchNorm: _batchnorm,  # BatchNorm1d/2d/3d, lazy variants
+    nn.SyncBatchNorm: _batchnorm,  # its own forward equals BatchNorm's in eval mode
     F.batch_norm: _batchnorm_f,
     aten.batch_norm.default: _batchnorm_f,
     nn.LayerNorm: _layernorm,
@@ -715,9 +716,17 @@ def lookup(target: Any, module: nn.Module | None = None) -> OpInfo:
     With a module, the entry of its nearest registered class, refined for this instance (`OpInfo.instance`).
     """
     if module is not None:
-        for cls in type(module).__mro__:
+        mro = type(module).__mro__
+        for i, cls in enumerate(mro):
             if cls in OPS:
                 info = OPS[cls]
+                own = [c.__name__ for c in mro[:i] if "forward" in vars(c)]
+                if own and info.kind != UNKNOWN:  # a subclass that computes something else
+                    return OpInfo(
+                        type(module).__name__, UNKNOWN, False,
+                        f"subclass of {cls.__name__} with its own forward ({own[0]}.forward): what it computes is "
+                        f"not known to be a {cls.__name__}",
+                    )
                 return info.instance(module, info) if info.instance is not None else info
             if cls is nn.Module:
                 break

@@ -76,7 +76,14 @@ def test_subclasses_find_their_base_entry():
     class MyConv(nn.Conv2d):
         pass
 
+    class SamePadConv(nn.Conv2d):  # computes something else than its base
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 0, 1, 0)))
+
     assert lookup(None, MyConv(2, 3, 3)).name == "Conv2d"
+    odd = lookup(None, SamePadConv(2, 3, 3))
+    assert odd.kind == UNKNOWN and "own forward" in odd.why
+    assert lookup(None, nn.LazyLinear(3)).name == "Linear"
     assert lookup(None, nn.ReLU6()).name == "ReLU6"  # not its base Hardtanh
     assert lookup(None, nn.SyncBatchNorm(3)).kind == NORM
     assert lookup(None, nn.LSTM(2, 2)).kind == UNKNOWN
