@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from examples.paper_nets import cnn6, cnn6_d, fcn3
 from rgap_audit.attack import reconstruct
-from rgap_audit.attack._threads import single_thread
+from rgap_audit.threads import single_thread
 from rgap_audit.attack.dlg import dlg
 from rgap_audit.attack.verification import client_gradient, image_metrics
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rgap_audit.attack._threads import single_thread
+from rgap_audit.threads import single_thread
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.attack.structure import (
     channels_to_x,

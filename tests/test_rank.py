@@ -35,13 +35,6 @@ from rgap_audit.rank import (
 EPS = float(np.finfo(np.float64).eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny convolutions: one intra-op thread avoids spin-wait overhead on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 ROOT = Path(__file__).resolve().parents[1]
 SLOW = os.environ.get("RGAP_SLOW_TESTS") == "1"
 

@@ -20,7 +20,7 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from rgap_audit import registry
-from rgap_audit.attack._threads import single_thread
+from rgap_audit.threads import single_thread
 from rgap_audit.attack.heads import HeadCandidate, HeadResult, ce_bias_head, ce_nobias_head, logistic_head
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
