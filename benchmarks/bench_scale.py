@@ -70,8 +70,8 @@ def _summary(rep) -> dict:
     }
 
 
-def run_case(name: str) -> dict:
-    """Run one case in this process and measure it."""
+def run_case(name: str, trace_memory: bool = True) -> dict:
+    """Run one case in this process and measure it (tracemalloc slows Python-heavy code a little)."""
     torch.manual_seed(0)
     out: dict = {"case": name}
     if name in ("resnet18", "vgg-chain", "vgg-verify"):
@@ -83,7 +83,8 @@ def run_case(name: str) -> dict:
             model, shape, loss = vgg_chain(), (3, 224, 224), "logistic"
         model.eval()
         rss0 = _rss_mb()
-        tracemalloc.start()
+        if trace_memory:
+            tracemalloc.start()
         t0 = time.perf_counter()
         if name == "vgg-verify":
             try:
@@ -105,9 +106,10 @@ def run_case(name: str) -> dict:
             rep = audit(model, shape, loss=loss)
             out["result"] = _summary(rep)
         out["seconds"] = round(time.perf_counter() - t0, 2)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        out["tracemalloc_peak_mb"] = round(peak / 2**20, 1)
+        if trace_memory:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            out["tracemalloc_peak_mb"] = round(peak / 2**20, 1)
         out["rss_before_mb"] = round(rss0, 1)
         out["rss_peak_mb"] = round(_rss_mb(), 1)
         return out
@@ -132,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", help="run one case in this process and print its JSON")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated cases, or 'all'")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    ap.add_argument("--no-tracemalloc", action="store_true", help="time without tracemalloc (RSS only)")
     args = ap.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case)))
+        print(json.dumps(run_case(args.case, trace_memory=not args.no_tracemalloc)))
         return 0
     cases = ALL_CASES if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
@@ -142,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         try:
             proc = subprocess.run(
-                [sys.executable, __file__, "--case", case], capture_output=True, text=True, timeout=args.timeout
+                [sys.executable, __file__, "--case", case, *(["--no-tracemalloc"] if args.no_tracemalloc else [])],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
             )
         except subprocess.TimeoutExpired:
             print(f"{case}: timed out after {args.timeout:.0f} s")
