@@ -223,6 +223,10 @@ class Walker:
         t_instance = time.perf_counter()
 
         self.lg, self.values, self.grads, self.env, self.gen = lg, values, grads, env, gen
+        self.trace_notes = list(gm.meta.get("rgap_warnings", []))
+        method = gm.meta.get("rgap_trace", {}).get("method")
+        if method and method != "torch.fx":
+            self.trace_notes.append(f"traced with the fallback '{method}' (plain torch.fx failed)")
         self.loss, self.batch = loss, batch
         records = self._walk()
         t_walk = time.perf_counter()
@@ -251,9 +255,10 @@ class Walker:
     # ------------------------------------------------------------------ the walk
     def _walk(self) -> list[LayerRecord]:
         lg = self.lg
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(self.trace_notes)
         self.nulls: dict[str, torch.Tensor | None] = {}  # weighted layer -> undetermined directions of its input
         self.bounded: set[str] = set()  # weighted layers whose rank is only bounded
+        self.failed: set[str] = set()  # weighted layers that could not be normalised: nothing known of their input
         self.below: dict[str, tuple[str, list[str]]] = {}  # weighted layer -> (layer below, ops between)
         # what the attacker can derive, node by node: dL/d(output) (needs every activation pattern above)
         # and the output value itself (set by the layers above as they are recovered)
@@ -335,6 +340,12 @@ class Walker:
                 unknown = torch.full((c, 1), 1.0 / math.sqrt(c), dtype=torch.float64)
                 why = "output layer: cross-entropy reveals the logits up to a constant"
             end_dims = fn(z0).numel()
+        elif above.end in self.failed:
+            return (
+                ForwardInfo(none=True, rows=0),
+                Chain.NONE,
+                f"no forward constraints: the layer above ({above.end}) could not be analysed",
+            )
         else:
             upper = self.nulls.get(above.end)
             unknown = upper if (upper is not None and upper.shape[1] > 0) else None
@@ -367,12 +378,17 @@ class Walker:
             rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
             rec.reason = f"cannot normalise this layer: {exc}"
             self.warnings.append(f"{name}: {rec.reason}")
-            self.nulls[name] = None
+            self.failed.add(name)
             return
         k = self.grads[name]
         x_in = self.values[lg.data_args(name)[0]]
         n_samples = x_in.numel() // spec.n_in
         k = k.reshape(n_samples, *spec.out_shape)
+        module = attrs["module"]
+        frozen = module is not None and getattr(module, "weight", None) is not None and not module.weight.requires_grad
+        if frozen:  # a frozen weight's gradient is never shared: no gradient rows
+            k = torch.zeros_like(k)
+            rec.extra["frozen"] = True
         fwd, chain, why = self._forward_info(name, spec)
         known = self._known_inputs(name, n_samples, spec)
         res: LayerRank = layer_rank(
@@ -408,6 +424,9 @@ class Walker:
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
         if chain != Chain.FULL:
             rec.reason += f" ({why})"
+        if frozen:
+            rec.grad_rows = 0
+            rec.reason += "; weight frozen (requires_grad=False): its gradient is not shared"
         k_ok = self.k_known.get(name, False)
         rec.extra["k_derivable"] = k_ok
         leaked = rec.verdict == Verdict.LEAKS_EXACTLY

@@ -284,3 +284,29 @@ def test_paper_networks_layers_against_dense_gram(net, max_unknowns, at_least):
         assert gap > 1e3  # the numerical rank is unambiguous: a clear gap below the kept eigenvalues
         checked += 1
     assert checked >= at_least
+
+
+def test_frozen_layer_has_no_gradient_rows():
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.LeakyReLU(0.2), nn.Linear(6, 1, bias=False))
+    free = [r for r in audit(model, (6,)).layers if r.unknowns is not None]
+    model[0].weight.requires_grad_(False)
+    frozen = [r for r in audit(model, (6,)).layers if r.unknowns is not None]
+    assert free[-1].rank_grad == 6 and free[-1].grad_rows == 36
+    # without its gradient, the first layer has only the forward rows of z (6 equations, W random: rank 6)
+    assert frozen[-1].grad_rows == 0 and frozen[-1].rank_grad == 0 and frozen[-1].rank == 6
+    assert frozen[0].rank_grad == free[0].rank_grad  # the layer above is untouched
+
+
+def test_layer_that_cannot_be_normalised_gives_the_layer_below_no_forward_rows():
+    model = nn.Sequential(
+        nn.Conv1d(1, 2, 3, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Conv1d(2, 2, 3, padding="same", bias=False),  # string padding: not normalised
+        nn.Flatten(),
+        nn.Linear(16, 1, bias=False),
+    )
+    rep = audit(model, (1, 10))
+    rows = {r.module_path: r for r in rep.layers}
+    assert rows["2"].verdict == Verdict.NOT_UNDERSTOOD
+    assert rows["0"].chain.value == "none" and rows["0"].fwd_rows == 0
+    assert "could not be analysed" in rows["0"].chain_reason
