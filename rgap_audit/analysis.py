@@ -475,17 +475,18 @@ class Walker:
             summary = f"the input cannot be traced to a weighted layer: {why_path}"
         else:
             rec = next(r for r in records if r.node == first)
+            layer = f"layer {rec.module_path or first} ({rec.op})"
             input_deficit = rec.deficit
             if rec.verdict == Verdict.LEAKS_EXACTLY and path_ok:
                 status, recoverable, basis = "leaks-exactly", True, Basis.STRUCTURE
-                summary = f"the input leaks exactly through {rec.module_path or first} (Linear with bias)"
+                summary = f"the input leaks exactly through {layer}: x = dL/dW[j] / dL/db[j]"
             elif rec.deficit is None:
                 status, recoverable, basis = "unknown", None, Basis.BOUNDS
-                summary = f"input layer {rec.module_path or first} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"
+                summary = f"input {layer} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"
             elif rec.deficit == 0 and path_ok and not self.val_known.get(lg.input_node, False):
                 status, recoverable = "recoverable-given-pattern", None
                 summary = (
-                    f"the input is determined by {rec.module_path or first}'s gradient and forward constraints, "
+                    f"the input is determined by the gradient and forward constraints of {layer}, "
                     "but forming them needs dL/dz, which rests on activation patterns above that the attacker "
                     "cannot derive in closed form; an attacker who estimates them may still recover the input"
                 )
