@@ -235,7 +235,7 @@ def solve_layer(
 
     # ---- gradient rows: one SVD per group
     tmap = window_index(spec)
-    blocks = gradient_blocks(spec, k, tmap)
+    blocks = gradient_blocks(spec, k)
     rhs = gradient_rhs(spec, dw)
     cig = ci // spec.groups
     nz_lower = sum(max(0, n_cols - G.shape[0]) for G in blocks) * cig

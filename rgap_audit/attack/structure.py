@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from rgap_audit import rank
 from rgap_audit.convspec import ConvSpec
 
 
@@ -67,30 +68,15 @@ def channels_to_x(spec: ConvSpec, xc: torch.Tensor, x_shape: tuple[int, ...]) ->
     return xc.reshape(c, n, -1).permute(1, 0, 2).reshape(x_shape)
 
 
-def gradient_blocks(spec: ConvSpec, k: torch.Tensor, tmap: torch.Tensor | None = None) -> list[torch.Tensor]:
+def gradient_blocks(spec: ConvSpec, k: torch.Tensor) -> list[torch.Tensor]:
     """The gradient-constraint block G_g of every group g: rows (f, offset), columns (n, position).
 
-    k: the layer's output gradient, any shape with N * n_out entries.
+    k: the layer's output gradient, any shape with N * n_out entries. The blocks are the rank
+    analysis's own (rgap_audit.rank.gradient_blocks), so the attack solves the system the audit ranks.
     """
-    if tmap is None:
-        tmap = window_index(spec)
-    g = spec.groups
-    co = spec.out_channels
-    cog = co // g
-    n_off, n_pos_out = tmap.shape
     n = k.numel() // spec.n_out
-    kk = k.reshape(n, co, n_pos_out).to(torch.float64)
-    n_sp = spec.n_in // spec.in_channels
-    o_idx, l_idx = torch.nonzero(tmap >= 0, as_tuple=True)
-    t_idx = tmap[o_idx, l_idx]
-    nn_ = torch.arange(n)[:, None]
-    blocks = []
-    for gi in range(g):
-        G = torch.zeros(cog, n_off, n, n_sp, dtype=torch.float64)
-        vals = kk[:, gi * cog : (gi + 1) * cog][:, :, l_idx].permute(1, 0, 2)  # (cog, n, V)
-        G[:, o_idx[None, :], nn_, t_idx[None, :]] = vals
-        blocks.append(G.reshape(cog * n_off, n * n_sp))
-    return blocks
+    blocks = rank.gradient_blocks(spec, k.reshape(n, *spec.out_shape).to(torch.float64))
+    return [torch.from_numpy(block) for _channels, block in blocks]
 
 
 def gradient_rhs(spec: ConvSpec, dw: torch.Tensor) -> list[torch.Tensor]:
