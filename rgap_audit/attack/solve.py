@@ -240,32 +240,29 @@ def solve_layer(
     cig = ci // spec.groups
     nz_lower = sum(max(0, n_cols - G.shape[0]) for G in blocks) * cig
     forward_first = nz_lower + d > dense_limit or gradient_rows == "check"
+    def sparse_forward_or_lsqr() -> tuple[torch.Tensor, torch.Tensor] | LayerSolution:
+        """The forward rows carry the layer (SuperLU on the normal equations); LSQR when singular."""
+        try:
+            return _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
+        except _Singular as exc:
+            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
+            sol.notes.insert(0, str(exc))
+            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
+            return sol
+
     if zb is not None and forward_first and fwd_rows >= unknowns:
         # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
         grad_rank = None
         if gradient_rows != "check":
             svs = map(torch.linalg.svdvals, blocks)
             grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in svs) * cig
-        try:
-            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
-        except _Singular as exc:
-            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
-            sol.notes.insert(0, str(exc))
-            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
-            return sol
-        rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
-        return LayerSolution(
-            x=x,
-            method="forward (sparse normal equations, SuperLU); gradient rows as check",
-            null_basis=null,
-            grad_rank=grad_rank,
-            unknowns=unknowns,
-            fwd_rows=fwd_rows,
-            residual_grad=rg,
-            residual_fwd=rf,
-            notes=notes,
-            seconds=time.perf_counter() - t0,
-        )
+        solved = sparse_forward_or_lsqr()
+        if isinstance(solved, LayerSolution):
+            return solved
+        (x, null), smin = solved, None
+        method = "forward (sparse normal equations, SuperLU); gradient rows as check"
+        return _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0)
+
     xc = torch.zeros(ci, n_cols, dtype=torch.float64)
     Zs: list[torch.Tensor] = []
     grad_rank = 0
@@ -302,19 +299,21 @@ def solve_layer(
         null = _orthonormal(_from_null_coords_batch(spec, Zs, null_y[:nz], x_shape))
         method = "null(K)+forward (dense reduced)"
     elif fwd_rows >= unknowns:
-        try:
-            x, null = _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
-            smin, method = None, "forward (sparse normal equations, SuperLU); gradient rows as check"
-        except _Singular as exc:
-            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
-            sol.notes.insert(0, str(exc))
-            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
-            return sol
+        solved = sparse_forward_or_lsqr()
+        if isinstance(solved, LayerSolution):
+            return solved
+        (x, null), smin = solved, None
+        method = "forward (sparse normal equations, SuperLU); gradient rows as check"
     else:
         sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
         sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
         return sol
 
+    return _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0)
+
+
+def _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0) -> LayerSolution:
+    """The LayerSolution of a solved layer, with its residuals."""
     rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
     return LayerSolution(
         x=x,
