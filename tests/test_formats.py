@@ -318,3 +318,22 @@ def test_real_reports_validate_and_point_at_constructor_lines(tmp_path, monkeypa
     assert all(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "tiny.py" for r in doc["runs"][0]["results"])
     table = render("table", reports, findings)
     assert "fc1" in table and "fc2" in table and "verdict:" in table
+
+
+def test_table_shows_verify_measurements_next_to_the_static_columns():
+    report = deficient_cnn()
+    layer = next(r for r in report.layers if r.unknowns is not None)
+    report.verification = {
+        "summary": "Confirmed: measured.",
+        "rel_error": 3e-13,
+        "layers": [{"node": layer.node, "measured_nullity": 7, "rel_error": 0.25, "rel_error_projected": 4.2e-12}],
+    }
+    text = render("table", [report], [])
+    header = next(line for line in text.splitlines() if "rank [K;F]" in line)
+    assert "measured nullity" in header and "rel. error (projected)" in header
+    row = next(line for line in text.splitlines() if line.split()[:2] == [str(layer.index), layer.module_path or layer.node])
+    assert row.rstrip().endswith("4.2e-12") and " 0.25 " in row
+    assert "verification: Confirmed: measured." in text
+    # without measurements the columns are not shown
+    report.verification = None
+    assert "measured nullity" not in render("table", [report], [])

@@ -13,6 +13,7 @@ from rgap_audit.formats._common import finding_line, ordered, shown, summary_lin
 from rgap_audit.records import Finding, LayerRecord, ModelReport
 
 HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
+VERIFY_HEADERS = ["measured nullity", "rel. error (plain)", "rel. error (projected)"]
 REASON_WIDTH = 60
 
 
@@ -45,6 +46,7 @@ def _value(v: Any) -> str:
 def layer_rows(report: ModelReport) -> list[list[Any]]:
     """One row per LayerRecord, in walk order."""
     paths = Counter(r.module_path for r in report.layers if r.module_path)
+    measured = _measured_layers(report)
     rows = []
     for rec in report.layers:
         name = rec.module_path or rec.node
@@ -54,7 +56,7 @@ def layer_rows(report: ModelReport) -> list[list[Any]]:
         verdict = rec.verdict.value
         if rec.reason:
             verdict += f": {_short(rec.reason)}"
-        rows.append(
+        row = (
             [
                 rec.index,
                 name,
@@ -69,7 +71,23 @@ def layer_rows(report: ModelReport) -> list[list[Any]]:
                 verdict,
             ]
         )
+        if measured is not None:
+            m = measured.get(rec.node, {})
+            row += [m.get("measured_nullity"), _err(m.get("rel_error")), _err(m.get("rel_error_projected"))]
+        rows.append(row)
     return rows
+
+
+def _measured_layers(report: ModelReport) -> dict[str, dict] | None:
+    """--verify's per-layer measurements keyed by node, or None when there are none."""
+    layers = (report.verification or {}).get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    return {m["node"]: m for m in layers if isinstance(m, dict) and "node" in m}
+
+
+def _err(v: Any) -> str | None:
+    return None if v is None else f"{v:.2g}"
 
 
 def _recoverable_text(value: bool | None) -> str:
@@ -85,7 +103,8 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     )
     lines = [head, "=" * min(len(head), 120)]
     if report.layers:
-        lines.append(tabulate(layer_rows(report), headers=HEADERS, tablefmt="simple", missingval="", disable_numparse=[1, 2, 3, 10]))
+        headers = HEADERS + (VERIFY_HEADERS if _measured_layers(report) else [])
+        lines.append(tabulate(layer_rows(report), headers=headers, tablefmt="simple", missingval="", disable_numparse=[1, 2, 3, 10]))
     else:
         lines.append("(no operations recorded)")
     v = report.verdict
@@ -99,8 +118,12 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     lines.extend(f"  caveat: {c}" for c in v.caveats)
     lines.extend(f"  warning: {w}" for w in report.warnings)
     if report.verification:
-        items = ", ".join(f"{k}={_value(val)}" for k, val in report.verification.items() if not isinstance(val, (dict, list)))
-        lines.append(f"  verification: {items}")
+        ver = report.verification
+        lines.append(f"  verification: {ver.get('summary', '')}")
+        keys = ("rel_error", "mse", "psnr_db", "seconds", "variant", "label_status", "input", "weights", "scaling", "image")
+        items = ", ".join(f"{k}={_value(ver[k])}" for k in keys if ver.get(k) is not None)
+        if items:
+            lines.append(f"    {items}")
     if report.timings:
         total = report.timings.get("total_s", report.timings.get("total"))
         if total is None:
