@@ -28,6 +28,7 @@ from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport,
 from rgap_audit.registry import (
     ACTIVATION,
     AFFINE,
+    EMBEDDING,
     IDENTITY,
     IO,
     LAYER,
@@ -204,7 +205,12 @@ class Walker:
         if batch < 1:
             raise AuditError(f"batch size must be >= 1, got {batch}", loaded.file, loaded.name)
         gen = torch.Generator().manual_seed(opts.seed)
-        x = torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
+        embeddings = [m for m in loaded.module.modules() if isinstance(m, torch.nn.Embedding)]
+        if embeddings:  # token ids into an Embedding: integer inputs below every table's size
+            vocab = min(m.num_embeddings for m in embeddings)
+            x = torch.randint(0, vocab, (batch, *shape), generator=gen)
+        else:
+            x = torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
 
         gm = trace(loaded.module, x, file=loaded.file, name=loaded.name)
         t_trace = time.perf_counter()
@@ -286,6 +292,8 @@ class Walker:
             self.k_known[name] = self._k_derivable(name)
             if info.kind == LAYER:
                 self._weighted(name, rec)
+            elif info.kind == EMBEDDING:
+                self._embedding(name, rec)
             elif info.kind == UNKNOWN:
                 rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
                 rec.reason = f"{info.name}: {info.why}; never counted as safe"
@@ -300,6 +308,30 @@ class Walker:
             rec.seconds = time.perf_counter() - t0
             records.append(rec)
         return records
+
+    def _embedding(self, name: str, rec: LayerRecord) -> None:
+        """Token ids -> rows of the table. Its weight gradient is dL/dW[t] = sum of k over the positions
+        holding token t: non-zero exactly on the tokens used, so the set of tokens leaks (measured here)."""
+        module = self.lg.node(name)["module"]
+        tokens = self.values[self.lg.data_args(name)[0]]
+        rec.verdict, rec.basis = Verdict.PASSES, Basis.STRUCTURE
+        rec.reason = "injective for distinct rows: recovering its output recovers the tokens"
+        if self.val_known.get(name):
+            self.val_known[self.lg.data_args(name)[0]] = True
+        if module is None or not module.weight.requires_grad:
+            return
+        k = self.grads[name]
+        dim = k.shape[-1]
+        grad_w = torch.zeros(module.num_embeddings, dim, dtype=k.dtype).index_add_(0, tokens.reshape(-1), k.reshape(-1, dim))
+        used = set(tokens.reshape(-1).tolist())
+        nonzero = set(torch.nonzero(grad_w.abs().sum(dim=1)).reshape(-1).tolist())
+        rec.extra.update(tokens_used=len(used), gradient_rows_nonzero=len(nonzero))
+        if nonzero == used:
+            rec.verdict = Verdict.LEAKS_EXACTLY
+            rec.reason = (
+                f"the set of tokens used ({len(used)} distinct) leaks exactly: dL/dW is non-zero on exactly their rows; "
+                + rec.reason
+            )
 
     def _k_derivable(self, name: str) -> bool:
         """Can the attacker compute dL/d(output of name)? Every consumer's k must be derivable and its

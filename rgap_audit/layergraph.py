@@ -146,7 +146,10 @@ def record_instance(lg: LayerGraph, x: torch.Tensor, loss_fn) -> tuple[dict[str,
                 values[n.name] = out
             return out
 
-    x = x.detach().to(torch.float64).requires_grad_(True)
+    if x.is_floating_point():
+        x = x.detach().to(torch.float64).requires_grad_(True)
+    else:  # token ids: no gradient with respect to the input itself
+        x = x.detach()
     out = _Recorder(lg.gm).run(x)
     loss = loss_fn(out)
     loss.backward()

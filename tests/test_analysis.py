@@ -310,3 +310,32 @@ def test_layer_that_cannot_be_normalised_gives_the_layer_below_no_forward_rows()
     assert rows["2"].verdict == Verdict.NOT_UNDERSTOOD
     assert rows["0"].chain.value == "none" and rows["0"].fwd_rows == 0
     assert "could not be analysed" in rows["0"].chain_reason
+
+
+class _TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 8, bias=False)
+        self.act = nn.LeakyReLU(0.2)
+        self.head = nn.Linear(8 * 6, 3, bias=False)
+
+    def forward(self, t):
+        return self.head(self.act(self.fc(self.emb(t))).flatten(1))
+
+
+def test_embedding_token_set_leaks_and_tokens_are_recovered_through_the_layer_above():
+    torch.manual_seed(0)
+    rep = audit(_TokenModel(), (6,))
+    rows = {r.module_path: r for r in rep.layers}
+    emb = rows["emb"]
+    # measured on the instance: the rows of dL/dW_emb that are non-zero are exactly the tokens used
+    assert emb.verdict == Verdict.LEAKS_EXACTLY
+    assert emb.extra["gradient_rows_nonzero"] == emb.extra["tokens_used"] >= 1
+    # fc (6 positions x 8 features sharing one gradient) recovers the embedded sequence, hence the tokens
+    assert rows["fc"].deficit == 0 and rows["fc"].extra["samples"] == 6
+    assert rep.verdict.status == "recoverable-layerwise"
+    # a frozen table shares no gradient: no token-set leak is claimed
+    model = _TokenModel()
+    model.emb.weight.requires_grad_(False)
+    assert {r.module_path: r for r in audit(model, (6,)).layers}["emb"].verdict == Verdict.PASSES
