@@ -54,6 +54,7 @@ def test_verify_confirms_and_writes_the_picture(tmp_path):
     assert report.verification is out
     json.dumps(out)  # JSON-ready
     assert out["attempted"] and out["confirmed"] is True and out["summary"].startswith("Confirmed")
+    assert report.verdict.basis.value == "verified"  # the verdict now rests on the measured reconstruction
     assert out["rel_error"] < 1e-10 and out["psnr_db"] > 150 and out["mse"] < 1e-15
     assert "peak 1.0" in out["scaling"]
     assert [entry["node"] for entry in out["layers"]] == [r.node for r in report.layers]
@@ -68,8 +69,10 @@ def test_verify_confirms_and_writes_the_picture(tmp_path):
 def test_verify_is_not_confirmed_when_the_static_verdict_says_safe():
     loaded, _ = _fcn3()
     report = _report(loaded.module, (1, 28, 28), "logistic", recoverable=False)
+    before = report.verdict.basis
     out = verify(loaded, AuditOptions(), report)
     assert out["confirmed"] is False and out["summary"].startswith("Not confirmed")
+    assert report.verdict.basis == before  # an unconfirmed verdict keeps its static basis
 
 
 def test_verify_on_a_saved_tensor_and_an_image(tmp_path):

@@ -22,7 +22,7 @@ from rgap_audit.attack.engine import Reconstruction, reconstruct
 from rgap_audit.errors import AuditError
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import ModelReport
+from rgap_audit.records import Basis, ModelReport
 
 EXACT = 1e-6  # relative error up to which a recovery counts as exact (float64 recoveries reach ~1e-12)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -364,4 +364,6 @@ def verify(
             result["image"] = None
             result["warnings"].append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or was not recovered")
     report.verification = result
+    if confirmed is True:  # the static verdict now rests on a measured reconstruction too
+        report.verdict.basis = Basis.VERIFIED
     return result
