@@ -146,6 +146,23 @@ def test_matrix_free_lsqr_fallback(monkeypatch):
     assert float((sol.x - x).norm() / x.norm()) < 1e-8
 
 
+def test_sparse_factorisation_out_of_memory_falls_back_to_lsqr(monkeypatch):
+    """SuperLU's MemoryError (a 224x224 conv's fill-in) is not a crash: the layer goes to LSQR."""
+    import rgap_audit.attack.solve as solve_mod
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Not enough memory to perform factorization.")
+
+    monkeypatch.setattr(solve_mod.spl, "splu", no_memory)
+    spec = _conv(2, 3, 12, 4, 2, 2, 1, 1, 32, 3)  # the sparse-forward case of the test above
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
+    sol = solve_layer(spec, tuple(x.shape), k, spec.weight_grad(x, k), spec.forward(x))
+    assert sol.method.startswith("lsqr") and any("memory" in n for n in sol.notes)
+    assert float((sol.x - x).norm() / x.norm()) < 1e-6
+
+
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
 def test_gram_least_squares_tall_and_wide(shape):
     """Minimum-norm solution and null space of a rank-deficient block, through the column or the row Gram."""

@@ -379,6 +379,8 @@ def _factor_forward(spec, n, tmap, known):
         lu = spl.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
     except RuntimeError as exc:
         raise _Singular(f"forward rows are singular ({exc}); falling back to LSQR") from exc
+    except MemoryError as exc:  # the factor's fill-in of a large 2-D conv (VGG at 224x224)
+        raise _Singular("the sparse factorisation does not fit in memory; falling back to LSQR (matrix-free)") from exc
     piv = np.abs(lu.U.diagonal())
     if piv.min() <= 1e-13 * piv.max():
         raise _Singular("forward rows are (numerically) rank-deficient; falling back to LSQR")
