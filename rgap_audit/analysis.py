@@ -26,45 +26,17 @@ from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import ForwardInfo, LayerRank, layer_rank
 from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
 from rgap_audit.registry import (
-    ACTIVATION,
-    AFFINE,
+    CONSTANT,
     EMBEDDING,
-    IDENTITY,
-    IO,
+    FROM_OUTPUT,
     LAYER,
     MERGE,
-    NORM,
-    PERMUTE,
-    POOL,
-    RESHAPE,
     UNKNOWN,
+    jacobian_source,
     numel,
 )
 from rgap_audit.threads import single_thread
 from rgap_audit.tracing import trace
-
-CONSTANT, FROM_OUTPUT, FROM_INPUT = "constant", "output", "input"
-
-
-def jacobian_source(info) -> str:
-    """What an op's Jacobian (for back-propagating dL/dz) depends on: CONSTANT (linear ops),
-    FROM_OUTPUT (monotone elementwise activations: the derivative is a function of the output),
-    FROM_INPUT (anything else: max-pool arg-max, norms over a slice, products, unknown ops)."""
-    explicit = getattr(info, "jacobian", None)
-    if explicit:
-        return explicit
-    if info.kind in (LAYER, RESHAPE, PERMUTE, IDENTITY, IO, AFFINE):
-        return CONSTANT
-    if info.kind == MERGE and info.name in ("add", "sub", "cat", "stack"):
-        return CONSTANT
-    if info.kind == POOL and info.name in ("AvgPool", "AdaptiveAvgPool", "avg_pool", "mean", "sum", "getitem"):
-        return CONSTANT
-    if info.kind == NORM and info.name == "BatchNorm":
-        return CONSTANT
-    if info.kind == ACTIVATION and (info.invertible or info.name in ("ReLU", "ReLU6", "Softmax")):
-        return FROM_OUTPUT
-    return FROM_INPUT
-
 
 CAVEAT_DEFICIT = (
     "A layer-wise deficit makes the closed-form recursion fail and the recovery worse conditioned, "

@@ -710,6 +710,26 @@ NOT_UNDERSTOOD = OpInfo(
 )
 
 
+CONSTANT, FROM_OUTPUT, FROM_INPUT = "constant", "output", "input"
+
+
+def jacobian_source(info) -> str:
+    """What an op's Jacobian (for back-propagating dL/dz) depends on: CONSTANT (linear ops),
+    FROM_OUTPUT (monotone elementwise activations: the derivative is a function of the output),
+    FROM_INPUT (anything else: max-pool arg-max, norms over a slice, products, unknown ops)."""
+    if info.kind in (LAYER, RESHAPE, PERMUTE, IDENTITY, IO, AFFINE):
+        return CONSTANT
+    if info.kind == MERGE and info.name in ("add", "sub", "cat", "stack"):
+        return CONSTANT
+    if info.kind == POOL and info.name in ("AvgPool", "AdaptiveAvgPool", "avg_pool", "mean", "sum", "getitem"):
+        return CONSTANT
+    if info.kind == NORM and info.name == "BatchNorm":
+        return CONSTANT
+    if info.kind == ACTIVATION and (info.invertible or info.name in ("ReLU", "ReLU6", "Softmax")):
+        return FROM_OUTPUT
+    return FROM_INPUT
+
+
 def lookup(target: Any, module: nn.Module | None = None) -> OpInfo:
     """The registry entry for a call target (function, method name) or module; NOT_UNDERSTOOD if none.
 
