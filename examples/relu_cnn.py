@@ -1,4 +1,10 @@
-"""A small CNN with ReLU activations: ReLU is not invertible, so the R-GAP chain is cut below it."""
+"""A small CNN with ReLU activations.
+
+ReLU is not invertible: the layer below it gets forward constraints only on the active units. Its
+zeros are known to an attacker who knows the activation pattern (read off the recovered output), so
+they are not unknowns; on this small input the gradient rows make up the rest and the audit still
+finds the input recoverable (rgap-audit examples/relu_cnn.py --verify confirms it).
+"""
 
 import torch.nn as nn
 
