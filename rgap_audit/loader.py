@@ -441,7 +441,10 @@ class _FileLoader:
         ctx: contextlib.AbstractContextManager = torch.device("meta") if meta else contextlib.nullcontext()
         rec: contextlib.AbstractContextManager = _record_construction(self.file, sites) if sites is not None else contextlib.nullcontext()
         try:
-            with no_network(), ctx, rec:
+            # weights "as constructed" from a fixed seed: the same report whatever ran before (other
+            # models, other files), without touching the caller's global RNG
+            with no_network(), ctx, rec, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.options.seed)
                 model = cand.factory()
         except KeyboardInterrupt:
             raise

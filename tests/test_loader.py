@@ -351,3 +351,19 @@ def test_constructed_weights_are_real(tmp_path):
     torch.manual_seed(3)
     assert torch.equal(m.module.weight, nn.Linear(4, 1).weight)
     assert m.module.weight.device.type == "cpu"
+
+
+def test_weights_as_constructed_do_not_depend_on_what_ran_before():
+    from rgap_audit.loader import load_models
+    from rgap_audit.options import AuditOptions
+
+    path = str(EXAMPLES / "relu_cnn.py")
+    first = load_models(path, None, AuditOptions())[0].module
+    torch.rand(1000)  # consume the global RNG as another model or file would
+    state = torch.random.get_rng_state()
+    second = load_models(path, None, AuditOptions())[0].module
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    other = load_models(path, None, AuditOptions(seed=1))[0].module
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
