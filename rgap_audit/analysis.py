@@ -131,21 +131,6 @@ def _known_rows(fn: Callable, z0: torch.Tensor, n_out_above: int, unknown_dims: 
     return max(0, min(reach, n_out_above) - unknown_dims)
 
 
-def _instance_env(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
-    """Every node's value (tensors and shape arithmetic) on input x, for fixing non-data arguments."""
-    env: dict[str, object] = {}
-
-    class _Env(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            out = super().run_node(n)
-            env[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
-            return out
-
-    with torch.no_grad():
-        _Env(gm).run(x)
-    return env
-
-
 def _location(loaded: LoadedModel | None, module_path: str | None) -> Location | None:
     if loaded is None:
         return None
@@ -196,8 +181,8 @@ class Walker:
         except ValueError as exc:
             raise AuditError(str(exc), loaded.file, loaded.name) from exc
         labels = make_labels(loss, batch, out_features, gen)
-        values, grads = record_instance(lg, x, lambda out: loss_value(loss, out, labels))
-        env = _instance_env(gm, x)
+        env: dict[str, object] = {}
+        values, grads = record_instance(lg, x, lambda out: loss_value(loss, out, labels), env=env)
         t_instance = time.perf_counter()
 
         self.lg, self.values, self.grads, self.env, self.gen = lg, values, grads, env, gen
@@ -338,12 +323,10 @@ class Walker:
                 )
             unknown = None
             why = f"output layer: the {self.loss} loss reveals the output"
-            if self.loss == "cross-entropy":
-                out_val = fn(z0)
-                c = out_val.numel()
-                unknown = torch.full((c, 1), 1.0 / math.sqrt(c), dtype=torch.float64)
-                why = "output layer: cross-entropy reveals the logits up to a constant"
             end_dims = fn(z0).numel()
+            if self.loss == "cross-entropy":
+                unknown = torch.full((end_dims, 1), 1.0 / math.sqrt(end_dims), dtype=torch.float64)
+                why = "output layer: cross-entropy reveals the logits up to a constant"
         elif above.end in self.failed:
             return (
                 ForwardInfo(none=True, rows=0),
@@ -353,7 +336,7 @@ class Walker:
         else:
             upper = self.nulls.get(above.end)
             unknown = upper if (upper is not None and upper.shape[1] > 0) else None
-            end_dims = self.values[above.end].new_empty(lg.node(above.end)["in_shape"]).numel()
+            end_dims = numel(lg.node(above.end)["in_shape"])
             if above.end in self.bounded:
                 why = f"layer above ({above.end}) only bounded: assumed recovered"
             elif unknown is not None:

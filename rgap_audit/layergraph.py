@@ -128,11 +128,14 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
     return LayerGraph(gm=gm, graph=g, input_node=input_node, output_node=output_node)
 
 
-def record_instance(lg: LayerGraph, x: torch.Tensor, loss_fn) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def record_instance(
+    lg: LayerGraph, x: torch.Tensor, loss_fn, env: dict[str, object] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run the model on x and backpropagate loss_fn(output); return node outputs and dL/d(output) per node.
 
     These are the real values of one client instance: forward values z, activation patterns and
-    output gradients k = dL/dz from autograd, keyed by node name.
+    output gradients k = dL/dz from autograd, keyed by node name. `env`, if given, also receives
+    every fx node's value (shape arithmetic included, tensors detached) from the same forward pass.
     """
     values: dict[str, torch.Tensor] = {}
     keep = set(lg.graph.nodes)
@@ -140,6 +143,8 @@ def record_instance(lg: LayerGraph, x: torch.Tensor, loss_fn) -> tuple[dict[str,
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node):
             out = super().run_node(n)
+            if env is not None:
+                env[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
             if n.name in keep and isinstance(out, torch.Tensor) and n.op != "output":
                 if out.requires_grad:
                     out.retain_grad()
