@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as TF
 
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.convtranspose import ConvTransposeSpec
 
 __all__ = [
     "ForwardInfo",
@@ -362,8 +363,29 @@ def gradient_rank_counting(spec: ConvSpec, n_samples: int = 1) -> int:
     least as long as the output, where <k_o', g_o> = <k_o, g_o'> (g_o = k_o correlated with x) ties
     pairs of output channels.
     """
+    if isinstance(spec, ConvTransposeSpec):
+        return _transposed_rank_counting(spec, n_samples)
     cog = spec.out_channels // spec.groups
     return spec.in_channels * sum(min(cog * a, n_samples * c) for a, c in _class_counts(spec))
+
+
+def _transposed_rank_counting(spec: ConvTransposeSpec, n_samples: int) -> int:
+    """rank(K) <= C_in * min(C_out/groups * a, n_samples * c) for a transposed convolution.
+
+    a: kernel offsets u that meet some output (0 <= s*i - p + d*u < out for some input position i), c:
+    input positions that reach some output (per dim, multiplied). The non-zero rows and columns of one
+    channel's block: an upper bound for every instance, and the generic rank in the configurations
+    tests/test_convtranspose.py measures (the block is the equivalent stride-1 convolution's, whose
+    columns at inserted zeros are dropped, so it does not split by residue class).
+    """
+    a_all, c_all = 1, 1
+    for h, kk, s, p, d, o in zip(spec.in_spatial, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.out_spatial):
+        j = s * np.arange(h)[None, :] - p + d * np.arange(kk)[:, None]  # (k, h): output index
+        valid = (j >= 0) & (j < o)
+        a_all *= int(valid.any(axis=1).sum())
+        c_all *= int(valid.any(axis=0).sum())
+    cog = spec.out_channels // spec.groups
+    return spec.in_channels * min(cog * a_all, n_samples * c_all)
 
 
 def layer_rank_counting(spec: ConvSpec) -> int:
@@ -502,6 +524,8 @@ def layer_rank(
     entries. null_basis (N * n_in, deficit), orthonormal, rows of known entries zero; None when
     want_null is False, when only bounds are known, or when it would exceed exact_limit entries.
     """
+    if isinstance(spec, ConvTransposeSpec):
+        return _transposed_layer_rank(spec, k, fwd, want_null=want_null, exact_limit=exact_limit, known=known)
     t0 = time.perf_counter()
     k_np = k.detach().to(torch.float64).reshape(-1, *spec.out_shape).cpu().numpy()
     n = k_np.shape[0]
@@ -679,6 +703,50 @@ def layer_rank(
     return result(rank, rank, rank, "structured-svd", null)
 
 
+def _transposed_layer_rank(
+    spec: ConvTransposeSpec,
+    k: torch.Tensor,
+    fwd: ForwardInfo,
+    *,
+    want_null: bool,
+    exact_limit: int,
+    known: torch.Tensor | None,
+) -> LayerRank:
+    """layer_rank of a transposed convolution, in its actual input coordinates (N, *spec.in_shape).
+
+    Solved as the equivalent stride-1 convolution (convtranspose.py) whose inserted and appended zeros
+    are known inputs; z, k and fwd are the same tensors for both. Actual entries that reach no output
+    (cropped: d*(k-1) < padding) are unknowns without any constraint: each adds one to the deficit and
+    one unit vector to the null basis.
+    """
+    t0 = time.perf_counter()
+    emb = spec.embedding()
+    k = k.detach().to(torch.float64).reshape(-1, *spec.out_shape)
+    n = k.shape[0]
+    res = layer_rank(emb.spec, k, fwd, want_null=want_null, exact_limit=exact_limit, known=emb.known_mask(n, known))
+    free = emb.cropped_unknowns(n, known)
+    unknowns = res.unknowns + int(free.numel())
+    null = res.null_basis
+    if null is not None:
+        null = emb.pull_back(null, n)
+        if free.numel():
+            if n * spec.n_in * (null.shape[1] + free.numel()) > exact_limit:
+                null = None
+            else:
+                unit = torch.zeros(n * spec.n_in, int(free.numel()), dtype=null.dtype)
+                unit[free, torch.arange(free.numel())] = 1.0
+                null = torch.cat([null, unit], dim=1)
+    return dataclasses.replace(
+        res,
+        unknowns=unknowns,
+        rank_grad_counting=gradient_rank_counting(spec, n),
+        rank_upper=min(res.rank_upper, unknowns),
+        deficit=None if res.rank is None else unknowns - res.rank,
+        null_basis=null,
+        seconds=time.perf_counter() - t0,
+    )
+
+
 # ====================================================================== dense reference (tests)
 def dense_system(
     spec: ConvSpec, k: torch.Tensor, fwd: ForwardInfo, known: torch.Tensor | None = None
@@ -696,8 +764,12 @@ def dense_system(
     n = kk.shape[0]
     total_x = n * spec.n_in
     x0 = torch.zeros(n, *spec.in_shape, dtype=torch.float64)
-    w = spec.weight.detach().to(torch.float64).clone().requires_grad_(True)
-    spec_w = dataclasses.replace(spec, weight=w, bias=None)
+    if isinstance(spec, ConvTransposeSpec):  # its weight field is weight_t (see convtranspose.py)
+        w = spec.weight_t.detach().to(torch.float64).clone().requires_grad_(True)
+        spec_w = dataclasses.replace(spec, weight_t=w, bias=None)
+    else:
+        w = spec.weight.detach().to(torch.float64).clone().requires_grad_(True)
+        spec_w = dataclasses.replace(spec, weight=w, bias=None)
 
     def grad_w(x: torch.Tensor) -> torch.Tensor:
         z = spec_w.forward(x, with_bias=False)

@@ -30,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.convtranspose import ConvTransposeSpec
 
 # kinds of operation
-LAYER = "layer"  # has weights; contributes gradient and forward constraints (normalised to a ConvSpec)
+LAYER = "layer"  # has weights; contributes gradient and forward constraints (a ConvSpec or ConvTransposeSpec)
 ACTIVATION = "activation"  # elementwise nonlinearity (softmax: per slice)
 RESHAPE = "reshape"  # same entries in the same memory order: flatten, view, reshape, (un)squeeze, unflatten
 PERMUTE = "permute"  # same entries, reordered: transpose, permute (x.reshape(out_shape) does NOT undo it)
@@ -57,7 +58,7 @@ class OpInfo:
     invertible: bool  # can the op's input be recovered from its output (elementwise / bijective)?
     why: str  # one line: what this op does to the R-GAP chain
     # weighted layers: build the normalised ConvSpec from (module or None, node args, one sample's input shape)
-    conv_spec: Callable[[nn.Module | None, tuple, dict, tuple[int, ...]], ConvSpec] | None = None
+    conv_spec: Callable[[nn.Module | None, tuple, dict, tuple[int, ...]], ConvSpec | ConvTransposeSpec] | None = None
     # activations the attack inverts: z = inverse(module, node kwargs, y)
     inverse: Callable[[nn.Module | None, dict, torch.Tensor], torch.Tensor] | None = None
     # module state the analysis cannot see in eval mode (BatchNorm in train mode): a warning or None.
@@ -138,6 +139,27 @@ def _functional_conv_spec(module, args, kwargs, in_shape) -> ConvSpec:
         raise ValueError("the weight of this convolution is computed in forward, not a Parameter")
     bias = vals["bias"] if isinstance(vals["bias"], torch.Tensor) else None
     return ConvSpec.conv(vals["weight"], bias, in_shape, vals["stride"], vals["padding"], vals["dilation"], vals["groups"])
+
+
+def _module_conv_transpose_spec(module, args, kwargs, in_shape) -> ConvTransposeSpec:
+    """nn.ConvTranspose{1,2,3}d called as module(x) or module(x, output_size)."""
+    assert module is not None
+    output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+    return ConvTransposeSpec.from_module(module, in_shape, output_size)
+
+
+def _functional_conv_transpose_spec(module, args, kwargs, in_shape) -> ConvTransposeSpec:
+    """F.conv_transpose{1,2,3}d and aten.conv_transpose{1,2,3}d (note: groups comes before dilation)."""
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+    vals = {**defaults, **dict(zip(names, args)), **kwargs}
+    if not isinstance(vals["weight"], torch.Tensor):
+        raise ValueError("the weight of this transposed convolution is computed in forward, not a Parameter")
+    bias = vals["bias"] if isinstance(vals["bias"], torch.Tensor) else None
+    return ConvTransposeSpec.make(
+        vals["weight"], bias, in_shape, vals["stride"], vals["padding"], vals["output_padding"], vals["groups"],
+        vals["dilation"],
+    )
 
 
 def _matmul_weight(args: tuple) -> torch.Tensor:
@@ -349,9 +371,9 @@ _TRANSFORMER_WHY = (
 )
 _RNN_WHY = "recurrent: one weight shared across time steps inside a fused kernel; not decomposed"
 _CONVT_WHY = (
-    "transposed convolution: its weight gradient dW[c,o,u] = sum_p x[c,p] k[o, s*p+u-pad] places the stride on "
-    "the output-gradient side, the transpose of a convolution's structure; ConvSpec (stride on the input side) "
-    "cannot express it without zero-inserted unknowns, so the layer is not analysed"
+    "transposed convolution: analysed as the equivalent stride-1 convolution (kernel flipped, channels swapped) "
+    "of its input with stride-1 zeros inserted between entries; the inserted and output_padding zeros are known, "
+    "not unknowns, and the results are mapped back to the layer's own input"
 )
 _BILINEAR_WHY = "bilinear layer x1^T A x2: its gradient is quadratic in the input, not a linear system; not analysed"
 _SHIFT_WHY = (
@@ -442,6 +464,8 @@ _matmul = OpInfo("matmul", MERGE, False, _PRODUCT_WHY)
 _mul = OpInfo("mul", MERGE, False, _MUL_WHY)
 _conv_f = OpInfo("conv", LAYER, True, _LAYER_WHY, conv_spec=_functional_conv_spec)
 _linear_f = OpInfo("linear", LAYER, True, _LAYER_WHY, conv_spec=_functional_linear_spec)
+_convt = OpInfo("ConvTranspose", LAYER, True, _CONVT_WHY, conv_spec=_module_conv_transpose_spec)
+_convt_f = OpInfo("conv_transpose", LAYER, True, _CONVT_WHY, conv_spec=_functional_conv_transpose_spec)
 
 OPS: dict[Any, OpInfo] = {
     # weighted layers
@@ -457,6 +481,15 @@ OPS: dict[Any, OpInfo] = {
     aten.conv1d.default: replace(_conv_f, name="conv1d"),
     aten.conv2d.default: replace(_conv_f, name="conv2d"),
     aten.conv3d.default: replace(_conv_f, name="conv3d"),
+    nn.ConvTranspose1d: replace(_convt, name="ConvTranspose1d"),
+    nn.ConvTranspose2d: replace(_convt, name="ConvTranspose2d"),
+    nn.ConvTranspose3d: replace(_convt, name="ConvTranspose3d"),
+    F.conv_transpose1d: replace(_convt_f, name="conv_transpose1d"),
+    F.conv_transpose2d: replace(_convt_f, name="conv_transpose2d"),
+    F.conv_transpose3d: replace(_convt_f, name="conv_transpose3d"),
+    aten.conv_transpose1d.default: replace(_convt_f, name="conv_transpose1d"),
+    aten.conv_transpose2d.input: replace(_convt_f, name="conv_transpose2d"),
+    aten.conv_transpose3d.input: replace(_convt_f, name="conv_transpose3d"),
     linear_matmul: OpInfo(
         "matmul", LAYER, True,
         _LAYER_WHY + " (x @ W with W a Parameter: a Linear with weight W^T; the shared gradient of W is transposed)",
@@ -480,12 +513,6 @@ OPS: dict[Any, OpInfo] = {
         "multiplies by a constant matrix (a buffer or frozen Parameter, no gradient): a fixed linear map, treated as not invertible",
     ),
     # weighted layers not understood, with the precise reason
-    nn.ConvTranspose1d: OpInfo("ConvTranspose1d", UNKNOWN, False, _CONVT_WHY),
-    nn.ConvTranspose2d: OpInfo("ConvTranspose2d", UNKNOWN, False, _CONVT_WHY),
-    nn.ConvTranspose3d: OpInfo("ConvTranspose3d", UNKNOWN, False, _CONVT_WHY),
-    F.conv_transpose1d: OpInfo("conv_transpose1d", UNKNOWN, False, _CONVT_WHY),
-    F.conv_transpose2d: OpInfo("conv_transpose2d", UNKNOWN, False, _CONVT_WHY),
-    F.conv_transpose3d: OpInfo("conv_transpose3d", UNKNOWN, False, _CONVT_WHY),
     nn.Bilinear: OpInfo("Bilinear", UNKNOWN, False, _BILINEAR_WHY),
     nn.MultiheadAttention: OpInfo("MultiheadAttention", UNKNOWN, False, _MHA_WHY),
     nn.TransformerEncoderLayer: OpInfo("TransformerEncoderLayer", UNKNOWN, False, _TRANSFORMER_WHY),

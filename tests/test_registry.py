@@ -92,7 +92,6 @@ def test_subclasses_find_their_base_entry():
 @pytest.mark.parametrize(
     "module, needle",
     [
-        (nn.ConvTranspose2d(2, 3, 3, stride=2), "transposed convolution"),
         (nn.MultiheadAttention(8, 2), "in_proj_weight"),
         (nn.TransformerEncoderLayer(8, 2, 16), "nn.Linear"),
         (nn.Bilinear(2, 3, 4), "quadratic"),
