@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -131,6 +131,34 @@ def _known_rows(fn: Callable, z0: torch.Tensor, n_out_above: int, unknown_dims: 
     return max(0, min(reach, n_out_above) - unknown_dims)
 
 
+def _span(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def _rank_given_uncertain_above(res: LayerRank, uncertain: tuple[int, int], rows_hi: int) -> LayerRank:
+    """Bounds on a layer's rank when the layer above left between d_lo and d_hi directions of z's
+    image undetermined but no basis of them is known. res was computed as if all of z were known,
+    so it bounds the true rank from above; dropping d_hi rows lowers a rank by at most d_hi, and the
+    forward block has at most rows_hi rows (the caller capped them by end_dims - d_lo):
+        max(rank K, rank_full_lower - d_hi) <= rank <= min(rank_full_upper, rank K + rows_hi)."""
+    _d_lo, d_hi = uncertain
+    full_lo = res.rank if res.rank is not None else res.rank_lower
+    full_hi = res.rank if res.rank is not None else res.rank_upper
+    base = res.rank_grad if res.rank_grad is not None else res.rank_lower
+    lo = max(base, full_lo - d_hi)
+    hi = min(full_hi, base + rows_hi) if res.rank_grad is not None else full_hi
+    exact = lo == hi
+    return replace(
+        res,
+        rank=lo if exact else None,
+        rank_lower=lo,
+        rank_upper=hi,
+        deficit=res.unknowns - lo if exact else None,
+        method=res.method if exact else "bounds",
+        null_basis=torch.zeros(res.null_basis.shape[0], 0, dtype=torch.float64) if exact and lo == res.unknowns and res.null_basis is not None else None,
+    )
+
+
 def _location(loaded: LoadedModel | None, module_path: str | None) -> Location | None:
     if loaded is None:
         return None
@@ -220,7 +248,10 @@ class Walker:
         lg = self.lg
         self.warnings: list[str] = list(self.trace_notes)
         self.nulls: dict[str, torch.Tensor | None] = {}  # weighted layer -> undetermined directions of its input
-        self.bounded: set[str] = set()  # weighted layers whose rank is only bounded
+        # weighted layer -> (lower, upper) bound on the number of undetermined directions of its input,
+        # for layers whose undetermined directions are not available as a basis (rank only bounded,
+        # or the basis too large): the layer below then gets an upper bound on its forward rows
+        self.carried: dict[str, tuple[int, int]] = {}
         self.failed: set[str] = set()  # weighted layers that could not be normalised: nothing known of their input
         self.below: dict[str, tuple[str, list[str]]] = {}  # weighted layer -> (layer below, ops between)
         # what the attacker can derive, node by node: dL/d(output) (needs every activation pattern above)
@@ -302,14 +333,16 @@ class Walker:
             ok = ok and self.k_known.get(c, False) and known
         return ok
 
-    def _forward_info(self, name: str, spec) -> tuple[ForwardInfo, Chain, str]:
-        """What the attacker knows about this layer's output z, and why."""
+    def _forward_info(self, name: str, spec) -> tuple[ForwardInfo, Chain, str, tuple[int, int] | None]:
+        """What the attacker knows about this layer's output z, and why; the last item is the
+        (lower, upper) count of directions the layer above left undetermined when only bounds are
+        known (then ForwardInfo.rows is an upper bound and the caller turns the rank into bounds)."""
         lg = self.lg
         above = _path_above(lg, name)
         z0 = self.values[name]
         n_samples_z = z0.shape[0]
         if above.end is None:
-            return ForwardInfo(none=True, rows=0), Chain.NONE, f"no forward constraints: {above.why_cut}"
+            return ForwardInfo(none=True, rows=0), Chain.NONE, f"no forward constraints: {above.why_cut}", None
         ops_info = [lg.node(o)["info"] for o in above.ops]
         lossy = [i.name for i in ops_info if not i.invertible]
         unknown_ops = [i.name for i in ops_info if i.kind == UNKNOWN]
@@ -320,6 +353,7 @@ class Walker:
                     ForwardInfo(none=True, rows=0),
                     Chain.NONE,
                     f"output layer: the {self.loss} loss of a batch of {self.batch} does not reveal each sample's output",
+                    None,
                 )
             unknown = None
             why = f"output layer: the {self.loss} loss reveals the output"
@@ -332,29 +366,37 @@ class Walker:
                 ForwardInfo(none=True, rows=0),
                 Chain.NONE,
                 f"no forward constraints: the layer above ({above.end}) could not be analysed",
+                None,
             )
         else:
             upper = self.nulls.get(above.end)
             unknown = upper if (upper is not None and upper.shape[1] > 0) else None
             end_dims = numel(lg.node(above.end)["in_shape"])
-            if above.end in self.bounded:
-                why = f"layer above ({above.end}) only bounded: assumed recovered"
+            uncertain = self.carried.get(above.end)
+            if uncertain is not None:
+                unknown = None
+                why = f"layer above ({above.end}) left {_span(*uncertain)} directions undetermined (bounds)"
             elif unknown is not None:
                 why = f"layer above ({above.end}) left {unknown.shape[1]} directions undetermined"
             else:
                 why = f"layer above ({above.end}) recovered"
+        uncertain = self.carried.get(above.end) if above.end != "output" else None
         d = 0 if unknown is None else unknown.shape[1]
         if above.ops:
             rows = _known_rows(fn, z0, end_dims, d, self.gen)
         else:  # z itself is the next tensor: every entry reaches it
             rows = max(0, min(z0.numel(), end_dims) - d)
+        if uncertain is not None:  # at most end_dims - (lower bound) directions of the next input are known
+            rows = max(0, min(rows, end_dims - uncertain[0]))
+            why += f": at most {rows} forward rows"
         info = ForwardInfo(jac=_jvp_batch(fn, z0) if above.ops else None, unknown=unknown, rows=rows)
         if lossy:
             why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
         if unknown_ops:
             why += f"; through not-understood {', '.join(unknown_ops)} (treated as known to the attacker)"
-        chain = Chain.FULL if not lossy and d == 0 else Chain.PARTIAL
-        return info, chain, why
+        exact_above = d == 0 and (uncertain is None or uncertain[1] == 0)
+        chain = Chain.FULL if not lossy and exact_above else Chain.PARTIAL
+        return info, chain, why, (uncertain if uncertain is not None and uncertain[1] > 0 else None)
 
     def _weighted(self, name: str, rec: LayerRecord) -> None:
         lg = self.lg
@@ -376,11 +418,13 @@ class Walker:
         if frozen:  # a frozen weight's gradient is never shared: no gradient rows
             k = torch.zeros_like(k)
             rec.extra["frozen"] = True
-        fwd, chain, why = self._forward_info(name, spec)
+        fwd, chain, why, uncertain = self._forward_info(name, spec)
         known = self._known_inputs(name, n_samples, spec)
         res: LayerRank = layer_rank(
             spec, k, fwd, known=known, want_null=True, exact_limit=self.options.exact_rank_limit
         )
+        if uncertain is not None:
+            res = _rank_given_uncertain_above(res, uncertain, fwd.rows or 0)
         if known is not None:
             rec.extra["known_inputs"] = int(known.sum())
         rec.unknowns, rec.grad_rows, rec.fwd_rows = res.unknowns, res.grad_rows, res.fwd_rows
@@ -390,19 +434,26 @@ class Walker:
         rec.chain, rec.chain_reason = chain, why
         rec.extra["samples"] = n_samples
         self.nulls[name] = res.null_basis
-        if res.rank is None:
-            self.bounded.add(name)
+        if res.null_basis is None and res.deficit != 0:  # the layer below learns only how many directions are lost
+            self.carried[name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
+            rec.extra["undetermined_lower"], rec.extra["undetermined_upper"] = self.carried[name]
         bias_grad_nonzero = spec.bias is not None and bool((k.sum(dim=tuple(i for i in range(k.dim()) if i != 1)) != 0).any())
         if spec.ndim == 0 and spec.bias is not None and n_samples == 1 and bias_grad_nonzero:
             rec.verdict, rec.basis = Verdict.LEAKS_EXACTLY, Basis.STRUCTURE
             rec.reason = "Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] != 0"
             self.nulls[name] = None
+            self.carried.pop(name, None)
+            rec.extra.pop("undetermined_lower", None)
+            rec.extra.pop("undetermined_upper", None)
         elif res.rank is None:
             rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
             rec.basis = Basis.BOUNDS
-            rec.reason = (
-                f"rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns (system too large for an exact rank)"
-            )
+            cause = "the layer above is only bounded" if uncertain is not None else "system too large for an exact rank"
+            rec.reason = f"rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns ({cause})"
+            if res.rank_upper < res.unknowns:
+                rec.reason += f": at least {res.unknowns - res.rank_upper} directions undetermined"
+            elif res.rank_lower < res.unknowns:
+                rec.reason += ": undecided, counted as recoverable (the attacker's side)"
         elif res.deficit == 0:
             rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} = {res.unknowns} unknowns: closed-form solve"
@@ -467,6 +518,12 @@ class Walker:
             if rec.verdict == Verdict.LEAKS_EXACTLY and path_ok:
                 status, recoverable, basis = "leaks-exactly", True, Basis.STRUCTURE
                 summary = f"the input leaks exactly through {layer}: x = dL/dW[j] / dL/db[j]"
+            elif rec.deficit is None and rec.rank_upper is not None and rec.rank_upper < rec.unknowns:
+                status, recoverable, basis = "deficient", False, Basis.BOUNDS
+                summary = (
+                    f"input not recoverable in closed form: at least {rec.unknowns - rec.rank_upper} of {rec.unknowns} "
+                    f"input directions undetermined (proven bounds: rank {rec.rank_lower}..{rec.rank_upper} at {layer})"
+                )
             elif rec.deficit is None:
                 status, recoverable, basis = "unknown", None, Basis.BOUNDS
                 summary = f"input {layer} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"

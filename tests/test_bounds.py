@@ -1,0 +1,93 @@
+"""Proven rank bounds, and undetermined directions carried down as counts when no basis is known.
+
+The audit is run twice on the same seeded instance: once exactly (every rank computed) and once with
+a small exact_rank_limit, so that some layers only get bounds. Every bound must bracket the exact
+rank, the carried counts must bracket the exact deficit, and a verdict the bounds prove must agree
+with the exact one. The exact ranks themselves are checked against dense SVDs in test_analysis.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rgap_audit.analysis import audit_loaded
+from rgap_audit.options import AuditOptions, LoadedModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from paper_nets import cnn6_d  # noqa: E402
+
+
+def _chain(cfg: list[tuple[int, int, int]], side: int) -> nn.Sequential:
+    """3x3 convolutions (c_in, c_out, stride) with LeakyReLU, bias-free, and a logistic head."""
+    layers: list[nn.Module] = []
+    for c_in, c_out, s in cfg:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.LeakyReLU(0.2)]
+        side = (side + 2 - 3) // s + 1
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cfg[-1][1] * side * side, 1, bias=False))
+
+
+# 4 -> 2 channels at stride 2 keeps an eighth of the entries: deficient by counting, and the layers
+# below inherit what it loses (1x24x24 input)
+DEFICIENT_CHAIN = [(1, 4, 2), (4, 4, 1), (4, 2, 2), (2, 2, 1)]
+# channels x4 at stride 2: every layer has as many forward rows as unknowns (3x16x16 input)
+FULL_CHAIN = [(3, 12, 2), (12, 12, 1), (12, 48, 2)]
+
+
+def _audits(make, shape: tuple[int, ...], limit: int):
+    torch.manual_seed(0)
+    model = make()
+    loaded = LoadedModel(file="<test>", name="m", module=model, input_shape=shape, loss="logistic")
+    return audit_loaded(loaded, AuditOptions()), audit_loaded(loaded, AuditOptions(exact_rank_limit=limit))
+
+
+CASES = [
+    ("deficient-chain", lambda: _chain(DEFICIENT_CHAIN, 24), (1, 24, 24), 20_000),
+    ("deficient-chain-wider-limit", lambda: _chain(DEFICIENT_CHAIN, 24), (1, 24, 24), 60_000),
+    ("full-chain", lambda: _chain(FULL_CHAIN, 16), (3, 16, 16), 50_000),
+    ("cnn6-d", cnn6_d, (3, 32, 32), 500_000),
+]
+
+
+@pytest.mark.parametrize("name,make,shape,limit", CASES, ids=[c[0] for c in CASES])
+def test_bounds_bracket_exact_ranks_and_carried_deficits(name, make, shape, limit):
+    exact, bounded = _audits(make, shape, limit)
+    pairs = [(e, b) for e, b in zip(exact.layers, bounded.layers) if e.unknowns is not None]
+    assert all(e.rank is not None for e, _ in pairs), "the reference audit must be exact"
+    n_bounded = sum(b.rank is None for _, b in pairs)
+    assert n_bounded > 0, "the limit must force bounds somewhere, else this test checks nothing"
+    for e, b in pairs:
+        assert e.unknowns == b.unknowns
+        assert b.rank_lower <= e.rank <= b.rank_upper, (e.node, e.rank, b.rank_lower, b.rank_upper)
+        if b.rank is not None:
+            assert b.rank == e.rank
+        if "undetermined_lower" in b.extra:  # a count carried down instead of a basis
+            assert b.extra["undetermined_lower"] <= e.deficit <= b.extra["undetermined_upper"], e.node
+    # a verdict proven by bounds agrees with the exact one
+    if bounded.verdict.basis.value == "bounds" and bounded.verdict.input_recoverable is not None:
+        assert bounded.verdict.input_recoverable == bool(exact.verdict.input_recoverable)
+
+
+def test_deficit_above_is_carried_as_a_count_and_proves_the_input_deficient():
+    """With the deficient layer only bounded, its lower bound on lost directions caps the forward rows
+    of the layers below; the input layer is then proven deficient, as the exact audit says."""
+    exact, bounded = _audits(lambda: _chain(DEFICIENT_CHAIN, 24), (1, 24, 24), 20_000)
+    assert exact.verdict.input_recoverable is False
+    assert bounded.verdict.status == "deficient" and bounded.verdict.basis.value == "bounds"
+    first = [r for r in bounded.layers if r.unknowns is not None][-1]
+    assert first.rank_upper < first.unknowns
+    assert first.unknowns - first.rank_upper <= exact.verdict.input_deficit
+    # without the carried count, the layer below a bounded one was told 'recovered' and got every forward row
+    below = [r for r in bounded.layers if r.unknowns is not None and "layer above" in (r.chain_reason or "")]
+    assert any("(bounds)" in r.chain_reason for r in below)
+    assert all(r.chain.value == "partial" for r in below if "(bounds)" in r.chain_reason)
+
+
+def test_full_chain_is_not_called_deficient_by_bounds():
+    exact, bounded = _audits(lambda: _chain(FULL_CHAIN, 16), (3, 16, 16), 50_000)
+    assert exact.verdict.input_recoverable is True
+    assert bounded.verdict.input_recoverable is not False
