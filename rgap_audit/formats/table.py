@@ -90,6 +90,41 @@ def _err(v: Any) -> str | None:
     return None if v is None else f"{v:.2g}"
 
 
+def batch_lines(ver: dict[str, Any]) -> list[str]:
+    """--verify with a batch (B > 1): per-sample errors, the combination fit, the span leak; [] for B = 1."""
+    samples = ver.get("per_sample")
+    if not isinstance(samples, list):
+        return []
+    out = []
+    parts = []
+    for p in samples:
+        if not isinstance(p, dict):
+            continue
+        err = p.get("rel_error")
+        text = f"#{p.get('sample')} " + ("not reconstructed" if err is None else f"rel. error {err:.2g}")
+        if p.get("psnr_db") is not None:
+            text += f" (PSNR {p['psnr_db']:.1f} dB)"
+        if p.get("recovered"):
+            text += " RECOVERED"
+        parts.append(text)
+    if parts:
+        out.append("per sample: " + "; ".join(parts))
+    comb = ver.get("combination")
+    if isinstance(comb, dict) and comb.get("coefficients") is not None:
+        coefs = ", ".join(f"{c:.3g}" for c in comb["coefficients"])
+        res = comb.get("residual_rel")
+        out.append(
+            f"combination fit: coefficients [{coefs}], relative residual {'n/a' if res is None else f'{res:.2g}'}"
+            + (" (a combination of the samples)" if comb.get("combination") else "")
+        )
+    leak = ver.get("span_leak")
+    if isinstance(leak, dict) and leak.get("summary"):
+        out.append(f"span leak: {leak['summary']}")
+    elif ver.get("span_leak_reason"):
+        out.append(f"span leak: not measured ({ver['span_leak_reason']})")
+    return out
+
+
 def _recoverable_text(value: bool | None) -> str:
     return {True: "yes", False: "no", None: "undecided"}[value]
 
@@ -120,10 +155,14 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     if report.verification:
         ver = report.verification
         lines.append(f"  verification: {ver.get('summary', '')}")
-        keys = ("rel_error", "mse", "psnr_db", "seconds", "variant", "label_status", "input", "weights", "scaling", "image")
+        keys = (
+            "outcome", "nearest_sample", "rel_error", "mse", "psnr_db", "seconds", "variant", "label_status", "input",
+            "weights", "scaling", "image",
+        )
         items = ", ".join(f"{k}={_value(ver[k])}" for k in keys if ver.get(k) is not None)
         if items:
             lines.append(f"    {items}")
+        lines.extend(f"    {line}" for line in batch_lines(ver))
     if report.timings:
         total = report.timings.get("total_s", report.timings.get("total"))
         if total is None:
