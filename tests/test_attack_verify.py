@@ -129,11 +129,14 @@ def test_verify_nan_weights_give_a_one_line_error(tmp_path):
         verify(loaded, AuditOptions(), report, weights=str(tmp_path / "inf.pt"))
 
 
-def test_verify_batch_is_not_attempted():
+def test_verify_batch_runs_the_attack_on_the_summed_gradient():
+    # the batch path itself is tested in test_attack_verify_batch.py; here: FCN3 no longer skips B > 1
     loaded, _ = _fcn3()
-    report = _report(loaded.module, (1, 28, 28), "logistic", batch=4)
-    out = verify(loaded, AuditOptions(batch_size=4), report)
-    assert out["attempted"] is False and "batch of 4" in out["summary"]
+    report = _report(loaded.module, (1, 28, 28), "logistic", batch=2)
+    out = verify(loaded, AuditOptions(batch_size=2), report)
+    assert out["attempted"] is True and out["batch_size"] == 2 and len(out["per_sample"]) == 2
+    assert out["confirmed"] is None and "cannot confirm recovery of 2 samples" in out["summary"]
+    assert report.verdict.basis == Basis.NUMERICAL
 
 
 def test_verify_reports_the_projected_variant_for_a_deficient_layer():

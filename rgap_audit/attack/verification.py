@@ -5,6 +5,12 @@ weights as constructed (or --weights, loaded with weights_only=True), compute th
 would share, reconstruct its input, and report per layer the relative error of the recovered layer
 input next to the static verdict, then MSE / PSNR / relative error / wall time and one plain
 sentence saying whether the static verdict was confirmed.
+
+With a batch (B > 1) the attack runs as deployed: R-GAP does not know B and reconstructs one input from
+the summed gradient of B seeded samples. The report measures that input against every sample (errors,
+the nearest sample, the least-squares combination of the samples that fits it best), and, when the
+model input reaches a Linear through reshapes only, the span leak: the rows of that layer's weight
+gradient sum_n k_n x_n^T lie in span{x_n}.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from rgap_audit.errors import AuditError
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import Basis, ModelReport
+from rgap_audit.threads import single_thread
 
 EXACT = 1e-6  # relative error up to which a recovery counts as exact (float64 recoveries reach ~1e-12)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -63,6 +70,14 @@ def _load_weights(model: torch.nn.Module, path: str, name: str) -> None:
 def _load_input(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
     if path.lower().endswith(IMAGE_SUFFIXES):
         return _load_image(path, shape, name)
+    obj = _load_tensor(path, name)
+    if tuple(obj.shape) not in (shape, (1, *shape)):
+        raise AuditError(f"--input: tensor of shape {tuple(obj.shape)}, the model takes {shape} (one sample)", model=name)
+    return obj.detach().to(torch.float64).reshape(1, *shape)
+
+
+def _load_tensor(path: str, name: str) -> torch.Tensor:
+    """A tensor saved with torch.save (alone or as the only value of a dict), read with weights_only=True."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -74,11 +89,7 @@ def _load_input(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
         obj = next(iter(obj.values()))
     if not isinstance(obj, torch.Tensor):
         raise AuditError(f"--input: {path!r} holds a {type(obj).__name__}, not a tensor", model=name)
-    if tuple(obj.shape) not in (shape, (1, *shape)):
-        raise AuditError(f"--input: tensor of shape {tuple(obj.shape)}, the model takes {shape} (one sample)", model=name)
-    if not obj.is_floating_point():
-        obj = obj.to(torch.float64)
-    return obj.detach().to(torch.float64).reshape(1, *shape)
+    return obj
 
 
 def _load_image(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -190,13 +201,20 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def save_comparison(path: str, x: torch.Tensor, rows: list[tuple[str, torch.Tensor]]) -> str:
-    """One PNG: per row original | reconstruction | rescaled reconstruction (pillow)."""
+def save_comparison(
+    path: str, x: torch.Tensor, rows: list[tuple[str, torch.Tensor]], originals: list[torch.Tensor] | None = None
+) -> str:
+    """One PNG: per row original | reconstruction | rescaled reconstruction (pillow).
+
+    x is the original shown on every row; `originals` (one per row) replaces it row by row, for a batch
+    whose rows compare different samples. The first two tiles of a row share that row's original's range.
+    """
     from PIL import Image
 
     x = x.reshape(x.shape[-3:]).to(torch.float64)
-    lo, hi = float(x.min()), float(x.max())
-    span = hi - lo if hi > lo else 1.0
+    origs = [x] * len(rows) if originals is None else [o.reshape(x.shape).to(torch.float64) for o in originals]
+    if len(origs) != len(rows):
+        raise ValueError(f"save_comparison: {len(rows)} rows but {len(origs)} originals")
 
     def to_img(t: torch.Tensor, a: float, s: float) -> Image.Image:
         u8 = (((t.reshape(x.shape) - a) / s).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -207,10 +225,12 @@ def save_comparison(path: str, x: torch.Tensor, rows: list[tuple[str, torch.Tens
         return img.convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
 
     tiles = []
-    for _, r in rows:
+    for (_, r), o in zip(rows, origs):
+        lo, hi = float(o.min()), float(o.max())
+        span = hi - lo if hi > lo else 1.0
         r = r.to(torch.float64)
         rlo, rhi = float(r.min()), float(r.max())
-        tiles.append([to_img(x, lo, span), to_img(r, lo, span), to_img(r, rlo, rhi - rlo if rhi > rlo else 1.0)])
+        tiles.append([to_img(o, lo, span), to_img(r, lo, span), to_img(r, rlo, rhi - rlo if rhi > rlo else 1.0)])
     tw, th = tiles[0][0].size
     gap = 4
     canvas = Image.new("RGB", (3 * tw + 2 * gap, len(tiles) * th + (len(tiles) - 1) * gap), "white")
@@ -245,16 +265,7 @@ def verify(
     if weights:
         _load_weights(model, weights, name)
     if batch > 1:
-        result = {
-            "attempted": False,
-            "confirmed": None,
-            "summary": (
-                f"Not attempted: closed-form R-GAP recovers one sample; with a batch of {batch} the shared gradient "
-                "mixes the samples and the static verdict is about that mixture."
-            ),
-        }
-        report.verification = result
-        return result
+        return _verify_batch(loaded, options, report, model, shape, batch, input, weights, save_images)
     gen = torch.Generator().manual_seed(int(options.seed))
     x = _load_input(input, shape, name) if input else torch.rand((1, *shape), generator=gen, dtype=torch.float64)
     if not torch.isfinite(x).all():
@@ -365,5 +376,364 @@ def verify(
             result["warnings"].append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or was not recovered")
     report.verification = result
     if confirmed is True:  # the static verdict now rests on a measured reconstruction too
+        report.verdict.basis = Basis.VERIFIED
+    return result
+
+
+# ----------------------------------------------------------------------------- batches (B > 1)
+COMBINATION_TOL = 1e-6  # relative residual up to which a reconstruction counts as a combination of the samples
+SPAN_RTOL = 1e-10  # singular values above this fraction of the largest count towards the numerical rank
+SPAN_IN_TOL = 1e-8  # relative distance to the row space up to which a sample counts as lying in it
+SPAN_SVD_LIMIT = 2e10  # rows * cols * min(rows, cols): the largest dense SVD the span check runs
+
+
+def _load_batch_input(path: str, shape: tuple[int, ...], batch: int, name: str) -> torch.Tensor:
+    """--input for a batch: a saved tensor of shape (B, *shape); an image is one sample and is refused."""
+    want = (batch, *shape)
+    if path.lower().endswith(IMAGE_SUFFIXES):
+        raise AuditError(f"--input: an image is one sample; with --batch-size {batch} give a saved tensor of shape {want}", model=name)
+    obj = _load_tensor(path, name)
+    if tuple(obj.shape) != want:
+        raise AuditError(f"--input: tensor of shape {tuple(obj.shape)}; with --batch-size {batch} the model takes {want}", model=name)
+    return obj.detach().to(torch.float64)
+
+
+def _candidates(rec: Reconstruction) -> list[tuple[str, torch.Tensor]]:
+    """Every input the engine returned: plain, its equally consistent alternatives, the projected variant's."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for tag, r in (("plain", rec), ("projected", rec.projected)):
+        if r is None or r.input is None:
+            continue
+        out.append((tag, r.input))
+        out.extend((f"{tag} alternative {i}", a) for i, a in enumerate(r.alternatives, 1))
+    return out
+
+
+def combination_fit(samples: torch.Tensor, x_rec: torch.Tensor) -> dict[str, Any]:
+    """Least-squares c minimising ||x_rec - sum_n c_n x_n|| over the samples (B, *shape), and its relative residual.
+
+    `fills_input_space` is True when the samples span every direction of the input (B >= entries): then any
+    vector is a combination and a small residual says nothing.
+    """
+    X = samples.reshape(samples.shape[0], -1).to(torch.float64).T  # entries x B
+    y = x_rec.reshape(-1).to(torch.float64)
+    c = torch.linalg.lstsq(X, y.unsqueeze(1), driver="gelsd").solution[:, 0]  # minimum norm if samples are dependent
+    res = float((X @ c - y).norm() / y.norm().clamp_min(1e-300)) if float(y.norm()) > 0 else None
+    rank = int(torch.linalg.matrix_rank(X))
+    return {"coefficients": c.tolist(), "residual_rel": res, "samples_rank": rank, "fills_input_space": rank >= X.shape[0]}
+
+
+def _first_linear(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, Any] | None, str | None]:
+    """The Linear that reads the model input through reshapes/identities only: node, parameter name, layout.
+
+    Returns (info, None) or (None, why not).
+    """
+    from rgap_audit import registry
+    from rgap_audit.layergraph import build_layer_graph
+    from rgap_audit.tracing import trace
+
+    try:
+        lg = build_layer_graph(trace(model, torch.zeros(1, *shape)))
+    except Exception as exc:  # the engine traced it already; a failure here only skips this measurement
+        return None, f"the model could not be traced for the span check ({type(exc).__name__})"
+    node = lg.input_node
+    while True:
+        succ = list(lg.graph.successors(node))
+        if len(succ) != 1:
+            return None, f"the model input feeds {len(succ)} operations, not one chain into a Linear"
+        node = succ[0]
+        attrs = lg.node(node)
+        info = attrs["info"]
+        if info.kind in (registry.RESHAPE, registry.IDENTITY):
+            continue
+        if info.kind != registry.LAYER:
+            return None, f"the model input reaches {node} ({info.name}) before any weighted layer"
+        break
+    spec = lg.conv_spec(node)
+    if spec.ndim != 0:
+        return None, (
+            f"the first weighted layer {node} ({info.name}) is not a Linear: its weight gradient combines patches "
+            "of the samples, not whole samples"
+        )
+    rows = math.prod(attrs["in_shape"]) // spec.n_in
+    if rows != 1:
+        return None, f"the first Linear {node} reads {rows} rows per sample: its gradient rows lie in the span of those rows"
+    fxn = attrs["fx"]
+    if attrs["module"] is not None:
+        wname = f"{attrs['module_path']}.weight"
+    else:
+        args = list(fxn.args) + [None, None]
+        w = fxn.kwargs.get("weight", args[1])
+        wname = str(w.target) if getattr(w, "op", None) == "get_attr" else None
+        if wname is None:
+            return None, f"the first Linear {node}'s weight is not a parameter of the model"
+    return {
+        "node": node,
+        "module_path": attrs["module_path"],
+        "parameter": wname,
+        "n_in": spec.n_in,
+        "transposed": fxn.target is registry.linear_matmul,
+    }, None
+
+
+def span_leak(model: torch.nn.Module, grads: dict[str, torch.Tensor], samples: torch.Tensor) -> tuple[dict[str, Any] | None, str | None]:
+    """Rank of the first Linear's weight gradient dL/dW = sum_n k_n x_n^T and each sample's distance to its row space.
+
+    A classical fact, measured: the rows of dL/dW lie in span{x_n}, so the gradient reveals the subspace
+    the batch spans. Returns (result, None), or (None, why it was skipped).
+    """
+    shape = tuple(samples.shape[1:])
+    first, why = _first_linear(model, shape)
+    if first is None:
+        return None, why
+    g = grads.get(first["parameter"])
+    if g is None:
+        return None, f"the first Linear {first['node']}'s weight is frozen: the client shares no gradient for it"
+    G = g.detach().to(torch.float64)
+    if first["transposed"] and G.dim() == 2:
+        G = G.T  # x @ W: the parameter is (in, out)
+    G = G.reshape(-1, first["n_in"])
+    if G.numel() * min(G.shape) > SPAN_SVD_LIMIT:
+        return None, f"the first Linear's weight gradient ({G.shape[0]}x{G.shape[1]}) is too large for the dense SVD of this check"
+    X = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    with single_thread():
+        _, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    smax = float(S[0]) if S.numel() else 0.0
+    rank = int((S > SPAN_RTOL * smax).sum()) if smax > 0 else 0
+    V = Vh[:rank].T  # an orthonormal basis of the row space
+    resid = X - (X @ V) @ V.T
+    dist = (resid.norm(dim=1) / X.norm(dim=1).clamp_min(1e-300)).tolist()
+    inside = all(d <= SPAN_IN_TOL for d in dist)
+    B = X.shape[0]
+    where = first["module_path"] or first["node"]
+    if inside:
+        sentence = (
+            f"The weight gradient of {where}, the first layer, has numerical rank {rank} and every sample lies "
+            f"within {max(dist):.1g} (relative) of its row space: the shared gradient reveals the subspace spanned by "
+            f"the {B} samples" + (", exactly" if rank == B else "") + "."
+        )
+    else:
+        sentence = (
+            f"The weight gradient of {where}, the first layer, has numerical rank {rank}; the samples lie at relative "
+            f"distance up to {max(dist):.2g} from its row space, so it does not reveal the span of the batch."
+        )
+    return {
+        "layer": first["node"],
+        "module_path": first["module_path"],
+        "parameter": first["parameter"],
+        "weight_gradient_shape": list(G.shape),
+        "numerical_rank": rank,
+        "rank_rtol": SPAN_RTOL,
+        "rank_rule": f"singular values above {SPAN_RTOL:g} x the largest (dense SVD, float64)",
+        "singular_values_rel": [float(v) / smax for v in S[: B + 2]] if smax > 0 else [],
+        "distance_rel": dist,
+        "in_row_space_tol": SPAN_IN_TOL,
+        "all_in_row_space": inside,
+        "summary": sentence,
+    }, None
+
+
+def _measured_outcome(per_sample: list[dict], nearest: int | None, comb: dict | None, reason: str | None) -> str:
+    """What R-GAP recovered from the summed gradient, in one clause."""
+    if nearest is None:
+        return f"R-GAP produced no input from the summed gradient ({reason})"
+    rec = [p for p in per_sample if p["recovered"]]
+    near = per_sample[nearest]
+    if rec:
+        return "R-GAP recovered " + ", ".join(f"sample {p['sample']} (relative error {p['rel_error']:.2g})" for p in rec)
+    if comb is not None and comb.get("combination"):
+        coefs = ", ".join(f"{c:.3g}" for c in comb["coefficients"])
+        return (
+            f"R-GAP recovered a combination of the samples (coefficients {coefs}; relative residual "
+            f"{comb['residual_rel']:.2g}), none of them individually (nearest: sample {nearest}, relative error "
+            f"{near['rel_error']:.2g})"
+        )
+    res = "n/a" if comb is None or comb.get("residual_rel") is None else f"{comb['residual_rel']:.2g}"
+    return (
+        f"R-GAP recovered neither a sample nor a combination of them (nearest: sample {nearest}, relative error "
+        f"{near['rel_error']:.2g}; least-squares combination residual {res})"
+    )
+
+
+def _judge_batch(report: ModelReport, batch: int, per_sample: list[dict], outcome: str, produced: bool) -> tuple[bool | None, str]:
+    """Whether the batch experiment confirms the static verdict, and one plain sentence saying so."""
+    v = report.verdict.input_recoverable
+    recovered = [p for p in per_sample if p["recovered"]]
+    if v is False:
+        if recovered:
+            return False, f"Not confirmed: the analysis predicts no closed-form recovery, yet {outcome} from the summed gradient of {batch} samples."
+        if not produced:
+            return None, f"Not confirmed either way: {outcome}; the analysis predicts no closed-form recovery."
+        return True, (
+            f"Confirmed: the analysis predicts no closed-form recovery, and from the summed gradient of {batch} samples "
+            f"{outcome}."
+        )
+    said = "could not decide" if v is None else "predicts recovery"
+    return None, (
+        f"Not a confirmation either way: the analysis {said}, but R-GAP on a summed gradient returns one input, so it "
+        f"cannot confirm recovery of {batch} samples; {outcome}."
+    )
+
+
+def _verify_batch(
+    loaded: LoadedModel,
+    options: AuditOptions,
+    report: ModelReport,
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    batch: int,
+    input: str | None,
+    weights: str | None,
+    save_images: str | None,
+) -> dict:
+    """verify() for B > 1: R-GAP as deployed (it does not know B) on the summed gradient of B samples."""
+    name = loaded.name
+    gen = torch.Generator().manual_seed(int(options.seed))
+    x = _load_batch_input(input, shape, batch, name) if input else torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        raise AuditError("--input contains NaN or Inf", model=name)
+    with torch.no_grad():
+        try:
+            out = copy.deepcopy(model).to(torch.float64)(x)
+        except Exception as exc:
+            raise AuditError(f"--verify: the model fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}", model=name) from exc
+    out_features = out.reshape(batch, -1).shape[1]
+    try:
+        loss = choose_loss(report.loss or options.loss or loaded.loss, out_features)
+    except ValueError as exc:
+        raise AuditError(f"--verify: {exc}", model=name) from exc
+    labels = make_labels(loss, batch, out_features, gen)
+    grads = client_gradient(model, x, loss, labels)
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise AuditError(f"--verify: the client's gradient has NaN or Inf in {', '.join(bad[:3])}", model=name)
+
+    warnings: list[str] = []
+    rec: Reconstruction | None = None
+    status, reason = "reconstructed", None
+    t0 = time.perf_counter()
+    try:
+        rec = reconstruct(model, grads, shape, loss)
+    except AuditError as err:
+        # the heads' consistency checks (ValueError, re-raised as "head <node>: ...") fail on gradients that no
+        # single sample produces: a measured outcome of the batch. Everything else is about the model: re-raise.
+        if not (isinstance(err.__cause__, ValueError) and str(err.cause).startswith("head ")):
+            err.model = err.model or name
+            raise
+        status, reason = "refused", str(err.cause)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        # the engine is written for one sample's gradient; a crash on a summed one is reported, not hidden
+        status, reason = "engine-error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        warnings.append(
+            f"the reconstruction engine raised {type(exc).__name__} on the summed gradient: a defect of the engine on a "
+            "gradient no single sample produces, recorded here as the attack's outcome"
+        )
+    wall = time.perf_counter() - t0
+    if status in ("refused", "engine-error") and loss == "cross-entropy":
+        # what the head sees, computed here from the outputs: R-GAP reads the label as the ONE negative entry
+        k = torch.softmax(out.reshape(batch, -1), dim=1) - torch.nn.functional.one_hot(labels, out_features).to(torch.float64)
+        neg = int((k.sum(0) < 0).sum())
+        if neg != 1:
+            why = (
+                f"the summed output gradient dL/dz has {neg} negative entries, so the label R-GAP reads from it "
+                "(the one negative entry, for one sample) is undefined"
+            )
+            reason = f"{reason} ({why})" if status == "refused" else f"{why}; the engine then stopped with {reason}"
+    if rec is not None:
+        warnings.extend(rec.warnings)
+        if rec.projected is not None:
+            warnings.extend(f"projected variant: {w}" for w in rec.projected.warnings)
+        if rec.input is None:
+            status, reason = "no-input", "; ".join(rec.warnings[-1:]) or "the walk did not reach the input"
+
+    cands = _candidates(rec) if rec is not None else []
+    per_sample: list[dict[str, Any]] = []
+    nearest_rec: list[torch.Tensor] = []
+    for n in range(batch):
+        xn = x[n : n + 1]
+        if not cands:
+            per_sample.append({"sample": n, "label": labels[n].item(), "rel_error": None, "mse": None, "psnr_db": None,
+                               "candidate": None, "recovered": False})
+            continue
+        errs = [float((c.reshape(xn.shape) - xn).norm()) for _, c in cands]
+        i = min(range(len(cands)), key=errs.__getitem__)
+        m = image_metrics(xn, cands[i][1].reshape(xn.shape))
+        nearest_rec.append(cands[i][1])
+        per_sample.append({"sample": n, "label": labels[n].item(), **m, "candidate": cands[i][0], "recovered": m["rel_error"] <= EXACT})
+    nearest = None if not cands else min(range(batch), key=lambda n: per_sample[n]["rel_error"])
+
+    comb: dict[str, Any] | None = None
+    if cands:
+        with single_thread():
+            fits = [(combination_fit(x, c), tag) for tag, c in cands]
+        fits = [(f, t) for f, t in fits if f["residual_rel"] is not None] or fits
+        fit, tag = min(fits, key=lambda ft: math.inf if ft[0]["residual_rel"] is None else ft[0]["residual_rel"])
+        fit["candidate"] = tag
+        fit["tolerance"] = COMBINATION_TOL
+        fit["combination"] = (
+            fit["residual_rel"] is not None and fit["residual_rel"] <= COMBINATION_TOL and not fit["fills_input_space"]
+        )
+        if fit["fills_input_space"]:
+            warnings.append(
+                f"the {batch} samples span all {math.prod(shape)} input directions: every vector is a combination of "
+                "them, so the combination fit says nothing"
+            )
+        comb = fit
+
+    leak, leak_why = span_leak(model, grads, x)
+    outcome = _measured_outcome(per_sample, nearest, comb, reason)
+    confirmed, sentence = _judge_batch(report, batch, per_sample, outcome, bool(cands))
+    best = per_sample[nearest] if nearest is not None else None
+    result: dict[str, Any] = {
+        "attempted": True,
+        "confirmed": confirmed,
+        "summary": sentence,
+        "batch_size": batch,
+        "input": input or f"{batch} seeded uniform [0,1) random inputs (seed {options.seed})",
+        "weights": weights or "as constructed",
+        "loss": loss,
+        "attack": "closed-form R-GAP on the summed gradient, unaware of the batch size (as deployed)",
+        "outcome": status,
+        "reason": reason,
+        "rel_error": None if best is None else best["rel_error"],
+        "mse": None if best is None else best["mse"],
+        "psnr_db": None if best is None else best["psnr_db"],
+        "scaling": (
+            "per sample: MSE and PSNR after mapping that sample's [min, max] to [0, 1], PSNR peak 1.0; the top-level "
+            "rel_error / mse / psnr_db are those of the nearest sample"
+        ),
+        "seconds": wall,
+        "labels": labels.tolist(),
+        "label_recovered": None if rec is None else rec.label,
+        "label_status": None if rec is None else rec.label_status,
+        "candidates": len(cands),
+        "per_sample": per_sample,
+        "nearest_sample": nearest,
+        "combination": comb,
+        "span_leak": leak,
+        "span_leak_reason": leak_why,
+        "attack_layers": [
+            {"node": s.node, "op": s.op, "method": s.method, "measured_nullity": s.nullity,
+             "residual_grad": s.residual_grad, "residual_fwd": s.residual_fwd}
+            for s in (rec.layers if rec is not None else [])
+        ],
+        "warnings": warnings,
+    }
+    if save_images:
+        if len(shape) == 3 and shape[0] in (1, 3) and nearest_rec:
+            stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
+            path = os.path.join(save_images, f"{_safe(stem)}.{_safe(name)}.batch{batch}.png")
+            rows = [(f"sample {n}", r) for n, r in enumerate(nearest_rec)]
+            try:
+                result["image"] = save_comparison(path, x[0], rows, originals=list(x))
+            except OSError as exc:
+                raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=name) from exc
+        else:
+            result["image"] = None
+            result["warnings"].append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or no input was reconstructed")
+    report.verification = result
+    if confirmed is True:
         report.verdict.basis = Basis.VERIFIED
     return result
