@@ -20,7 +20,13 @@ from torch import nn
 
 from examples.mlp_bias import BiasedMLP
 from rgap_audit.attack import reconstruct, verify
-from rgap_audit.attack.verification import COMBINATION_TOL, EXACT, client_gradient, combination_fit, span_leak
+from rgap_audit.attack.verification import (
+    COMBINATION_TOL,
+    EXACT,
+    client_gradient,
+    combination_fit,
+    span_leak,
+)
 from rgap_audit.cli import main as cli_main
 from rgap_audit.errors import AuditError
 from rgap_audit.formats import FORMATS, render

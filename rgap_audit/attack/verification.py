@@ -434,7 +434,7 @@ def _first_linear(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[
 
     try:
         lg = build_layer_graph(trace(model, torch.zeros(1, *shape)))
-    except Exception as exc:  # the engine traced it already; a failure here only skips this measurement
+    except Exception as exc:  # noqa: BLE001  (the engine traced it already; a failure only skips this measurement)
         return None, f"the model could not be traced for the span check ({type(exc).__name__})"
     node = lg.input_node
     while True:
@@ -623,7 +623,7 @@ def _verify_batch(
         status, reason = "refused", str(err.cause)
     except (KeyboardInterrupt, MemoryError):
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any engine crash on a summed gradient is the outcome reported)
         # the engine is written for one sample's gradient; a crash on a summed one is reported, not hidden
         status, reason = "engine-error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         warnings.append(
@@ -645,10 +645,9 @@ def _verify_batch(
         warnings.extend(rec.warnings)
         if rec.projected is not None:
             warnings.extend(f"projected variant: {w}" for w in rec.projected.warnings)
-        if rec.input is None:
-            status, reason = "no-input", "; ".join(rec.warnings[-1:]) or "the walk did not reach the input"
-
     cands = _candidates(rec) if rec is not None else []
+    if rec is not None and not cands:
+        status, reason = "no-input", "; ".join(rec.warnings[-1:]) or "the walk did not reach the input"
     per_sample: list[dict[str, Any]] = []
     nearest_rec: list[torch.Tensor] = []
     for n in range(batch):
@@ -668,7 +667,7 @@ def _verify_batch(
     if cands:
         with single_thread():
             fits = [(combination_fit(x, c), tag) for tag, c in cands]
-        fits = [(f, t) for f, t in fits if f["residual_rel"] is not None] or fits
+        # the candidate best explained by the samples (an all-zero reconstruction has no residual: ranked last)
         fit, tag = min(fits, key=lambda ft: math.inf if ft[0]["residual_rel"] is None else ft[0]["residual_rel"])
         fit["candidate"] = tag
         fit["tolerance"] = COMBINATION_TOL
