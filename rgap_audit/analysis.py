@@ -26,11 +26,14 @@ from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import ForwardInfo, LayerRank, layer_rank
 from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
 from rgap_audit.registry import (
+    ACTIVATION,
     CONSTANT,
     EMBEDDING,
+    IDENTITY,
     FROM_OUTPUT,
     LAYER,
     MERGE,
+    NORM,
     UNKNOWN,
     jacobian_source,
     numel,
@@ -48,6 +51,9 @@ CAVEAT_BATCH = (
     "With {b} samples sharing one gradient, the per-sample dL/dz is taken from the instance: "
     "an upper bound on what an attacker knows."
 )
+
+
+_NOT_ELEMENTWISE = ("Softmax", "LogSoftmax", "softmax", "log_softmax")  # activations that mix a slice
 
 
 @dataclass
@@ -290,6 +296,8 @@ class Walker:
                 rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
                 rec.basis = Basis.STRUCTURE
                 rec.reason = info.why
+                if info.kind == NORM and info.name == "BatchNorm":
+                    self._batchnorm_rows(name, rec)
                 if info.invertible and self.val_known.get(name):
                     for a in lg.data_args(name):
                         self.val_known[a] = True
@@ -320,6 +328,66 @@ class Walker:
                 f"the set of tokens used ({len(used)} distinct) leaks exactly: dL/dW is non-zero on exactly their rows; "
                 + rec.reason
             )
+
+    def _batchnorm_rows(self, name: str, rec: LayerRecord) -> None:
+        """BatchNorm's own gradient rows: dL/dgamma_c = sum_p k_y[c,p] (a[c,p] - mu_c) / sigma_c, one linear
+        row per channel on its input a. When a comes from a weighted layer through elementwise ops,
+        the row on z is J^T (k_y / sigma) restricted to channel c, which equals k_z[c] / gamma_c, and
+        sum_p k_z[c,p] z[c,p] = <dL/dW[c], W[c]> is a combination of that layer's gradient rows: the
+        rows add no rank. Measured here on the instance (proportionality per channel); otherwise the
+        rows are reported as constraints the analysis does not use."""
+        lg = self.lg
+        module = lg.node(name)["module"]
+        if module is None or not getattr(module, "affine", False) or not module.weight.requires_grad:
+            return
+        channels = int(module.num_features)
+        rec.extra["gamma_rows"] = channels
+        unused = (
+            f"; its gamma gradient gives {channels} linear rows on its input that this analysis does not use "
+            f"(the attacker may have up to {channels} more constraints than counted)"
+        )
+        ops: list[str] = []
+        cur = lg.data_args(name)[0]
+        while lg.node(cur)["info"].kind in (ACTIVATION, IDENTITY) and lg.node(cur)["info"].name not in _NOT_ELEMENTWISE:
+            if len(list(lg.graph.successors(cur))) != 1:
+                break
+            ops.insert(0, cur)
+            cur = lg.data_args(cur)[0]
+        layer = lg.node(cur)
+        below_mod = layer["module"]
+        frozen = below_mod is not None and getattr(below_mod, "weight", None) is not None and not below_mod.weight.requires_grad
+        if layer["info"].kind != LAYER or len(list(lg.graph.successors(cur))) != 1 or frozen:
+            why = "not fed by a weighted layer through elementwise ops" if not frozen else f"the layer below ({cur}) is frozen"
+            rec.extra["gamma_rows_redundant"] = False
+            rec.reason += unused + f" ({why})"
+            self.warnings.append(f"{name} (BatchNorm): {channels} gamma-gradient rows not used as constraints ({why})")
+            return
+        k_y = self.grads[name].detach()
+        sigma = torch.sqrt(module.running_var.detach().to(k_y.dtype) + module.eps)
+        e = k_y / sigma.reshape(1, -1, *([1] * (k_y.dim() - 2)))
+        z0 = self.values[cur]
+        if ops:
+            _, vjp = torch.func.vjp(_make_path_fn(lg, ops, self.env), z0)
+            (u,) = vjp(e)
+        else:
+            u = e
+        k_z = self.grads[cur].detach().reshape(u.shape)
+        u_c = u.transpose(0, 1).reshape(u.shape[1], -1)
+        k_c = k_z.transpose(0, 1).reshape(u.shape[1], -1)
+        alpha = (u_c * k_c).sum(1, keepdim=True) / (k_c * k_c).sum(1, keepdim=True).clamp_min(1e-300)
+        resid = float(((u_c - alpha * k_c).norm(dim=1) / u_c.norm(dim=1).clamp_min(1e-300)).max()) if u_c.numel() else 0.0
+        rec.extra["gamma_rows_residual"] = resid
+        if resid <= 1e-9:
+            rec.extra["gamma_rows_redundant"] = True
+            rec.reason += (
+                f"; its gamma gradient's {channels} rows, linearised on {cur}'s output z, equal k_z[c] / gamma_c "
+                f"(measured residual {resid:.1e}), combinations of {cur}'s gradient rows "
+                "(sum_p k_z[c,p] z[c,p] = <dL/dW[c], W[c]>): they add no rank"
+            )
+        else:
+            rec.extra["gamma_rows_redundant"] = False
+            rec.reason += unused + f" (not proportional to {cur}'s dL/dz per channel: residual {resid:.1e})"
+            self.warnings.append(f"{name} (BatchNorm): {channels} gamma-gradient rows not used as constraints")
 
     def _k_derivable(self, name: str) -> bool:
         """Can the attacker compute dL/d(output of name)? Every consumer's k must be derivable and its
