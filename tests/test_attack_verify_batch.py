@@ -323,6 +323,10 @@ def test_batch_verification_in_json_table_and_every_format():
             ver[key] = value
         with pytest.raises(jsonschema.ValidationError):
             validator.validate(bad)
+    # the analysis' undecided status for FCN3 at B = 2 (docs/DESIGN.md) is a valid report too
+    ok.verdict.status, ok.verdict.input_recoverable = "recoverable-given-pattern", None
+    validator.validate(report_dict([ok], []))
+    ok.verdict.status, ok.verdict.input_recoverable = "deficient", False
     text = render("table", [ok, refused, single], [])
     block = text.split("M - input")[1].split("CE - input")[0]
     assert "per sample: #0 rel. error" in block and "#1 rel. error" in block
