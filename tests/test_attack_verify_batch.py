@@ -165,6 +165,19 @@ def test_combination_fit_negative_controls():
     assert many["fills_input_space"] is True  # 5 samples span R^3: "a combination" would say nothing
 
 
+def test_a_batch_that_spans_the_input_space_claims_no_combination():
+    # 8 samples of a 6-entry input: any reconstruction is a combination of them, so none is claimed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.LeakyReLU(0.2), nn.Linear(5, 1, bias=False))
+    out = verify(_loaded(model, (6,), "logistic"), AuditOptions(seed=0, batch_size=8), _report(model, (6,), "logistic", False, 8))
+    if out["outcome"] == "reconstructed":
+        comb = out["combination"]
+        assert comb["fills_input_space"] is True and comb["samples_rank"] == 6 and comb["combination"] is False
+        assert "span the whole input space" in out["summary"] and "combination of the samples (" not in out["summary"]
+    else:
+        assert out["combination"] is None and out["reason"]
+
+
 def test_static_recoverable_or_undecided_is_never_confirmed_by_one_input():
     torch.manual_seed(0)
     model = small_fcn()

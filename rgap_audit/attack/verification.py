@@ -548,6 +548,11 @@ def _measured_outcome(per_sample: list[dict], nearest: int | None, comb: dict | 
             f"{comb['residual_rel']:.2g}), none of them individually (nearest: sample {nearest}, relative error "
             f"{near['rel_error']:.2g})"
         )
+    if comb is not None and comb.get("fills_input_space"):
+        return (
+            f"R-GAP recovered no sample (nearest: sample {nearest}, relative error {near['rel_error']:.2g}); the "
+            f"{len(per_sample)} samples span the whole input space, so being a combination of them says nothing"
+        )
     res = "n/a" if comb is None or comb.get("residual_rel") is None else f"{comb['residual_rel']:.2g}"
     return (
         f"R-GAP recovered neither a sample nor a combination of them (nearest: sample {nearest}, relative error "
