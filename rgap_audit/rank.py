@@ -592,10 +592,13 @@ def layer_rank(
 
     blocks: dict[tuple, _Block] = {}
     kp_cache: dict[int, np.ndarray] = {}
+    whole: dict[tuple[int, int], np.ndarray] = {}  # (group, class) -> block before column masks
     for key, (g, ci, keep) in plan.items():
         if g not in kp_cache:
             kp_cache[g] = _padded_k(spec, k_np, g)
-        b = _gather_block(kp_cache[g], qmaps, classes[ci])
+        if (g, ci) not in whole:  # channels with different known-input masks share the unmasked block
+            whole[(g, ci)] = _gather_block(kp_cache[g], qmaps, classes[ci])
+        b = whole[(g, ci)]
         cols = class_cols[ci]
         if keep is not None:
             b, cols = b[:, keep], cols[keep]
