@@ -657,7 +657,15 @@ def _head(ctx: _Context, head: str, label) -> HeadResult:
 
 
 def _gradient_residual(ctx: _Context, x: torch.Tensor, label) -> float:
-    """|g(x, label) - g| / |g| over the weighted layers' parameters: the attacker's own check."""
+    """|g(x, label) - g| / |g| over the weighted layers' parameters: the attacker's own check.
+
+    A label the head could not recover (None) is tried over every value (+-1, or each class) and
+    the best residual is returned: the attacker would do the same."""
+    if label is None:
+        with torch.no_grad():
+            n_out = int(ctx.gm(x.to(torch.float64)).reshape(-1).numel())
+        labels = (-1.0, 1.0) if ctx.loss == "logistic" else range(min(n_out, 1000))
+        return min(_gradient_residual(ctx, x, lab) for lab in labels)
     params = dict(ctx.gm.named_parameters())
     names = [n for pair in ctx.params.values() for n in pair if n is not None]
     ps = [params[n] for n in names]
