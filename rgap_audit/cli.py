@@ -337,6 +337,7 @@ def _audit(args: argparse.Namespace) -> int:
             seed=args.seed if args.seed is not None else (settings.seed or 0),
             input_shape=args.input_shape,
             memory_budget_mb=args.memory_budget_mb or settings.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB,
+            debug=args.debug,
         )
         file_reports = []
         items = iter_models(

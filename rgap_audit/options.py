@@ -35,3 +35,4 @@ class AuditOptions:
     input_shape: tuple[int, ...] | None = None  # overrides the model's declaration
     memory_budget_mb: float = 4096.0  # refuse models whose instance would need more
     exact_rank_limit: int = 40_000_000  # largest reduced system (rows x cols) ranked exactly; above: bounds
+    debug: bool = False  # --debug: let unexpected exceptions propagate (tracebacks) instead of recording them

@@ -394,3 +394,19 @@ def test_cli_batch_verify_exit_codes(tmp_path, monkeypatch, capsys):
     code = cli_main(["tiny.py", "--batch-size", "2", "--verify", "--input", "img.png"])
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "an image is one sample" in err
+
+
+def test_an_engine_crash_is_recorded_but_propagates_under_debug(monkeypatch):
+    import rgap_audit.attack.verification as ver
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ver, "reconstruct", crash)
+    torch.manual_seed(0)
+    model = BiasedMLP()
+    report = _report(model, (64,), "cross-entropy", False, 2)
+    out = verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=2), report)
+    assert out["outcome"] == "engine-error" and "RuntimeError: boom" in out["reason"]
+    with pytest.raises(RuntimeError, match="boom"):
+        verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=2, debug=True), report)

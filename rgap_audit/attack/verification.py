@@ -629,6 +629,8 @@ def _verify_batch(
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001  (any engine crash on a summed gradient is the outcome reported)
+        if options.debug:  # --debug: the traceback, not a recorded outcome
+            raise
         # the engine is written for one sample's gradient; a crash on a summed one is reported, not hidden
         status, reason = "engine-error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         warnings.append(
