@@ -192,7 +192,9 @@ def test_the_configurations_cover_deficient_and_full_rank_layers():
     deficits, known_z, cropped = [], [], []
     for cfg in CONFIGS.values():
         _m, spec, _x, kk = _instance(cfg)
-        deficits.append(layer_rank(spec, kk, ForwardInfo(none=True, rows=0), want_null=False).deficit)
+        res = layer_rank(spec, kk, ForwardInfo(none=True, rows=0), want_null=False)
+        assert res.rank_grad == res.rank_grad_counting  # the closed form's generic value, here
+        deficits.append(res.deficit)
         res = layer_rank(spec, kk, ForwardInfo(), want_null=False)
         known_z.append((res.rank_grad < res.rank < res.unknowns, res.deficit))
         cropped.append(spec.embedding().n_cropped)
@@ -489,7 +491,8 @@ def test_unsupported_configuration_is_not_understood_never_safe():
     rep = audit(Computed().double(), (2, 3, 3), loss="logistic", seed=0)
     (rec,) = [r for r in rep.layers if r.op == "conv_transpose2d"]
     assert rec.verdict == Verdict.NOT_UNDERSTOOD and "computed in forward" in rec.reason
-    assert rep.verdict.input_recoverable is not False and rep.verdict.status != "safe"
+    assert rep.verdict.status == "unknown" and rep.verdict.input_recoverable is None  # never "not recoverable"
+    assert "not understood: conv_transpose2d" in rep.verdict.summary
     with pytest.raises(ValueError, match="output_padding"):
         ConvTransposeSpec.make(torch.randn(2, 3, 3, 3), None, (2, 4, 4), stride=2, output_padding=2)
 
