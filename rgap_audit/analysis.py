@@ -80,20 +80,26 @@ def _path_above(lg: LayerGraph, name: str) -> _Above:
             return _Above(ops, "output")
         if kind == LAYER:
             return _Above(ops, nxt)
+        if kind == MERGE and attrs["info"].invertible:  # cat / stack: this branch is a slice of the output
+            ops.append(nxt)
+            cur = nxt
+            continue
         if kind == MERGE or lg.graph.in_degree(nxt) > 1:
             return _Above(ops + [nxt], None, f"its output joins other branches at {nxt} ({attrs['info'].name})")
         ops.append(nxt)
         cur = nxt
 
 
-def _make_path_fn(lg: LayerGraph, ops: list[str], env: dict[str, object]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function z -> (value after `ops`), non-data arguments fixed to their instance values."""
+def _make_path_fn(lg: LayerGraph, start: str, ops: list[str], env: dict[str, object]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function z -> (value after `ops`), z the output of `start` and each op fed by the one before
+    it; every other argument (other branches of a cat, constants) fixed to its instance value."""
     modules = dict(lg.gm.named_modules())
     steps = []
+    prev = lg.node(start)["fx"]
     for n in ops:
         node = lg.node(n)["fx"]
-        src = [a for a in node.all_input_nodes if a.name in lg.graph][0]
-        steps.append((node, src))
+        steps.append((node, prev))
+        prev = node
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         cur = t
@@ -367,7 +373,7 @@ class Walker:
         e = k_y / sigma.reshape(1, -1, *([1] * (k_y.dim() - 2)))
         z0 = self.values[cur]
         if ops:
-            _, vjp = torch.func.vjp(_make_path_fn(lg, ops, self.env), z0)
+            _, vjp = torch.func.vjp(_make_path_fn(lg, cur, ops, self.env), z0)
             (u,) = vjp(e)
         else:
             u = e
@@ -414,7 +420,7 @@ class Walker:
         ops_info = [lg.node(o)["info"] for o in above.ops]
         lossy = [i.name for i in ops_info if not i.invertible]
         unknown_ops = [i.name for i in ops_info if i.kind == UNKNOWN]
-        fn = _make_path_fn(lg, above.ops, self.env)
+        fn = _make_path_fn(lg, name, above.ops, self.env)
         if above.end == "output":
             if self.batch > 1 or n_samples_z != self.batch:
                 return (
@@ -553,7 +559,11 @@ class Walker:
         lower, ops = below
         if not ops:
             return None
-        fn = _make_path_fn(self.lg, ops, self.env)
+        if any(self.lg.node(o)["info"].kind == MERGE for o in ops):
+            # other branches feed this input too: entries this branch leaves constant are not known
+            # constants (a conservative choice: ReLU zeros inside a branch are counted as unknowns)
+            return None
+        fn = _make_path_fn(self.lg, lower, ops, self.env)
         z0 = self.values[lower]
         t = torch.randn(z0.shape, generator=self.gen, dtype=z0.dtype)
         moved = torch.func.jvp(fn, (z0,), (t,))[1]

@@ -458,8 +458,11 @@ _rmsnorm = OpInfo("RMSNorm", NORM, False, "normalises each slice by its root mea
 _embedding = OpInfo("Embedding", EMBEDDING, True, _EMBEDDING_WHY)
 _add = OpInfo("add", MERGE, False, _ADD_WHY)
 _sub = OpInfo("sub", MERGE, False, "joins branches (a difference): each input's forward value is not known separately")
-_cat = OpInfo("cat", MERGE, False, "concatenates branches")
-_stack = OpInfo("stack", MERGE, False, "stacks branches")
+_cat = OpInfo(
+    "cat", MERGE, True,
+    "concatenates branches: each input is a slice of the output, so knowing the output gives every input",
+)
+_stack = OpInfo("stack", MERGE, True, "stacks branches: each input is a slice of the output")
 _matmul = OpInfo("matmul", MERGE, False, _PRODUCT_WHY)
 _mul = OpInfo("mul", MERGE, False, _MUL_WHY)
 _conv_f = OpInfo("conv", LAYER, True, _LAYER_WHY, conv_spec=_functional_conv_spec)

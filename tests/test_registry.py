@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import scipy.optimize
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -56,8 +58,20 @@ def test_every_entry_is_well_formed():
             assert info.conv_spec is not None and info.invertible, key
         if info.inverse is not None:
             assert info.invertible, key
-        if info.kind in (MERGE, UNKNOWN):
+        if info.kind == UNKNOWN:
             assert not info.invertible, key
+        if info.kind == MERGE and info.invertible:  # only joins whose output holds each input as a slice
+            assert info.name in ("cat", "stack"), key
+
+
+def test_invertible_merges_hold_each_input_as_a_slice():
+    """cat / stack are marked invertible: each input is read back from the output exactly."""
+    a, b = rnd(2, 3, seed=1), rnd(2, 5, seed=2)
+    out = OPS[torch.cat]
+    assert out.invertible and torch.equal(torch.cat([a, b], 1)[:, :3], a) and torch.equal(torch.cat([a, b], 1)[:, 3:], b)
+    c = rnd(2, 3, seed=3)
+    assert OPS[torch.stack].invertible and torch.equal(torch.stack([a, c], 1)[:, 1], c)
+    assert not OPS[operator.add].invertible  # a sum does not give its terms
 
 
 def test_unknown_targets_are_never_safe():
