@@ -24,13 +24,21 @@ from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import ForwardInfo, LayerRank, layer_rank
-from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
+from rgap_audit.records import (
+    Basis,
+    Chain,
+    LayerRecord,
+    Location,
+    ModelReport,
+    ModelVerdict,
+    Verdict,
+)
 from rgap_audit.registry import (
     ACTIVATION,
     CONSTANT,
     EMBEDDING,
-    IDENTITY,
     FROM_OUTPUT,
+    IDENTITY,
     LAYER,
     MERGE,
     NORM,

@@ -21,3 +21,8 @@ class AuditError(Exception):
         who = f" {self.model}:" if self.model else ""
         text = " ".join(str(self.cause).split())  # never more than one line
         return f"{where}:{who} error: {text}"
+
+
+class AttackUnsupported(AuditError):
+    """The closed-form attack does not handle this model (a limit of the attack, not bad input):
+    --verify reports "not attempted" with the cause and keeps the static report."""

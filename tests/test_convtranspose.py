@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from rgap_audit.analysis import audit
 from rgap_audit.attack import reconstruct
 from rgap_audit.convtranspose import ConvTransposeSpec
-from rgap_audit.errors import AuditError
+from rgap_audit.errors import AttackUnsupported
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.losses import loss_value, make_labels
 from rgap_audit.rank import ForwardInfo, layer_rank
@@ -506,8 +506,25 @@ def test_attack_stops_with_a_clear_reason():
     labels = make_labels("logistic", 1, 1, gen)
     names = [n for n, _ in model.named_parameters()]
     grads = dict(zip(names, torch.autograd.grad(loss_value("logistic", out, labels), list(model.parameters()))))
-    with pytest.raises(AuditError, match="does not handle transposed convolutions"):
+    with pytest.raises(AttackUnsupported, match="does not handle transposed convolutions"):
         reconstruct(model, grads, (6,), "logistic", true_input=x)
+
+
+def test_verify_on_a_decoder_keeps_the_static_report(tmp_path, capsys):
+    """--verify says 'not attempted' with the reason instead of dropping the audit (exit 1: findings)."""
+    import json
+    from pathlib import Path
+
+    from rgap_audit.cli import main
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "decoder.py"
+    out = tmp_path / "r.json"
+    code = main([f"{example}:DecoderNarrow", "--verify", "--format", "json", "-o", str(out), "--no-config"])
+    rep = json.loads(out.read_text())
+    model = rep["models"][0] if "models" in rep else rep[0]
+    assert code == 1 and model["layers"] and model["verdict"]["status"]
+    v = model["verification"]
+    assert v["attempted"] is False and v["confirmed"] is None and "transposed convolutions" in v["summary"]
 
 
 @pytest.mark.parametrize("name", ["Decoder", "DecoderNarrow"])

@@ -4,7 +4,6 @@ to verdicts that are checked against independent computations (dense SVDs, the o
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from rgap_audit.tracing import trace
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-BREADTH = ["resnet_bn.py", "depthwise_cnn.py", "conv1d_net.py", "tiny_transformer.py"]
+BREADTH = ["resnet_bn.py", "depthwise_cnn.py", "conv1d_net.py", "tiny_transformer.py", "decoder.py"]
 
 
 def _module(file: str):

@@ -7,17 +7,16 @@ what the module computes and have the module's weight gradient; lookup must refi
 
 from __future__ import annotations
 
-import pytest
-import scipy.optimize
 import operator
 
+import pytest
+import scipy.optimize
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rgap_audit import registry
-from rgap_audit.convspec import ConvSpec
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.registry import (
     ACTIVATION,

@@ -20,15 +20,21 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from rgap_audit import registry
-from rgap_audit.threads import single_thread
-from rgap_audit.attack.heads import HeadCandidate, HeadResult, ce_bias_head, ce_nobias_head, logistic_head
+from rgap_audit.attack.heads import (
+    HeadCandidate,
+    HeadResult,
+    ce_bias_head,
+    ce_nobias_head,
+    logistic_head,
+)
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.errors import AuditError
+from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
 from rgap_audit.registry import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
+from rgap_audit.threads import single_thread
 from rgap_audit.tracing import trace
 
 HOMOGENEOUS = {"LeakyReLU", "ReLU", "Identity", "Dropout"}  # act(c z) = c act(z) for c > 0
@@ -265,6 +271,11 @@ class _Context:
                 self.specs[name] = self.lg.conv_spec(name)
             except (ValueError, TypeError) as exc:
                 raise AuditError(f"layer {name}: {exc}") from exc
+            if getattr(self.specs[name], "transposed", False):
+                raise AttackUnsupported(
+                    f"layer {name} ({self.lg.node(name)['info'].name}): the closed-form attack does not handle "
+                    "transposed convolutions yet (the static analysis does, through the equivalent convolution)"
+                )
             self.params[name] = self._param_names(name)
             self.grads[name] = self._gradient(name, gradients)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rgap_audit.attack.engine import Reconstruction, reconstruct
-from rgap_audit.errors import AuditError
+from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import Basis, ModelReport
@@ -242,6 +242,13 @@ def save_comparison(
     return path
 
 
+def _not_attempted(report: ModelReport, why: str) -> dict:
+    """The attack does not handle this model: say so, keep the static report."""
+    result = {"attempted": False, "confirmed": None, "summary": f"Not attempted: {why}."}
+    report.verification = result
+    return result
+
+
 # ----------------------------------------------------------------------------- entry point
 def verify(
     loaded: LoadedModel,
@@ -289,6 +296,8 @@ def verify(
     t0 = time.perf_counter()
     try:
         rec = reconstruct(model, grads, shape, loss, true_input=x)
+    except AttackUnsupported as err:
+        return _not_attempted(report, str(err.cause))
     except AuditError as err:
         err.model = err.model or name
         raise
@@ -619,6 +628,8 @@ def _verify_batch(
     t0 = time.perf_counter()
     try:
         rec = reconstruct(model, grads, shape, loss)
+    except AttackUnsupported as err:
+        return _not_attempted(report, str(err.cause))
     except AuditError as err:
         # the heads' consistency checks (ValueError, re-raised as "head <node>: ...") fail on gradients that no
         # single sample produces: a measured outcome of the batch. Everything else is about the model: re-raise.
