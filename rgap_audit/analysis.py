@@ -604,6 +604,9 @@ class Walker:
             if rec.verdict == Verdict.LEAKS_EXACTLY and path_ok:
                 status, recoverable, basis = "leaks-exactly", True, Basis.STRUCTURE
                 summary = f"the input leaks exactly through {layer}: x = dL/dW[j] / dL/db[j]"
+            elif rec.unknowns is None:  # the layer could not be normalised
+                status, recoverable, basis = "unknown", None, Basis.STRUCTURE
+                summary = f"the input {layer} could not be analysed: {rec.reason}"
             elif rec.deficit is None and rec.rank_upper is not None and rec.rank_upper < rec.unknowns:
                 status, recoverable, basis = "deficient", False, Basis.BOUNDS
                 summary = (

@@ -493,6 +493,7 @@ def test_unsupported_configuration_is_not_understood_never_safe():
     assert rec.verdict == Verdict.NOT_UNDERSTOOD and "computed in forward" in rec.reason
     assert rep.verdict.status == "unknown" and rep.verdict.input_recoverable is None  # never "not recoverable"
     assert "not understood: conv_transpose2d" in rep.verdict.summary
+    assert "could not be analysed" in rep.verdict.summary and "None" not in rep.verdict.summary
     with pytest.raises(ValueError, match="output_padding"):
         ConvTransposeSpec.make(torch.randn(2, 3, 3, 3), None, (2, 4, 4), stride=2, output_padding=2)
 
