@@ -593,6 +593,14 @@ class Walker:
 
         # the layers that read the model input (through invertible, single-input ops)
         first, path_ok, why_path = self._input_layer()
+        if first is not None and path_ok and self.batch > 1:
+            span = self._batch_span(first, records)
+            if span is not None:
+                caveats.append(
+                    f"With {self.batch} samples, the weight gradient of {first} spans a {span['span_rank']}-dimensional "
+                    f"subspace that holds every sample (largest relative distance {span['span_distance']:.1e}, measured): "
+                    "the batch's span leaks whatever the per-sample verdict."
+                )
         basis = Basis.NUMERICAL
         if first is None:
             status, recoverable, input_deficit = "unknown", None, None
@@ -618,11 +626,19 @@ class Walker:
                 summary = f"input {layer} only bounded: rank {rec.rank_lower}..{rec.rank_upper} of {rec.unknowns}"
             elif rec.deficit == 0 and path_ok and not self.val_known.get(lg.input_node, False):
                 status, recoverable = "recoverable-given-pattern", None
-                summary = (
-                    f"the input is determined by the gradient and forward constraints of {layer}, "
-                    "but forming them needs dL/dz, which rests on activation patterns above that the attacker "
-                    "cannot derive in closed form; an attacker who estimates them may still recover the input"
-                )
+                if self.batch > 1:
+                    summary = (
+                        f"the {self.batch} inputs are determined by the gradient and forward constraints of {layer} "
+                        "given each sample's dL/dz, which a gradient summed over the batch does not reveal "
+                        "(R-GAP's recursion cannot start at the output); an attacker who separates the samples "
+                        "may still recover them"
+                    )
+                else:
+                    summary = (
+                        f"the input is determined by the gradient and forward constraints of {layer}, "
+                        "but forming them needs dL/dz, which rests on activation patterns above that the attacker "
+                        "cannot derive in closed form; an attacker who estimates them may still recover the input"
+                    )
             elif rec.deficit == 0 and path_ok:
                 if deficient:
                     status = "recoverable-joint"
@@ -655,6 +671,35 @@ class Walker:
             summary=summary,
             caveats=caveats,
         )
+
+    def _batch_span(self, first: str, records: list[LayerRecord]) -> dict | None:
+        """B > 1, the input read by a Linear: dL/dW = sum_n k_n x_n^T, so its rows lie in span{x_n}.
+        Measured on the instance: the numerical rank of dL/dW (range of dL/dW^T times a Gaussian
+        sketch, B + 8 columns, relative tolerance 1e-10) and each sample's relative distance to it."""
+        lg = self.lg
+        module = lg.node(first)["module"]
+        if module is None or getattr(module, "weight", None) is None or not module.weight.requires_grad:
+            return None
+        try:
+            spec = lg.conv_spec(first)
+        except (ValueError, TypeError):
+            return None
+        x = self.values[lg.data_args(first)[0]].detach().to(torch.float64)
+        if spec.ndim != 0 or x.numel() != self.batch * spec.n_in:
+            return None
+        x = x.reshape(self.batch, spec.n_in)
+        k = self.grads[first].detach().to(torch.float64).reshape(self.batch, -1)
+        grad_w = k.T @ x  # the shared gradient of the weight, (out, in)
+        sketch = torch.randn(grad_w.shape[0], min(grad_w.shape[0], self.batch + 8), generator=self.gen, dtype=torch.float64)
+        u, sv, _ = torch.linalg.svd(grad_w.T @ sketch, full_matrices=False)
+        if sv.numel() == 0 or float(sv[0]) == 0.0:
+            return None
+        r = int((sv > sv[0] * 1e-10).sum())
+        basis = u[:, :r]
+        dist = float(((x.T - basis @ (basis.T @ x.T)).norm(dim=0) / x.norm(dim=1).clamp_min(1e-300)).max())
+        rec = next(r_ for r_ in records if r_.node == first)
+        rec.extra.update(span_rank=r, span_distance=float(f"{dist:.3g}"), span_samples=self.batch)  # 3 digits: shown as is
+        return rec.extra
 
     def _input_layer(self) -> tuple[str | None, bool, str]:
         """The weighted layer that reads the model input, whether the ops before it are invertible, and why not."""

@@ -60,7 +60,7 @@ def test_concise_lines_sorted_and_summary(reports, findings):
     assert len(body) == len(findings) - 1  # the suppressed one is hidden
     fc1 = line_of(MLP_SOURCE, "self.fc1 =")
     assert f"models/mlp.py:{fc1}:9: RGAP201 [error] BiasedMLP.fc1 (Linear) leaks its input exactly" in "\n".join(body)
-    assert summary == "Found 13 findings (2 errors, 3 warnings, 8 info) in 3 models; 1 suppressed (--show-suppressed shows them)."
+    assert summary == "Found 14 findings (2 errors, 4 warnings, 8 info) in 3 models; 1 suppressed (--show-suppressed shows them)."
     clean = render("concise", [deficient_cnn()], [])
     assert clean.strip() == "All checks passed: 1 model, no findings."
 
@@ -107,9 +107,9 @@ def test_json_report_validates_against_the_shipped_schema(reports, findings):
     assert sum(f["suppressed"] for f in doc["findings"]) == 1
     assert doc["summary"] == {
         "models": 3,
-        "findings": 13,
+        "findings": 14,
         "suppressed": 1,
-        "by_severity": {"info": 8, "warning": 3, "error": 2},
+        "by_severity": {"info": 8, "warning": 4, "error": 2},
         "input_recoverable": 1,
         "undecided": 1,
     }

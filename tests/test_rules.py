@@ -91,7 +91,9 @@ def test_safe_and_deficient_records_do_not_fire_the_leak_rules():
 
 def test_undecided_model_warns_and_falls_back_to_the_file_when_nothing_has_a_location():
     findings = evaluate([undecided()], RULES)
-    assert set(codes_of(findings)) == {"RGAP102", "RGAP202", "RGAP401", "RGAP402", "RGAP403"}
+    assert set(codes_of(findings)) == {"RGAP102", "RGAP202", "RGAP401", "RGAP402", "RGAP403", "RGAP404"}
+    (span,) = by_code(findings, "RGAP404")
+    assert span.severity == "warning" and "4-dimensional subspace" in span.message and "3e-16" in span.message
     assert all((f.file, f.line, f.col) == ("models/odd.py", 1, 1) for f in findings)
     (bounds,) = by_code(findings, "RGAP402")
     assert "300..450 of 400" in bounds.message
