@@ -72,7 +72,33 @@ def test_verify_is_not_confirmed_when_the_static_verdict_says_safe():
     before = report.verdict.basis
     out = verify(loaded, AuditOptions(), report)
     assert out["confirmed"] is False and out["summary"].startswith("Not confirmed")
-    assert report.verdict.basis == before  # an unconfirmed verdict keeps its static basis
+    # a demonstrated recovery outranks the analysis: the model verdict says so, and what it said before
+    assert before != Basis.VERIFIED and report.verdict.basis == Basis.VERIFIED
+    assert report.verdict.status == "recoverable-verified" and report.verdict.input_recoverable is True
+    assert "the static analysis alone said" in report.verdict.summary and "settled" in out
+
+
+def test_verify_settles_an_undecided_verdict_when_the_attack_recovers_the_input():
+    """CNN6-d: undecided statically (recoverable-given-pattern); the projected attack recovers it."""
+    import sys
+    from pathlib import Path
+
+    from rgap_audit.analysis import audit_loaded
+    from rgap_audit.rules import evaluate, load_rules
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from paper_nets import cnn6_d
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(file="p.py", name="CNN6-d", module=cnn6_d(), input_shape=(3, 32, 32), loss="logistic")
+    report = audit_loaded(loaded, AuditOptions())
+    assert report.verdict.status == "recoverable-given-pattern" and report.verdict.input_recoverable is None
+    assert "RGAP102" in {f.code for f in evaluate([report], load_rules())}
+    out = verify(loaded, AuditOptions(), report)
+    assert out["rel_error"] <= 1e-6 and out["confirmed"] is None  # not a confirmation: the analysis said nothing
+    assert report.verdict.status == "recoverable-verified" and report.verdict.basis == Basis.VERIFIED
+    codes = {f.code for f in evaluate([report], load_rules())}
+    assert "RGAP101" in codes and "RGAP102" not in codes
 
 
 def test_verify_on_a_saved_tensor_and_an_image(tmp_path):
