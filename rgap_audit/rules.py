@@ -76,7 +76,7 @@ _ANY = FieldType("any")
 # Fields computed from the records for convenience in conditions and messages.
 _DERIVED: dict[str, dict[str, FieldType]] = {
     "layer": {
-        "where": FieldType("str"),  # Model.module.path (the fx node name for functional calls)
+        "where": FieldType("str"),  # Model.module.path [node when the module is called at several places]; node for functional calls
         "rank_text": FieldType("str"),  # "1968", or "1900..2000" when only bounds are known
         "model_name": FieldType("str"),
         "is_layer": FieldType("bool"),  # a weighted layer (has rank fields)
@@ -170,6 +170,9 @@ class _Context:
             return rep.model  # where
         assert rec is not None
         if name == "where":
+            if rec.module_path and sum(r.module_path == rec.module_path for r in rep.layers) > 1:
+                # a module called at several places: its calls are distinct nodes, name the one meant
+                return f"{rep.model}.{rec.module_path} [{rec.node}]"
             return f"{rep.model}.{rec.module_path or rec.node}"
         if name == "is_layer":
             return rec.is_layer

@@ -351,3 +351,29 @@ def test_rules_listing_and_explanation():
 
 def test_severities_are_the_records_ones():
     assert {r.severity for r in RULES} <= set(SEVERITIES)
+
+
+def test_a_module_called_twice_is_named_per_call():
+    """One ReLU object used at two places gives two nodes; their findings must not read as duplicates."""
+    import torch
+    import torch.nn as nn
+
+    from rgap_audit.analysis import audit
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False), nn.ReLU()
+            self.head = nn.Linear(6, 1, bias=False)
+
+        def forward(self, x):
+            return self.head(self.act(self.b(self.act(self.a(x)))))
+
+    torch.manual_seed(0)
+    rep = audit(Shared(), (6,))
+    relu = [f.message for f in evaluate([rep], RULES) if f.code == "RGAP301"]
+    nodes = [r.node for r in rep.layers if r.module_path == "act"]
+    assert len(nodes) == 2 and len(relu) == 2 and len(set(relu)) == 2
+    assert all(any(f"act [{n}]" in m for m in relu) for n in nodes)
+    head = [f.message for f in evaluate([rep], RULES) if "Shared.head" in f.message]
+    assert head and all("[" not in m.split(" (")[0] for m in head)  # a module called once keeps its plain path
