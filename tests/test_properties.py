@@ -26,9 +26,21 @@ ACTS = {
 }
 
 
+def _batchnorm(channels: int, seed: int) -> nn.BatchNorm2d:
+    gen = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=gen))
+        bn.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+        bn.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(channels, generator=gen))
+    return bn
+
+
 @st.composite
 def models(draw):
-    """A Conv2d stack, a Flatten and one or two Linear layers, bias-free, on a small image."""
+    """A Conv2d stack (each conv optionally followed by an eval BatchNorm), a Flatten and one or two
+    Linear layers, bias-free, on a small image."""
     c, h = draw(st.integers(1, 2)), draw(st.integers(4, 7))
     shape = (c, h, h)
     layers: list[nn.Module] = []
@@ -37,7 +49,10 @@ def models(draw):
         p = draw(st.integers(0, k - 1))
         if h + 2 * p < k:
             p = k
-        layers += [nn.Conv2d(c, out, k, stride=s, padding=p, bias=False), ACTS[draw(st.sampled_from(sorted(ACTS)))]()]
+        layers.append(nn.Conv2d(c, out, k, stride=s, padding=p, bias=False))
+        if draw(st.booleans()):  # eval-mode BatchNorm: a per-channel affine map with its own gamma gradient
+            layers.append(_batchnorm(out, draw(st.integers(0, 1000))))
+        layers.append(ACTS[draw(st.sampled_from(sorted(ACTS)))]())
         c, h = out, (h + 2 * p - k) // s + 1
     layers.append(nn.Flatten())
     width = c * h * h
@@ -48,7 +63,7 @@ def models(draw):
     classes = draw(st.sampled_from([1, 3]))
     layers.append(nn.Linear(width, classes, bias=False))
     torch.manual_seed(draw(st.integers(0, 1000)))
-    return nn.Sequential(*layers).double(), shape, ("logistic" if classes == 1 else "cross-entropy")
+    return nn.Sequential(*layers).double().eval(), shape, ("logistic" if classes == 1 else "cross-entropy")
 
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
