@@ -12,6 +12,11 @@ Strategy, cheapest first (the method name is reported per layer):
 * ``forward (sparse normal equations)``: when null(K) is large but the forward rows alone have full
   column rank (CNN6 conv1), F is built as a sparse matrix by index arithmetic and F^T F is factorised
   by SuperLU; the gradient rows then serve as a check.
+* ``forward (Fourier-preconditioned CGLS)``: a large ungrouped convolution whose output is fully known
+  (ImageNet-resolution layers, where F has up to ~1e8 non-zeros): CG on the forward rows' normal
+  equations (CGLS form), preconditioned by the inverse of the circulant Gram over the stride phases
+  (fourier.py); a random probe solved alongside measures whether the forward rows determine x. The
+  gradient rows serve as a check; a layer deficient by counting gets a bounded-effort guess, flagged.
 * ``lsqr (matrix-free)``: the general fallback, LSQR on the scaled stacked operator, applied with the
   layer's own convolution and autograd adjoints.
 
@@ -29,6 +34,7 @@ import numpy as np
 import scipy.sparse.linalg as spl
 import torch
 
+from rgap_audit.attack import fourier
 from rgap_audit.attack.structure import (
     as_numpy,
     channels_to_x,
@@ -46,6 +52,8 @@ SIGMA_REL_TOL = 1e-6  # reduced problem: singular values below this (relative) c
 DENSE_LIMIT = 1600  # largest reduced problem (columns, or rows when it is wide) solved densely
 WIDE_LIMIT = 4000  # most columns of a wide reduced problem (its null basis is formed explicitly)
 MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
+FOURIER_MIN_NNZ = 2_000_000  # non-zeros of F above which a fully known layer goes to the Fourier solver
+DEFICIENT_ITERS = 60  # PCGLS iterations per pass for a layer deficient by counting: a guess, not a recovery
 
 
 @dataclass
@@ -227,6 +235,9 @@ def solve_layer(
         a_rows = None
     notes: list[str] = []
 
+    if _fourier_eligible(spec, n, zb, known, Tk, a_rows, unknowns, dw.numel()):
+        return _fourier_layer(spec, x_shape, k, dw, zb, known, unknowns, fwd_rows, t0)
+
     if n_cols > MAX_G_COLS:
         sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
         sol.fwd_rows, sol.seconds = fwd_rows, time.perf_counter() - t0
@@ -310,6 +321,44 @@ def solve_layer(
         return sol
 
     return _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0)
+
+
+def _fourier_eligible(spec, n, zb, known, Tk, a_rows, unknowns, n_grad) -> bool:
+    """Large ungrouped convolution, one sample, output fully known, nothing carried, and either enough
+    forward rows or too few rows altogether (deficient by counting): the Fourier solver's cases."""
+    if zb is None or Tk is not None or a_rows is not None or n != 1 or not fourier.eligible(spec):
+        return False
+    if not bool(known.all()):
+        return False
+    nnz = int(known.numel()) * (spec.in_channels // spec.groups) * math.prod(spec.kernel)
+    rows = int(known.numel())
+    return nnz > FOURIER_MIN_NNZ and (rows >= unknowns or rows + n_grad < unknowns)
+
+
+def _fourier_layer(spec, x_shape, k, dw, zb, known, unknowns, fwd_rows, t0) -> LayerSolution:
+    """The forward rows by Fourier-preconditioned CGLS; nullity 0 is reported only when the probe comes back."""
+    deficient = fwd_rows + dw.numel() < unknowns
+    res = fourier.solve(spec, zb, x_shape, max_iters=DEFICIENT_ITERS if deficient else fourier.MAX_ITERS)
+    state = "converged" if res.converged else "not converged"
+    grid = "x".join(map(str, res.grid))
+    first = f"PCGLS {res.iterations} iterations ({state}), circulant preconditioner on a {grid} grid; "
+    notes = [first + f"random probe recovered to {res.probe_error:.1e}"]
+    null = None
+    if deficient:
+        notes.append(
+            f"deficient by counting: {fwd_rows} forward + {dw.numel()} gradient rows < {unknowns} unknowns, so at "
+            f"least {unknowns - fwd_rows - dw.numel()} directions are undetermined (not computed); x is one input "
+            "that fits the forward rows, not a recovery"
+        )
+    elif res.converged and res.probe_error <= fourier.PROBE_TOL:
+        null = torch.zeros(unknowns, 0, dtype=torch.float64)
+    else:
+        notes.append(
+            "the forward rows do not determine x numerically (the probe was not recovered): undetermined or "
+            "ill-conditioned directions, not computed"
+        )
+    method = "forward (Fourier-preconditioned CGLS); gradient rows as check"
+    return _finish(spec, res.x, k, dw, zb, known, None, method, null, None, unknowns, fwd_rows, None, notes, t0)
 
 
 def _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0) -> LayerSolution:
