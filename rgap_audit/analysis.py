@@ -507,6 +507,8 @@ class Walker:
         )
         if uncertain is not None:
             res = _rank_given_uncertain_above(res, uncertain, fwd.rows or 0)
+        elif res.rank is None and chain == Chain.FULL and n_samples == 1:
+            res = self._forward_probe(name, spec, res, rec) or res
         if known is not None:
             rec.extra["known_inputs"] = int(known.sum())
         rec.unknowns, rec.grad_rows, rec.fwd_rows = res.unknowns, res.grad_rows, res.fwd_rows
@@ -539,6 +541,11 @@ class Walker:
         elif res.deficit == 0:
             rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} = {res.unknowns} unknowns: closed-form solve"
+            if res.method == "fourier-probe":
+                rec.reason += (
+                    f" (the forward rows alone determine x: a random probe came back to {rec.extra['probe_error']:.1e} "
+                    f"after {rec.extra['probe_iterations']} preconditioned CGLS iterations)"
+                )
         else:
             rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
@@ -557,6 +564,33 @@ class Walker:
                 "; needs dL/dz, which rests on activation patterns above that the attacker cannot derive "
                 "in closed form (taken from the instance)"
             )
+
+    def _forward_probe(self, name: str, spec, res: LayerRank, rec: LayerRecord) -> LayerRank | None:
+        """A layer too large for an exact rank whose output z is fully known through invertible ops:
+        when its forward rows alone determine x, rank [K; F] = unknowns. Tested numerically, as the
+        rank is elsewhere: a random probe v is solved back from W v by Fourier-preconditioned CGLS
+        (rgap_audit.fourier); if W had a null direction, a generic v would not come back. Known input
+        entries only remove columns, which keeps full column rank."""
+        from rgap_audit.attack import fourier
+
+        if getattr(spec, "transposed", False) or not fourier.eligible(spec) or spec.n_out < spec.n_in:
+            return None
+        x_in = self.values[self.lg.data_args(name)[0]].detach().to(torch.float64).reshape(1, *spec.in_shape)
+        z = spec.forward(x_in, with_bias=False)
+        out = fourier.solve(spec, z, tuple(spec.in_shape), seed=self.options.seed)
+        back = float((out.x.reshape(x_in.shape) - x_in).norm() / x_in.norm().clamp_min(1e-300))
+        rec.extra.update(probe_error=out.probe_error, probe_iterations=out.iterations, probe_instance_error=back)
+        if not (out.converged and out.probe_error <= fourier.PROBE_TOL):
+            return None
+        return replace(
+            res,
+            rank=res.unknowns,
+            rank_lower=res.unknowns,
+            rank_upper=res.unknowns,
+            deficit=0,
+            method="fourier-probe",
+            null_basis=torch.zeros(spec.n_in, 0, dtype=torch.float64),
+        )
 
     def _known_inputs(self, name: str, n_samples: int, spec) -> torch.Tensor | None:
         """Entries of this layer's input that do not depend on the layer below (a ReLU's zeros, given

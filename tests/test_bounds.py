@@ -91,3 +91,39 @@ def test_full_chain_is_not_called_deficient_by_bounds():
     exact, bounded = _audits(lambda: _chain(FULL_CHAIN, 16), (3, 16, 16), 50_000)
     assert exact.verdict.input_recoverable is True
     assert bounded.verdict.input_recoverable is not False
+
+
+# ----------------------------------------------------------------------------- the forward probe
+def _probe_chain(cfg: list[tuple[int, int, int, int]], side: int) -> nn.Sequential:
+    """(c_in, c_out, kernel, stride) convs, padding k // 2, LeakyReLU, bias-free, logistic head."""
+    layers: list[nn.Module] = []
+    for c_in, c_out, k, s in cfg:
+        layers += [nn.Conv2d(c_in, c_out, k, stride=s, padding=k // 2, bias=False), nn.LeakyReLU(0.2)]
+        side = (side + 2 * (k // 2) - k) // s + 1
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cfg[-1][1] * side * side, 1, bias=False))
+
+
+def test_forward_probe_settles_layers_too_large_for_an_exact_rank():
+    """Tall layers (more forward rows than unknowns) with z fully known: the probe finds full column rank,
+    as the exact audit of the same instance does."""
+    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)  # noqa: E731
+    exact, bounded = _audits(make, (2, 12, 12), 2_000)
+    probed = [b for b in bounded.layers if b.rank_method == "fourier-probe"]
+    assert probed, "the small limit must send some layer to the probe"
+    for b in probed:
+        e = next(r for r in exact.layers if r.node == b.node)
+        assert e.rank == e.unknowns == b.rank and b.deficit == 0
+        assert b.extra["probe_error"] <= 1e-7 and b.extra["probe_instance_error"] <= 1e-6
+    assert bounded.verdict.status == exact.verdict.status == "recoverable-layerwise"
+
+
+def test_forward_probe_does_not_certify_a_rank_deficient_layer():
+    """A 1x1 stride-2 conv sees a quarter of its input: more rows than unknowns, yet rank-deficient.
+    The probe must fail and the layer must stay bounded (the exact audit: deficient)."""
+    make = lambda: _probe_chain([(1, 8, 1, 2)], 8)  # noqa: E731
+    exact, bounded = _audits(make, (1, 8, 8), 200)
+    e = next(r for r in exact.layers if r.op == "Conv2d")
+    b = next(r for r in bounded.layers if r.op == "Conv2d")
+    assert e.deficit > 0
+    assert b.rank_method != "fourier-probe" and b.deficit != 0
+    assert b.extra["probe_error"] > 1e-3
