@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from rgap_audit.convspec import ConvSpec
 TIKHONOV_REL = 1e-6  # per-frequency regularisation of the circulant Gram, relative to the largest |W(w)|
 CG_TOL = 1e-13  # stop when |F^T r| <= CG_TOL |F^T b| for every right-hand side
 MAX_ITERS = 1500  # in all passes together; a layer that needs more is reported as not converged
+STALL_CHECK, STALL_WINDOW = 25, 200  # probe error checked every 25 iterations; must halve within 200
 PROBE_TOL = 1e-7  # a random probe recovered to this relative error: the forward rows determine x
 
 
@@ -176,12 +178,21 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(dim=1)
 
 
-def pcgls(spec: ConvSpec, pre: Preconditioner, r: torch.Tensor, stop: torch.Tensor, max_iters: int = MAX_ITERS):
+def pcgls(
+    spec: ConvSpec,
+    pre: Preconditioner,
+    r: torch.Tensor,
+    stop: torch.Tensor,
+    max_iters: int = MAX_ITERS,
+    watch: Callable[[torch.Tensor], float] | None = None,
+):
     """Preconditioned CGLS for a batch of right-hand sides r (B, C_out, *out): min |F x - r| per column.
 
     CG on F^T F x = F^T r with preconditioner P, keeping the residual in the output space (Bjorck's CGLS
-    form). stop: (B,) absolute thresholds on |F^T r|. Returns (x, iterations, converged). Each column has
-    its own step lengths; a converged column stops moving.
+    form). stop: (B,) absolute thresholds on |F^T r|. watch(x): an error that must keep falling (the
+    probe's); the solve gives up when it has not halved in STALL_WINDOW iterations (square layers: a few
+    nearly invisible border directions that CG would chase for thousands of iterations). Returns (x,
+    iterations, converged). Each column has its own step lengths; a converged column stops moving.
     """
     x = torch.zeros((r.shape[0], *spec.in_shape), dtype=r.dtype)
     r = r.clone()
@@ -193,6 +204,7 @@ def pcgls(spec: ConvSpec, pre: Preconditioner, r: torch.Tensor, stop: torch.Tens
     p = zz.clone()
     gamma = _dot(s, zz)
     it = 0
+    history: list[float] = []
     for it in range(1, max_iters + 1):
         q = spec.forward(p, with_bias=False)
         qq = _norms(q) ** 2
@@ -203,6 +215,11 @@ def pcgls(spec: ConvSpec, pre: Preconditioner, r: torch.Tensor, stop: torch.Tens
         active = active & (_norms(s) > stop)
         if not bool(active.any()):
             break
+        if watch is not None and it % STALL_CHECK == 0:
+            history.append(watch(x))
+            back = STALL_WINDOW // STALL_CHECK
+            if len(history) > back and history[-1] > 0.5 * history[-1 - back]:
+                break
         zz = pre.apply(s)
         g_new = _dot(s, zz)
         beta = torch.where(active, g_new / gamma.clamp_min(1e-300), torch.zeros_like(gamma))
@@ -232,9 +249,10 @@ def solve(
     x = torch.zeros(2, *spec.in_shape, dtype=torch.float64)
     iters, converged = 0, False
     for _ in range(3):  # the passes share one budget of max_iters
-        dx, n_it, converged = pcgls(spec, pre, b - spec.forward(x, with_bias=False), stop, max_iters - iters)
+        watch = lambda dx, x0=x: float((x0[1] + dx[1] - v[0]).norm() / v.norm())
+        dx, n_it, converged = pcgls(spec, pre, b - spec.forward(x, with_bias=False), stop, max_iters - iters, watch)
         x, iters = x + dx, iters + n_it
-        if n_it == 0 or iters >= max_iters:
+        if n_it == 0 or iters >= max_iters or not converged:
             break
     probe_err = float((x[1] - v[0]).norm() / v.norm())
     rz = float((spec.forward(x[:1], with_bias=False) - z).norm() / z.norm().clamp_min(1e-300))
