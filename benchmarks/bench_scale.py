@@ -6,10 +6,14 @@ Cases (each runs in a fresh subprocess, so peak RSS is its own):
 * vgg-chain  - a VGG-style chain of eight 3x3 convolutions with LeakyReLU and stride-2 downsampling
                (bias-free, no pooling, so the R-GAP chain passes every activation), 3x224x224
 * cnn6d-ident - whole-network identifiability of CNN6-d at 3x32x32 (rgap-notes section 3: rank 3072)
-* vgg-verify  - full R-GAP reconstruction of vgg-chain (rgap_audit.attack.verify), when available
+* vgg-verify  - static audit + full R-GAP reconstruction (rgap_audit.attack.verify) of vgg_tall(), a
+               chain that is recoverable with margin at every layer, 3x224x224: wall time, per-layer time,
+               peak RSS, relative error of every recovered layer input and of the input
+* vgg-deficient-verify - the same for vgg-chain, which is deficient by counting at its stride-2 layers:
+               the reconstruction must fail below the first deficient layer, as the static verdict says
 
 Usage:  python benchmarks/bench_scale.py                 (resnet18, vgg-chain, cnn6d-ident)
-        python benchmarks/bench_scale.py --cases all     (also vgg-verify)
+        python benchmarks/bench_scale.py --cases all     (also the two verify cases)
         python benchmarks/bench_scale.py --case resnet18 (one case in this process; prints JSON)
 
 Peak memory is measured two ways: resource.ru_maxrss (the whole process: torch's tensors included)
@@ -38,17 +42,62 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 DEFAULT_CASES = ["resnet18", "vgg-chain", "cnn6d-ident"]
-ALL_CASES = DEFAULT_CASES + ["vgg-verify"]
+ALL_CASES = DEFAULT_CASES + ["vgg-verify", "vgg-deficient-verify"]
 
 
 def vgg_chain() -> nn.Sequential:
     """Eight 3x3 convolutions (16-16-32-32-64-64-128-128 channels, five of stride 2), LeakyReLU(0.2),
-    Flatten and Linear(128*7*7 -> 1): 224 -> 112 -> 56 -> 28 -> 14 -> 7."""
+    Flatten and Linear(128*7*7 -> 1): 224 -> 112 -> 56 -> 28 -> 14 -> 7.
+
+    The static-audit case, and the *deficient* verify case: a 16->32 stride-2 layer at 112x112 has
+    16*112*112 = 200704 unknowns but only 32*56*56 = 100352 forward rows and 4608 gradient rows, so no
+    attack recovers its input in closed form (the 32->64 layer at 56 likewise); its doubling of channels
+    per stride 2 is a quarter of what the stride's four input phases would need.
+    """
     cfg = [(3, 16, 2), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 2)]
     layers: list[nn.Module] = []
     for c_in, c_out, s in cfg:
         layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.LeakyReLU(0.2)]
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 7 * 7, 1, bias=False))
+
+
+def vgg_tall() -> nn.Sequential:
+    """Three 3x3 convolutions 3->16 (stride 2), 16->24 (stride 1), 24->128 (stride 2), LeakyReLU(0.2),
+    bias-free, Flatten and Linear(128*56*56 -> 1): 224 -> 112 -> 112 -> 56. The *recoverable* verify case.
+
+    Every layer has more forward rows than unknowns, with margin: 200704 >= 150528, 301056 >= 200704,
+    401408 >= 301056 (per frequency of the stride phases: 16 outputs for 12 phase channels, 24 for 16,
+    128 for 96). The margin matters: an exactly square layer (16->16 stride 1, or 16->64 stride 2, as a
+    "channels x4 per stride 2" chain has) is full rank by counting, but its forward rows are
+    exponentially ill-conditioned in the image size (a handful of border directions; measured cond(F)
+    1.5e4 at 16x16 and 4.3e6 at 32x32 for 4->4 channels), so at 112x112 only the gradient rows could pin
+    those directions, and the Fourier-preconditioned solve does not converge there. The Linear head of a
+    logistic loss gives its input exactly, so the chain's recovery rests on the three convolutions.
+    """
+    cfg = [(3, 16, 2), (16, 24, 1), (24, 128, 2)]
+    layers: list[nn.Module] = []
+    for c_in, c_out, s in cfg:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 56 * 56, 1, bias=False))
+
+
+def _verify_summary(res: dict) -> dict:
+    """Scalars of verify()'s result plus one line per layer: time, method, nullity, relative error."""
+    out = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    out["layers"] = [
+        {
+            "node": e["node"],
+            "seconds": round(e["seconds"], 2),
+            "method": e["method"],
+            "static_deficit": e["static_deficit"],
+            "measured_nullity": e["measured_nullity"],
+            "rel_error": e["rel_error"],
+            "residual_fwd": e["residual_fwd"],
+            "residual_grad": e["residual_grad"],
+        }
+        for e in res.get("layers", [])
+    ]
+    return out
 
 
 def _rss_mb() -> float:
@@ -74,11 +123,13 @@ def run_case(name: str, trace_memory: bool = True) -> dict:
     """Run one case in this process and measure it (tracemalloc slows Python-heavy code a little)."""
     torch.manual_seed(0)
     out: dict = {"case": name}
-    if name in ("resnet18", "vgg-chain", "vgg-verify"):
+    if name in ("resnet18", "vgg-chain", "vgg-verify", "vgg-deficient-verify"):
         if name == "resnet18":
             from resnet_bn import resnet18
 
             model, shape, loss = resnet18(), (3, 224, 224), "cross-entropy"
+        elif name == "vgg-verify":
+            model, shape, loss = vgg_tall(), (3, 224, 224), "logistic"
         else:
             model, shape, loss = vgg_chain(), (3, 224, 224), "logistic"
         model.eval()
@@ -86,7 +137,7 @@ def run_case(name: str, trace_memory: bool = True) -> dict:
         if trace_memory:
             tracemalloc.start()
         t0 = time.perf_counter()
-        if name == "vgg-verify":
+        if name.endswith("verify"):
             try:
                 from rgap_audit.attack.verification import verify
             except ImportError as exc:  # the attack engine is another module's job
@@ -94,12 +145,13 @@ def run_case(name: str, trace_memory: bool = True) -> dict:
             from rgap_audit.analysis import audit_loaded
             from rgap_audit.options import AuditOptions, LoadedModel
 
-            loaded = LoadedModel(file="<bench>", name="vgg-chain", module=model, input_shape=shape, loss=loss)
+            loaded = LoadedModel(file="<bench>", name=name, module=model, input_shape=shape, loss=loss)
             options = AuditOptions()
             rep = audit_loaded(loaded, options)
             out["audit_seconds"] = round(time.perf_counter() - t0, 2)
+            out["static"] = {"status": rep.verdict.status, "summary": rep.verdict.summary}
             res = verify(loaded, options, rep)
-            out["result"] = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+            out["result"] = _verify_summary(res)
         else:
             from rgap_audit.analysis import audit
 
@@ -168,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         if "tracemalloc_peak_mb" in res:
             mem += f", tracemalloc peak {res['tracemalloc_peak_mb']:.0f} MiB"
         print(f"{case}: {res['seconds']:.1f} s, {mem}")
-        print("    " + json.dumps(res.get("result", {})))
+        result = dict(res.get("result", {}))
+        per_layer = result.pop("layers") if isinstance(result.get("layers"), list) else None
+        if "audit_seconds" in res:
+            print(f"    static audit {res['audit_seconds']:.1f} s: {json.dumps(res.get('static', {}))}")
+        print("    " + json.dumps(result))
+        for e in per_layer or []:
+            print("    layer " + json.dumps(e))
     return 1 if failed else 0
 
 
