@@ -571,7 +571,7 @@ class Walker:
         rank is elsewhere: a random probe v is solved back from W v by Fourier-preconditioned CGLS
         (rgap_audit.fourier); if W had a null direction, a generic v would not come back. Known input
         entries only remove columns, which keeps full column rank."""
-        from rgap_audit.attack import fourier
+        from rgap_audit import fourier
 
         if getattr(spec, "transposed", False) or not fourier.eligible(spec) or spec.n_out < spec.n_in:
             return None

@@ -1,4 +1,4 @@
-"""The Fourier-preconditioned forward solve (attack/fourier.py) against dense algebra built by autograd."""
+"""The Fourier-preconditioned forward solve (fourier.py) against dense algebra built by autograd."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rgap_audit.attack.solve as solve_mod
-from rgap_audit.attack import fourier
+from rgap_audit import fourier
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.threads import single_thread

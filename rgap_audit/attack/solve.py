@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse.linalg as spl
 import torch
 
-from rgap_audit.attack import fourier
+from rgap_audit import fourier
 from rgap_audit.attack.structure import (
     as_numpy,
     channels_to_x,
