@@ -242,6 +242,32 @@ def save_comparison(
     return path
 
 
+def _client_instance(
+    loaded: LoadedModel, options: AuditOptions, report: ModelReport, model: torch.nn.Module, x: torch.Tensor, gen: torch.Generator
+) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss, seeded labels (drawn from gen after x) and the client's gradient for the batch x.
+    Bad input (NaN/Inf, a model that fails on x, an unsupported loss, a non-finite gradient): AuditError."""
+    name = loaded.name
+    if not torch.isfinite(x).all():
+        raise AuditError("--input contains NaN or Inf", model=name)
+    with torch.no_grad():
+        try:
+            out = copy.deepcopy(model).to(torch.float64)(x)
+        except Exception as exc:
+            raise AuditError(f"--verify: the model fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}", model=name) from exc
+    out_features = out.reshape(x.shape[0], -1).shape[1]
+    try:
+        loss = choose_loss(report.loss or options.loss or loaded.loss, out_features)
+    except ValueError as exc:
+        raise AuditError(f"--verify: {exc}", model=name) from exc
+    labels = make_labels(loss, x.shape[0], out_features, gen)
+    grads = client_gradient(model, x, loss, labels)
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise AuditError(f"--verify: the client's gradient has NaN or Inf in {', '.join(bad[:3])}", model=name)
+    return loss, labels, grads
+
+
 def _not_attempted(report: ModelReport, why: str) -> dict:
     """The attack does not handle this model: say so, keep the static report."""
     result = {"attempted": False, "confirmed": None, "summary": f"Not attempted: {why}."}
@@ -275,23 +301,7 @@ def verify(
         return _verify_batch(loaded, options, report, model, shape, batch, input, weights, save_images)
     gen = torch.Generator().manual_seed(int(options.seed))
     x = _load_input(input, shape, name) if input else torch.rand((1, *shape), generator=gen, dtype=torch.float64)
-    if not torch.isfinite(x).all():
-        raise AuditError("--input contains NaN or Inf", model=name)
-    with torch.no_grad():
-        try:
-            out = copy.deepcopy(model).to(torch.float64)(x)
-        except Exception as exc:
-            raise AuditError(f"--verify: the model fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}", model=name) from exc
-    out_features = out.reshape(1, -1).shape[1]
-    try:
-        loss = choose_loss(report.loss or options.loss or loaded.loss, out_features)
-    except ValueError as exc:
-        raise AuditError(f"--verify: {exc}", model=name) from exc
-    labels = make_labels(loss, 1, out_features, gen)
-    grads = client_gradient(model, x, loss, labels)
-    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-    if bad:
-        raise AuditError(f"--verify: the client's gradient has NaN or Inf in {', '.join(bad[:3])}", model=name)
+    loss, labels, grads = _client_instance(loaded, options, report, model, x, gen)
 
     t0 = time.perf_counter()
     try:
@@ -620,23 +630,7 @@ def _verify_batch(
     name = loaded.name
     gen = torch.Generator().manual_seed(int(options.seed))
     x = _load_batch_input(input, shape, batch, name) if input else torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
-    if not torch.isfinite(x).all():
-        raise AuditError("--input contains NaN or Inf", model=name)
-    with torch.no_grad():
-        try:
-            out = copy.deepcopy(model).to(torch.float64)(x)
-        except Exception as exc:
-            raise AuditError(f"--verify: the model fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}", model=name) from exc
-    out_features = out.reshape(batch, -1).shape[1]
-    try:
-        loss = choose_loss(report.loss or options.loss or loaded.loss, out_features)
-    except ValueError as exc:
-        raise AuditError(f"--verify: {exc}", model=name) from exc
-    labels = make_labels(loss, batch, out_features, gen)
-    grads = client_gradient(model, x, loss, labels)
-    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-    if bad:
-        raise AuditError(f"--verify: the client's gradient has NaN or Inf in {', '.join(bad[:3])}", model=name)
+    loss, labels, grads = _client_instance(loaded, options, report, model, x, gen)
 
     warnings: list[str] = []
     rec: Reconstruction | None = None
@@ -667,7 +661,9 @@ def _verify_batch(
     wall = time.perf_counter() - t0
     if status in ("refused", "engine-error") and loss == "cross-entropy":
         # what the head sees, computed here from the outputs: R-GAP reads the label as the ONE negative entry
-        k = torch.softmax(out.reshape(batch, -1), dim=1) - torch.nn.functional.one_hot(labels, out_features).to(torch.float64)
+        with torch.no_grad():
+            out = copy.deepcopy(model).to(torch.float64)(x).reshape(batch, -1)
+        k = torch.softmax(out, dim=1) - torch.nn.functional.one_hot(labels, out.shape[1]).to(torch.float64)
         neg = int((k.sum(0) < 0).sum())
         if neg != 1:
             why = (
