@@ -437,7 +437,7 @@ class Walker:
                     f"output layer: the {self.loss} loss of a batch of {self.batch} does not reveal each sample's output",
                     None,
                 )
-            unknown = None
+            unknown, uncertain = None, None
             why = f"output layer: the {self.loss} loss reveals the output"
             end_dims = fn(z0).numel()
             if self.loss == "cross-entropy":
@@ -462,7 +462,6 @@ class Walker:
                 why = f"layer above ({above.end}) left {unknown.shape[1]} directions undetermined"
             else:
                 why = f"layer above ({above.end}) recovered"
-        uncertain = self.carried.get(above.end) if above.end != "output" else None
         d = 0 if unknown is None else unknown.shape[1]
         if above.ops:
             rows = _known_rows(fn, z0, end_dims, d, self.gen)
@@ -629,7 +628,7 @@ class Walker:
         first, path_ok, why_path = self._input_layer()
         if first is not None and path_ok and self.batch > 1:
             span = self._batch_span(first, records)
-            if span is not None:
+            if span is not None and span["span_rank"] == self.batch and span["span_distance"] <= 1e-8:
                 caveats.append(
                     f"With {self.batch} samples, the weight gradient of {first} spans a {span['span_rank']}-dimensional "
                     f"subspace that holds every sample (largest relative distance {span['span_distance']:.1e}, measured): "

@@ -40,6 +40,7 @@ def test_fewer_outputs_than_samples_do_not_hold_the_span():
     assert first.extra["span_rank"] == 2
     assert first.extra["span_distance"] > 0.1  # a random sample is far from a 2-d subspace of R^12
     assert "RGAP404" not in _codes(rep)
+    assert not any("subspace that holds every sample" in c for c in rep.verdict.caveats)
 
 
 def test_single_sample_and_conv_first_layers_are_not_measured():
