@@ -574,6 +574,10 @@ class Walker:
 
         if getattr(spec, "transposed", False) or not fourier.eligible(spec) or spec.n_out < spec.n_in:
             return None
+        need = fourier.memory_bytes(spec)
+        if need > self.options.memory_budget_mb * 2**20 / 2:  # stay within half the audit's memory budget
+            rec.extra["probe_skipped"] = f"the probe's preconditioner needs about {need / 2**30:.1f} GiB"
+            return None
         x_in = self.values[self.lg.data_args(name)[0]].detach().to(torch.float64).reshape(1, *spec.in_shape)
         z = spec.forward(x_in, with_bias=False)
         out = fourier.solve(spec, z, tuple(spec.in_shape), seed=self.options.seed)

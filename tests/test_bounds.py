@@ -127,3 +127,22 @@ def test_forward_probe_does_not_certify_a_rank_deficient_layer():
     assert e.deficit > 0
     assert b.rank_method != "fourier-probe" and b.deficit != 0
     assert b.extra["probe_error"] > 1e-3
+
+
+def test_probe_memory_estimate_bounds_the_tensors_it_builds_and_the_budget_is_kept():
+    from rgap_audit import fourier
+    from rgap_audit.convspec import ConvSpec
+
+    for c_in, c_out, s, side in ((2, 10, 2, 12), (6, 8, 1, 9), (3, 16, 3, 14)):
+        spec = ConvSpec.from_module(nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), (c_in, side, side))
+        pre = fourier.Preconditioner(spec)
+        sym = fourier._symbol(spec, pre.grid)
+        held = pre.inv.numel() * pre.inv.element_size() + sym.numel() * sym.element_size()
+        assert held <= fourier.memory_bytes(spec) <= 6 * held
+    # an audit whose memory budget cannot hold the preconditioner keeps the layer bounded, and says why
+    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)  # noqa: E731
+    torch.manual_seed(0)
+    loaded = LoadedModel(file="<test>", name="m", module=make(), input_shape=(2, 12, 12), loss="logistic")
+    tight = audit_loaded(loaded, AuditOptions(exact_rank_limit=2_000, memory_budget_mb=1e-3))
+    skipped = [r for r in tight.layers if "probe_skipped" in r.extra]
+    assert skipped and all(r.rank_method == "bounds" for r in skipped)

@@ -52,6 +52,7 @@ SIGMA_REL_TOL = 1e-6  # reduced problem: singular values below this (relative) c
 DENSE_LIMIT = 1600  # largest reduced problem (columns, or rows when it is wide) solved densely
 WIDE_LIMIT = 4000  # most columns of a wide reduced problem (its null basis is formed explicitly)
 MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
+FOURIER_MAX_BYTES = 3 * 2**30  # largest preconditioner (fourier.memory_bytes) the attack builds
 FOURIER_MIN_NNZ = 2_000_000  # non-zeros of F above which a fully known layer goes to the Fourier solver
 DEFICIENT_ITERS = 60  # PCGLS iterations per pass for a layer deficient by counting: a guess, not a recovery
 
@@ -327,6 +328,8 @@ def _fourier_eligible(spec, n, zb, known, Tk, a_rows, unknowns, n_grad) -> bool:
     """Large ungrouped convolution, one sample, output fully known, nothing carried, and either enough
     forward rows or too few rows altogether (deficient by counting): the Fourier solver's cases."""
     if zb is None or Tk is not None or a_rows is not None or n != 1 or not fourier.eligible(spec):
+        return False
+    if fourier.memory_bytes(spec) > FOURIER_MAX_BYTES:  # the preconditioner would not fit: LSQR instead
         return False
     if not bool(known.all()):
         return False
