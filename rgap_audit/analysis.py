@@ -46,6 +46,8 @@ from rgap_audit.registry import (
     jacobian_source,
     numel,
 )
+from rgap_audit.span import IN_TOL as SPAN_IN_TOL
+from rgap_audit.span import row_space
 from rgap_audit.threads import single_thread
 from rgap_audit.tracing import trace
 
@@ -632,7 +634,7 @@ class Walker:
         first, path_ok, why_path = self._input_layer()
         if first is not None and path_ok and self.batch > 1:
             span = self._batch_span(first, records)
-            if span is not None and span["span_rank"] == self.batch and span["span_distance"] <= 1e-8:
+            if span is not None and span["span_rank"] == self.batch and span["span_distance"] <= SPAN_IN_TOL:
                 caveats.append(
                     f"With {self.batch} samples, the weight gradient of {first} spans a {span['span_rank']}-dimensional "
                     f"subspace that holds every sample (largest relative distance {span['span_distance']:.1e}, measured): "
@@ -711,8 +713,8 @@ class Walker:
 
     def _batch_span(self, first: str, records: list[LayerRecord]) -> dict | None:
         """B > 1, the input read by a Linear: dL/dW = sum_n k_n x_n^T, so its rows lie in span{x_n}.
-        Measured on the instance: the numerical rank of dL/dW (range of dL/dW^T times a Gaussian
-        sketch, B + 8 columns, relative tolerance 1e-10) and each sample's relative distance to it."""
+        Measured on the instance (rgap_audit.span): the numerical rank of dL/dW and each sample's
+        relative distance to its row space."""
         lg = self.lg
         module = lg.node(first)["module"]
         if module is None or getattr(module, "weight", None) is None or not module.weight.requires_grad:
@@ -726,14 +728,10 @@ class Walker:
             return None
         x = x.reshape(self.batch, spec.n_in)
         k = self.grads[first].detach().to(torch.float64).reshape(self.batch, -1)
-        grad_w = k.T @ x  # the shared gradient of the weight, (out, in)
-        sketch = torch.randn(grad_w.shape[0], min(grad_w.shape[0], self.batch + 8), generator=self.gen, dtype=torch.float64)
-        u, sv, _ = torch.linalg.svd(grad_w.T @ sketch, full_matrices=False)
-        if sv.numel() == 0 or float(sv[0]) == 0.0:
+        measured = row_space(k.T @ x, x, seed=self.options.seed)  # k^T x: the shared gradient of the weight
+        if not measured.distances or measured.rank == 0:
             return None
-        r = int((sv > sv[0] * 1e-10).sum())
-        basis = u[:, :r]
-        dist = float(((x.T - basis @ (basis.T @ x.T)).norm(dim=0) / x.norm(dim=1).clamp_min(1e-300)).max())
+        r, dist = measured.rank, max(measured.distances)
         rec = next(r_ for r_ in records if r_.node == first)
         rec.extra.update(span_rank=r, span_distance=float(f"{dist:.3g}"), span_samples=self.batch)  # 3 digits: shown as is
         return rec.extra

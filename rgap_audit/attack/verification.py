@@ -29,6 +29,10 @@ from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import Basis, ModelReport
+from rgap_audit.span import IN_TOL as SPAN_IN_TOL
+from rgap_audit.span import RTOL as SPAN_RTOL
+from rgap_audit.span import RULE as SPAN_RULE
+from rgap_audit.span import row_space
 from rgap_audit.threads import single_thread
 
 EXACT = 1e-6  # relative error up to which a recovery counts as exact (float64 recoveries reach ~1e-12)
@@ -417,9 +421,6 @@ def _settle(report: ModelReport, rel_error: float, result: dict) -> None:
 
 # ----------------------------------------------------------------------------- batches (B > 1)
 COMBINATION_TOL = 1e-6  # relative residual up to which a reconstruction counts as a combination of the samples
-SPAN_RTOL = 1e-10  # singular values above this fraction of the largest count towards the numerical rank
-SPAN_IN_TOL = 1e-8  # relative distance to the row space up to which a sample counts as lying in it
-SPAN_SVD_LIMIT = 2e10  # rows * cols * min(rows, cols): the largest dense SVD the span check runs
 
 
 def _load_batch_input(path: str, shape: tuple[int, ...], batch: int, name: str) -> torch.Tensor:
@@ -528,17 +529,11 @@ def span_leak(model: torch.nn.Module, grads: dict[str, torch.Tensor], samples: t
     if first["transposed"] and G.dim() == 2:
         G = G.T  # x @ W: the parameter is (in, out)
     G = G.reshape(-1, first["n_in"])
-    if G.numel() * min(G.shape) > SPAN_SVD_LIMIT:
-        return None, f"the first Linear's weight gradient ({G.shape[0]}x{G.shape[1]}) is too large for the dense SVD of this check"
     X = samples.reshape(samples.shape[0], -1).to(torch.float64)
     with single_thread():
-        _, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    smax = float(S[0]) if S.numel() else 0.0
-    rank = int((S > SPAN_RTOL * smax).sum()) if smax > 0 else 0
-    V = Vh[:rank].T  # an orthonormal basis of the row space
-    resid = X - (X @ V) @ V.T
-    dist = (resid.norm(dim=1) / X.norm(dim=1).clamp_min(1e-300)).tolist()
-    inside = all(d <= SPAN_IN_TOL for d in dist)
+        measured = row_space(G, X)
+    rank, dist = measured.rank, measured.distances
+    inside = measured.holds_every_sample
     B = X.shape[0]
     where = first["module_path"] or first["node"]
     if inside:
@@ -559,8 +554,8 @@ def span_leak(model: torch.nn.Module, grads: dict[str, torch.Tensor], samples: t
         "weight_gradient_shape": list(G.shape),
         "numerical_rank": rank,
         "rank_rtol": SPAN_RTOL,
-        "rank_rule": f"singular values above {SPAN_RTOL:g} x the largest (dense SVD, float64)",
-        "singular_values_rel": [float(v) / smax for v in S[: B + 2]] if smax > 0 else [],
+        "rank_rule": SPAN_RULE,
+        "singular_values_rel": measured.singular_values_rel[: B + 2],
         "distance_rel": dist,
         "in_row_space_tol": SPAN_IN_TOL,
         "all_in_row_space": inside,
