@@ -241,7 +241,7 @@ def pcgls(
 
 def solve(
     spec: ConvSpec,
-    zb: torch.Tensor,
+    zb: torch.Tensor | None,
     x_shape: tuple[int, ...],
     seed: int = 0,
     max_iters: int = MAX_ITERS,
@@ -250,21 +250,24 @@ def solve(
 
     The probe v is solved alongside from F v (one batched solve). Up to three passes of PCGLS on the
     true residual (the recurrence's residual drifts at ~eps cond), max_iters iterations in all.
+    zb None: the probe alone (a rank test at half the cost); x and residual are then the probe's.
     """
     gen = torch.Generator().manual_seed(seed)
-    z = zb.to(torch.float64).reshape(1, *spec.out_shape)
     v = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
-    b = torch.cat([z, spec.forward(v, with_bias=False)])
+    fv = spec.forward(v, with_bias=False)
+    z = fv if zb is None else zb.to(torch.float64).reshape(1, *spec.out_shape)
+    b = fv if zb is None else torch.cat([z, fv])
+    p = b.shape[0] - 1  # the probe's row
     pre = Preconditioner(spec)
     stop = CG_TOL * _norms(_adjoint_conv(spec, b))
-    x = torch.zeros(2, *spec.in_shape, dtype=torch.float64)
+    x = torch.zeros(b.shape[0], *spec.in_shape, dtype=torch.float64)
     iters, converged = 0, False
     for _ in range(3):  # the passes share one budget of max_iters
-        watch = lambda dx, x0=x: float((x0[1] + dx[1] - v[0]).norm() / v.norm())
+        watch = lambda dx, x0=x: float((x0[p] + dx[p] - v[0]).norm() / v.norm())
         dx, n_it, converged = pcgls(spec, pre, b - spec.forward(x, with_bias=False), stop, max_iters - iters, watch)
         x, iters = x + dx, iters + n_it
         if n_it == 0 or iters >= max_iters or not converged:
             break
-    probe_err = float((x[1] - v[0]).norm() / v.norm())
+    probe_err = float((x[p] - v[0]).norm() / v.norm())
     rz = float((spec.forward(x[:1], with_bias=False) - z).norm() / z.norm().clamp_min(1e-300))
     return FourierResult(x[0].reshape(x_shape), iters, converged, probe_err, rz, pre.grid)

@@ -134,3 +134,18 @@ def test_solve_layer_routes_large_layers_and_reports_honestly(monkeypatch):
     mask[0, 0, 0] = False
     sol = solve_layer(spec, tuple(x.shape), k, dw, z, mask)
     assert not sol.method.startswith("forward (Fourier")
+
+
+def test_probe_alone_tests_the_rank_like_the_batched_solve():
+    """solve(spec, None) solves the random probe alone (the static analysis' rank test)."""
+
+    torch.manual_seed(0)
+    tall = ConvSpec.from_module(torch.nn.Conv2d(2, 10, 3, stride=2, padding=1, bias=False).double(), (2, 12, 12))
+    alone = fourier.solve(tall, None, (2, 12, 12))
+    assert alone.converged and alone.probe_error <= fourier.PROBE_TOL and alone.residual <= 1e-8
+    z = tall.forward(torch.rand(1, 2, 12, 12, dtype=torch.float64), with_bias=False)
+    both = fourier.solve(tall, z, (2, 12, 12))
+    assert both.probe_error <= fourier.PROBE_TOL  # the same verdict from the batched solve
+    # a 1x1 stride-2 conv never sees three quarters of its input: the probe cannot come back
+    sparse = ConvSpec.from_module(torch.nn.Conv2d(1, 8, 1, stride=2, bias=False).double(), (1, 8, 8))
+    assert fourier.solve(sparse, None, (1, 8, 8)).probe_error > 0.1

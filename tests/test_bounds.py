@@ -113,7 +113,7 @@ def test_forward_probe_settles_layers_too_large_for_an_exact_rank():
     for b in probed:
         e = next(r for r in exact.layers if r.node == b.node)
         assert e.rank == e.unknowns == b.rank and b.deficit == 0
-        assert b.extra["probe_error"] <= 1e-7 and b.extra["probe_instance_error"] <= 1e-6
+        assert b.extra["probe_error"] <= 1e-7
     assert bounded.verdict.status == exact.verdict.status == "recoverable-layerwise"
 
 
