@@ -246,6 +246,18 @@ def save_comparison(
     return path
 
 
+def _write_image(
+    directory: str, loaded: LoadedModel, suffix: str, x: torch.Tensor, rows: list, originals: list | None = None
+) -> str:
+    """save_comparison to DIR/<file stem>.<model><suffix>.png; an unwritable path is an AuditError."""
+    stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
+    path = os.path.join(directory, f"{_safe(stem)}.{_safe(loaded.name)}{suffix}.png")
+    try:
+        return save_comparison(path, x, rows, originals=originals)
+    except OSError as exc:
+        raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=loaded.name) from exc
+
+
 def _client_instance(
     loaded: LoadedModel, options: AuditOptions, report: ModelReport, model: torch.nn.Module, x: torch.Tensor, gen: torch.Generator
 ) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
@@ -388,12 +400,7 @@ def verify(
     if save_images:
         if len(shape) == 3 and shape[0] in (1, 3) and plain_in is not None:
             rows = [("plain", plain_in)] + ([("projected", proj_in)] if proj_in is not None else [])
-            stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
-            path = os.path.join(save_images, f"{_safe(stem)}.{_safe(name)}.png")
-            try:
-                result["image"] = save_comparison(path, x, rows)
-            except OSError as exc:
-                raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=name) from exc
+            result["image"] = _write_image(save_images, loaded, "", x, rows)
         else:
             result["image"] = None
             result["warnings"].append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or was not recovered")
@@ -747,13 +754,8 @@ def _verify_batch(
     }
     if save_images:
         if len(shape) == 3 and shape[0] in (1, 3) and nearest_rec:
-            stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
-            path = os.path.join(save_images, f"{_safe(stem)}.{_safe(name)}.batch{batch}.png")
             rows = [(f"sample {n}", r) for n, r in enumerate(nearest_rec)]
-            try:
-                result["image"] = save_comparison(path, x[0], rows, originals=list(x))
-            except OSError as exc:
-                raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=name) from exc
+            result["image"] = _write_image(save_images, loaded, f".batch{batch}", x[0], rows, originals=list(x))
         else:
             result["image"] = None
             result["warnings"].append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or no input was reconstructed")
