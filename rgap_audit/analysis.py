@@ -33,7 +33,7 @@ from rgap_audit.records import (
     ModelVerdict,
     Verdict,
 )
-from rgap_audit.registry import (
+from rgap_audit.ops import (
     ACTIVATION,
     CONSTANT,
     EMBEDDING,
@@ -43,7 +43,8 @@ from rgap_audit.registry import (
     MERGE,
     NORM,
     UNKNOWN,
-    jacobian_source,
+    LeakContext,
+    lookup,
     numel,
 )
 from rgap_audit.span import IN_TOL as SPAN_IN_TOL
@@ -61,9 +62,6 @@ CAVEAT_BATCH = (
     "With {b} samples sharing one gradient, the per-sample dL/dz is taken from the instance: "
     "an upper bound on what an attacker knows."
 )
-
-
-_NOT_ELEMENTWISE = ("Softmax", "LogSoftmax", "softmax", "log_softmax")  # activations that mix a slice
 
 
 @dataclass
@@ -212,9 +210,9 @@ class Walker:
         if batch < 1:
             raise AuditError(f"batch size must be >= 1, got {batch}", loaded.file, loaded.name)
         gen = torch.Generator().manual_seed(opts.seed)
-        embeddings = [m for m in loaded.module.modules() if isinstance(m, torch.nn.Embedding)]
-        if embeddings:  # token ids into an Embedding: integer inputs below every table's size
-            vocab = min(m.num_embeddings for m in embeddings)
+        vocabularies = [info.tokens(m) for m in loaded.module.modules() if (info := lookup(None, m)).tokens is not None]
+        if vocabularies:  # token ids into an Embedding: integer inputs below every table's size
+            vocab = min(vocabularies)
             x = torch.randint(0, vocab, (batch, *shape), generator=gen)
         else:
             x = torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
@@ -312,8 +310,8 @@ class Walker:
                 rec.verdict = Verdict.PASSES if info.invertible else Verdict.CHAIN_BROKEN
                 rec.basis = Basis.STRUCTURE
                 rec.reason = info.why
-                if info.kind == NORM and info.name == "BatchNorm":
-                    self._batchnorm_rows(name, rec)
+                if info.param_rows is not None:
+                    self._param_rows(name, rec)
                 if info.invertible and self.val_known.get(name):
                     for a in lg.data_args(name):
                         self.val_known[a] = True
@@ -330,41 +328,37 @@ class Walker:
         rec.reason = "injective for distinct rows: recovering its output recovers the tokens"
         if self.val_known.get(name):
             self.val_known[self.lg.data_args(name)[0]] = True
-        if module is None or not module.weight.requires_grad:
+        leak = lg_info.leak(LeakContext(module, None, tokens, self.grads[name], 1)) if (lg_info := self.lg.node(name)["info"]).leak else None
+        if leak is None:
             return
-        k = self.grads[name]
-        dim = k.shape[-1]
-        grad_w = torch.zeros(module.num_embeddings, dim, dtype=k.dtype).index_add_(0, tokens.reshape(-1), k.reshape(-1, dim))
-        used = set(tokens.reshape(-1).tolist())
-        nonzero = set(torch.nonzero(grad_w.abs().sum(dim=1)).reshape(-1).tolist())
-        rec.extra.update(tokens_used=len(used), gradient_rows_nonzero=len(nonzero))
-        if nonzero == used:
+        rec.extra.update(tokens_used=leak.tokens_used, gradient_rows_nonzero=leak.rows_nonzero)
+        if leak.exact:
             rec.verdict = Verdict.LEAKS_EXACTLY
-            rec.reason = (
-                f"the set of tokens used ({len(used)} distinct) leaks exactly: dL/dW is non-zero on exactly their rows; "
-                + rec.reason
-            )
+            rec.reason = f"{leak.reason}; " + rec.reason
 
-    def _batchnorm_rows(self, name: str, rec: LayerRecord) -> None:
-        """BatchNorm's own gradient rows: dL/dgamma_c = sum_p k_y[c,p] (a[c,p] - mu_c) / sigma_c, one linear
-        row per channel on its input a. When a comes from a weighted layer through elementwise ops,
+    def _param_rows(self, name: str, rec: LayerRecord) -> None:
+        """An op's own parameter rows (BatchNorm: dL/dgamma_c = sum_p k_y[c,p] (a[c,p] - mu_c) / sigma_c, one
+        linear row per channel on its input a). When a comes from a weighted layer through elementwise ops,
         the row on z is J^T (k_y / sigma) restricted to channel c, which equals k_z[c] / gamma_c, and
         sum_p k_z[c,p] z[c,p] = <dL/dW[c], W[c]> is a combination of that layer's gradient rows: the
         rows add no rank. Measured here on the instance (proportionality per channel); otherwise the
         rows are reported as constraints the analysis does not use."""
         lg = self.lg
-        module = lg.node(name)["module"]
-        if module is None or not getattr(module, "affine", False) or not module.weight.requires_grad:
+        attrs = lg.node(name)
+        info, module = attrs["info"], attrs["module"]
+        got = info.param_rows(module, self.grads[name]) if module is not None else None
+        if got is None:
             return
-        channels = int(module.num_features)
+        what = got.parameter
+        channels = int(got.rows.shape[1])
         rec.extra["gamma_rows"] = channels
         unused = (
-            f"; its gamma gradient gives {channels} linear rows on its input that this analysis does not use "
+            f"; its {what} gradient gives {channels} linear rows on its input that this analysis does not use "
             f"(the attacker may have up to {channels} more constraints than counted)"
         )
         ops: list[str] = []
         cur = lg.data_args(name)[0]
-        while lg.node(cur)["info"].kind in (ACTIVATION, IDENTITY) and lg.node(cur)["info"].name not in _NOT_ELEMENTWISE:
+        while lg.node(cur)["info"].elementwise:
             if len(list(lg.graph.successors(cur))) != 1:
                 break
             ops.insert(0, cur)
@@ -376,11 +370,9 @@ class Walker:
             why = "not fed by a weighted layer through elementwise ops" if not frozen else f"the layer below ({cur}) is frozen"
             rec.extra["gamma_rows_redundant"] = False
             rec.reason += unused + f" ({why})"
-            self.warnings.append(f"{name} (BatchNorm): {channels} gamma-gradient rows not used as constraints ({why})")
+            self.warnings.append(f"{name} ({info.name}): {channels} {what}-gradient rows not used as constraints ({why})")
             return
-        k_y = self.grads[name].detach()
-        sigma = torch.sqrt(module.running_var.detach().to(k_y.dtype) + module.eps)
-        e = k_y / sigma.reshape(1, -1, *([1] * (k_y.dim() - 2)))
+        e = got.rows
         z0 = self.values[cur]
         if ops:
             _, vjp = torch.func.vjp(_make_path_fn(lg, cur, ops, self.env), z0)
@@ -396,14 +388,14 @@ class Walker:
         if resid <= 1e-9:
             rec.extra["gamma_rows_redundant"] = True
             rec.reason += (
-                f"; its gamma gradient's {channels} rows, linearised on {cur}'s output z, equal k_z[c] / gamma_c "
+                f"; its {what} gradient's {channels} rows, linearised on {cur}'s output z, equal k_z[c] / gamma_c "
                 f"(measured residual {resid:.1e}), combinations of {cur}'s gradient rows "
                 "(sum_p k_z[c,p] z[c,p] = <dL/dW[c], W[c]>): they add no rank"
             )
         else:
             rec.extra["gamma_rows_redundant"] = False
             rec.reason += unused + f" (not proportional to {cur}'s dL/dz per channel: residual {resid:.1e})"
-            self.warnings.append(f"{name} (BatchNorm): {channels} gamma-gradient rows not used as constraints")
+            self.warnings.append(f"{name} ({info.name}): {channels} {what}-gradient rows not used as constraints")
 
     def _k_derivable(self, name: str) -> bool:
         """Can the attacker compute dL/d(output of name)? Every consumer's k must be derivable and its
@@ -412,7 +404,7 @@ class Walker:
         output is recovered, and otherwise a function of values the walk does not recover."""
         ok = True
         for c in self.lg.graph.successors(name):
-            source = jacobian_source(self.lg.node(c)["info"])
+            source = self.lg.node(c)["info"].jacobian
             known = source == CONSTANT or (source == FROM_OUTPUT and self.val_known.get(c, False))
             ok = ok and self.k_known.get(c, False) and known
         return ok
@@ -522,10 +514,11 @@ class Walker:
         if res.null_basis is None and res.deficit != 0:  # the layer below learns only how many directions are lost
             self.carried[name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
             rec.extra["undetermined_lower"], rec.extra["undetermined_upper"] = self.carried[name]
-        bias_grad_nonzero = spec.bias is not None and bool((k.sum(dim=tuple(i for i in range(k.dim()) if i != 1)) != 0).any())
-        if spec.ndim == 0 and spec.bias is not None and n_samples == 1 and bias_grad_nonzero:
+        info = attrs["info"]
+        leak = info.leak(LeakContext(module, spec, x_in, k, n_samples)) if info.leak is not None else None
+        if leak is not None and leak.exact:
             rec.verdict, rec.basis = Verdict.LEAKS_EXACTLY, Basis.STRUCTURE
-            rec.reason = "Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] != 0"
+            rec.reason = leak.reason
             self.nulls[name] = None
             self.carried.pop(name, None)
             rec.extra.pop("undetermined_lower", None)

@@ -107,19 +107,17 @@ class ConvSpec:
     # ------------------------------------------------------------------ constructors
     @staticmethod
     def from_module(module: torch.nn.Module, in_shape: tuple[int, ...]) -> "ConvSpec":
-        """Build from nn.Linear or nn.Conv{1,2,3}d; in_shape is one sample's input shape."""
-        if isinstance(module, torch.nn.Linear):
-            return ConvSpec.linear(module.weight, module.bias, in_shape)
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            if isinstance(module.padding, str) or module.padding_mode != "zeros":
-                raise ValueError(
-                    f"{type(module).__name__}: only numeric zero padding is supported "
-                    f"(got padding={module.padding!r}, padding_mode={module.padding_mode!r})"
-                )
-            return ConvSpec.conv(
-                module.weight, module.bias, in_shape, module.stride, module.padding, module.dilation, module.groups
-            )
-        raise TypeError(f"not a Linear or Conv module: {type(module).__name__}")
+        """Build from a Linear or convolution module (read through its op-table entry); in_shape is one
+        sample's input shape."""
+        from rgap_audit.ops import lookup
+
+        info = lookup(None, module)
+        if info.conv_spec is None:
+            raise TypeError(f"not a weighted layer: {type(module).__name__}")
+        spec = info.conv_spec(module, (), {}, tuple(in_shape))
+        if not isinstance(spec, ConvSpec):
+            raise TypeError(f"{type(module).__name__} is not a plain convolution or Linear layer")
+        return spec
 
     @staticmethod
     def linear(weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple[int, ...] | None = None) -> "ConvSpec":

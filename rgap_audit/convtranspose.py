@@ -219,15 +219,14 @@ class ConvTransposeSpec:
 
     @staticmethod
     def from_module(module: torch.nn.Module, in_shape: tuple[int, ...], output_size=None) -> "ConvTransposeSpec":
-        """Build from nn.ConvTranspose{1,2,3}d; in_shape is one sample's input shape."""
-        if not isinstance(module, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+        """Build from a ConvTranspose module (read through its op-table entry); in_shape is one sample's input shape."""
+        from rgap_audit.ops import lookup
+
+        info = lookup(None, module)
+        spec = None if info.conv_spec is None else info.conv_spec(module, (), {"output_size": output_size}, tuple(in_shape))
+        if not isinstance(spec, ConvTransposeSpec):
             raise TypeError(f"not a ConvTranspose module: {type(module).__name__}")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"{type(module).__name__}: only zero padding is supported (got {module.padding_mode!r})")
-        return ConvTransposeSpec.make(
-            module.weight, module.bias, in_shape, module.stride, module.padding, module.output_padding,
-            module.groups, module.dilation, output_size,
-        )
+        return spec
 
 
 class ConvTransposeEmbedding:

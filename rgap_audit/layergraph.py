@@ -1,7 +1,7 @@
 """The layer graph: a networkx DiGraph of the traced operations that carry data.
 
 Nodes are keyed by torch.fx node name (unique even when one module object is called at several
-places). Each node holds the fx node, its registry entry, the module (if any), its dotted module
+places). Each node holds the fx node, its op-table entry, the module (if any), its dotted module
 path and its input/output shapes. Edges follow the data flow from the input to the output.
 Shape-only nodes (``x.size(0)``, ``x.shape``) and parameter fetches are not data and are left out.
 """
@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.registry import LAYER, OpInfo, lookup
+from rgap_audit.ops import INPUT, LAYER, OUTPUT, OpInfo, lookup
 
 
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -94,7 +94,7 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
             output_node = node.name
             srcs = [a for a in node.all_input_nodes if a.name in g]
             shape = g.nodes[srcs[0].name]["out_shape"] if srcs else None
-            g.add_node(node.name, fx=node, info=lookup("output"), module=None, module_path=None, in_shape=shape, out_shape=shape)
+            g.add_node(node.name, fx=node, info=OUTPUT, module=None, module_path=None, in_shape=shape, out_shape=shape)
             for a in srcs:
                 g.add_edge(a.name, node.name)
             continue
@@ -105,7 +105,7 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
         if node.op == "placeholder":
             if input_node is None:
                 input_node = node.name
-            info = lookup("input")
+            info = INPUT
         elif node.op == "call_module":
             info = lookup(None, module)
         else:  # call_function / call_method

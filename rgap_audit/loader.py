@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from rgap_audit import ops
 from rgap_audit.errors import AuditError
 from rgap_audit.options import LOSSES, AuditOptions, LoadedModel
 from rgap_audit.records import Location
@@ -484,15 +485,17 @@ class _FileLoader:
 
     def infer_shape(self, cand: _Candidate, model: nn.Module) -> tuple[int, ...]:
         """The input shape when the model's first operation fixes it (a Linear); else an error."""
-        first, what = _first_op(model)
-        if isinstance(first, nn.Linear):
-            return (first.in_features,)
-        hint = ""
-        if isinstance(first, nn.Flatten) or what in ("flatten", "view", "reshape"):
-            hint = " (the model starts with a flatten, so several shapes fit)"
-        elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            dims = {nn.Conv1d: "L", nn.Conv2d: "H,W", nn.Conv3d: "D,H,W"}[type(first)]
-            hint = f" (its first layer is {type(first).__name__} with {first.in_channels} input channels: {first.in_channels},{dims})"
+        first, target = _first_op(model)
+        info = None
+        if first is not None:
+            info = ops.lookup(None, first)
+        elif target is not None:
+            info = ops.lookup(target)
+        hint: tuple[int, ...] | str = ""
+        if info is not None and info.shape_hint is not None:
+            hint = info.shape_hint(first)
+        if isinstance(hint, tuple):
+            return hint
         raise self.error(
             f"input shape unknown{hint}: pass --input-shape, set input-shape in [tool.rgap-audit.models.{cand.name}], "
             f"or declare input_shape in {DECLARATION}",
@@ -562,8 +565,8 @@ class _FileLoader:
         )
 
 
-def _first_op(model: nn.Module) -> tuple[nn.Module | None, str | None]:
-    """The module (or function name) that first consumes the input: fx order, else registration order."""
+def _first_op(model: nn.Module) -> tuple[nn.Module | None, Any]:
+    """The module (or call target) that first consumes the input: fx order, else registration order."""
     if not list(model.children()):
         return model, None
     try:
@@ -575,8 +578,7 @@ def _first_op(model: nn.Module) -> tuple[nn.Module | None, str | None]:
                 user = users[0]
                 if user.op == "call_module":
                     return gm.get_submodule(str(user.target)), None
-                name = getattr(user.target, "__name__", str(user.target))
-                return None, name
+                return None, user.target
             return None, None
     except Exception:
         pass

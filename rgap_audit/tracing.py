@@ -4,7 +4,7 @@ torch.fx cannot trace every model, so tracing tries, in order:
 
 1. ``torch.fx`` symbolic tracing;
 2. ``fx-leaf-modules``: the same, keeping every submodule whose own forward cannot be traced as one
-   opaque node (it then shows up as a not-understood op unless the registry knows its class);
+   opaque node (it then shows up as a not-understood op unless the op table knows its class);
 3. ``fx-concrete-args``: flag arguments of ``forward`` with non-tensor defaults fixed to them
    (``if self.training_flag`` / ``if return_features``), with leaf modules as in 2;
 4. ``torch.export`` (non-strict), which specialises shape branches; its aten graph is turned back
@@ -14,13 +14,13 @@ torch.fx cannot trace every model, so tracing tries, in order:
 Each attempt must also pass ShapeProp. When all fail, the AuditError lists every attempt's reason
 in one line and names the user's source line. The GraphModule records what happened in
 ``gm.meta["rgap_trace"]`` (method, leaf modules, concrete args, the failed attempts) and the
-module-state warnings of `registry.check_model` in ``gm.meta["rgap_warnings"]``.
+module-state warnings of `ops.check_model` in ``gm.meta["rgap_warnings"]``.
 
-After tracing, call sites whose meaning depends on their operands are rewritten to the registry's
-wrapper functions (``x @ W`` with a Parameter W -> `registry.linear_matmul`, ``x + c`` with c not
-depending on the input -> `registry.shift_add`, ...); the wrappers compute exactly what the
-original call did. Positional arguments the activation inverses read (``F.leaky_relu(x, 0.2)``) are
-moved to keyword arguments. Every node gets ``node.meta["rgap_data"]``: whether it depends on the
+After tracing, call sites whose meaning depends on their operands (the op table's `rewrite` families)
+are rewritten to the functions of `rgap_audit.ops.wrappers` (``x @ W`` with a Parameter W ->
+`linear_matmul`, ``x + c`` with c not depending on the input -> `shift_add`, ...); the wrappers
+compute exactly what the original call did. Positional arguments an inverse reads (the op table's
+`kwarg_names`: ``F.leaky_relu(x, 0.2)``) are moved to keyword arguments. Every node gets ``node.meta["rgap_data"]``: whether it depends on the
 model input (False for parameters and arithmetic on them).
 """
 
@@ -31,7 +31,6 @@ import contextlib
 import inspect
 import io
 import logging
-import operator
 import os
 import re
 import traceback
@@ -40,13 +39,10 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rgap_audit import registry
+from rgap_audit import ops
 from rgap_audit.errors import AuditError
-
-aten = torch.ops.aten
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -219,10 +215,6 @@ def _single_input_forward(m: nn.Module) -> bool:
     return len(required) == 1
 
 
-def _registered(m: nn.Module) -> bool:
-    return any(cls in registry.OPS for cls in type(m).__mro__ if cls is not nn.Module)
-
-
 def _collapse_modules(gm: fx.GraphModule, model: nn.Module) -> int:
     """Turn aten nodes that one registered leaf module produced back into a call of that module.
 
@@ -251,7 +243,7 @@ def _collapse_modules(gm: fx.GraphModule, model: nn.Module) -> int:
             mod = model.get_submodule(path)
         except AttributeError:
             continue
-        if list(mod.children()) or not _registered(mod) or not _single_input_forward(mod):
+        if list(mod.children()) or not ops.registered_module(mod) or not _single_input_forward(mod):
             continue
         members = set(group)
         ext = {a for n in group for a in n.all_input_nodes if a not in members}
@@ -303,24 +295,6 @@ ATTEMPTS: list[tuple[str, Callable[[nn.Module, torch.Tensor], tuple[fx.GraphModu
 
 
 # ----------------------------------------------------------------------------- normalisation of call sites
-_MATMUL = {operator.matmul, torch.matmul, torch.mm, "matmul", "mm", aten.matmul.default, aten.mm.default}
-_ADD = {operator.add, torch.add, "add", aten.add.Tensor, operator.iadd}
-_SUB = {operator.sub, torch.sub, "sub", aten.sub.Tensor, operator.isub}
-_MUL = {operator.mul, torch.mul, "mul", aten.mul.Tensor, operator.imul}
-_DIV = {operator.truediv, torch.div, "div", aten.div.Tensor, operator.itruediv}
-_TRANSPOSE_METHODS = {"t"}
-_TRANSPOSE_FUNCS = {torch.t, aten.t.default}
-# activations whose inverse reads these keyword arguments: positional ones are moved to kwargs
-_KWARG_NAMES = {
-    F.leaky_relu: ("negative_slope", "inplace"),
-    aten.leaky_relu.default: ("negative_slope",),
-    F.elu: ("alpha", "inplace"),
-    aten.elu.default: ("alpha", "scale", "input_scale"),
-    F.softplus: ("beta", "threshold"),
-    aten.softplus.default: ("beta", "threshold"),
-}
-
-
 def _hashable(t: Any) -> bool:
     try:
         hash(t)
@@ -329,8 +303,15 @@ def _hashable(t: Any) -> bool:
     return True
 
 
-def _in(target: Any, family: set) -> bool:
-    return _hashable(target) and target in family
+def _entry(target: Any) -> ops.OpInfo | None:
+    """The op table's entry of a call target, None for unhashable or unknown ones."""
+    return ops.OPS.get(target) if _hashable(target) else None
+
+
+def _family(target: Any) -> str | None:
+    """The call-site family (ops.MATMUL, ADD, SUB, MUL, DIV) the op table gives this target."""
+    info = _entry(target)
+    return None if info is None else info.rewrite
 
 
 def _fetch(gm: fx.GraphModule, node: fx.Node) -> Any:
@@ -354,16 +335,10 @@ def _transposed_param(gm: fx.GraphModule, node: Any) -> fx.Node | None:
     src = node.args[0]
     if not _trainable_param(gm, src) or _fetch(gm, src).dim() != 2:
         return None
-    if node.op == "call_method" and node.target in _TRANSPOSE_METHODS:
-        return src
-    if node.op == "call_function" and _in(node.target, _TRANSPOSE_FUNCS):
-        return src
     if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
         return src
-    is_transpose = (node.op == "call_method" and node.target == "transpose") or (
-        node.op == "call_function" and _in(node.target, {torch.transpose, aten.transpose.int})
-    )
-    if is_transpose and len(node.args) == 3 and {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}:
+    info = _entry(node.target) if node.op in ("call_method", "call_function") else None
+    if info is not None and info.transposes_matrix is not None and info.transposes_matrix(tuple(node.args[1:])):
         return src
     return None
 
@@ -394,7 +369,7 @@ def _mark_data(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 def _normalise(gm: fx.GraphModule) -> list[str]:
-    """Rewrite call sites to registry wrappers; returns one line per rewrite (kept in the trace meta)."""
+    """Rewrite call sites to the op table's wrappers; returns one line per rewrite (kept in the trace meta)."""
     data = _mark_data(gm)
     notes: list[str] = []
 
@@ -405,8 +380,9 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
         if n.op not in ("call_function", "call_method"):
             continue
         t = n.target
-        if n.op == "call_function" and _in(t, set(_KWARG_NAMES)) and len(n.args) > 1:
-            names = _KWARG_NAMES[t]
+        info = _entry(t)
+        if n.op == "call_function" and info is not None and info.kwarg_names and len(n.args) > 1:
+            names = info.kwarg_names
             extra = dict(zip(names, n.args[1:]))
             n.args = n.args[:1]
             n.kwargs = {**extra, **n.kwargs}
@@ -415,31 +391,32 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
             continue
         a, b = n.args
         new = None
-        if _in(t, _MATMUL) and not n.kwargs:
+        family = _family(t)
+        if family == ops.MATMUL and not n.kwargs:
             if is_data(a) and not is_data(b):
                 wt = _transposed_param(gm, b)
                 if _trainable_param(gm, b):
-                    new = (registry.linear_matmul, (a, b))
+                    new = (ops.wrappers.linear_matmul, (a, b))
                 elif wt is not None:
-                    new = (registry.linear_matmul_t, (a, wt))
+                    new = (ops.wrappers.linear_matmul_t, (a, wt))
                 elif isinstance(b, fx.Node) and b.op == "get_attr":
-                    new = (registry.constant_matmul, (a, b))
+                    new = (ops.wrappers.constant_matmul, (a, b))
                 else:
-                    new = (registry.computed_matmul, (a, b))
+                    new = (ops.wrappers.computed_matmul, (a, b))
             elif is_data(b) and not is_data(a):
                 if _trainable_param(gm, a):
-                    new = (registry.param_matmul_left, (a, b))
+                    new = (ops.wrappers.param_matmul_left, (a, b))
                 elif isinstance(a, fx.Node) and a.op == "get_attr":
-                    new = (registry.constant_matmul, (a, b))
+                    new = (ops.wrappers.constant_matmul, (a, b))
                 else:
-                    new = (registry.computed_matmul, (a, b))
-        elif (_in(t, _ADD) or _in(t, _SUB)) and not n.kwargs and is_data(a) != is_data(b):
-            new = (registry.shift_add if _in(t, _ADD) else registry.shift_sub, (a, b))
-        elif _in(t, _MUL) and not n.kwargs and is_data(a) != is_data(b):
+                    new = (ops.wrappers.computed_matmul, (a, b))
+        elif family in (ops.ADD, ops.SUB) and not n.kwargs and is_data(a) != is_data(b):
+            new = (ops.wrappers.shift_add if family == ops.ADD else ops.wrappers.shift_sub, (a, b))
+        elif family == ops.MUL and not n.kwargs and is_data(a) != is_data(b):
             if _nonzero_constant(gm, b if is_data(a) else a):
-                new = (registry.scale_mul, (a, b))
-        elif _in(t, _DIV) and not n.kwargs and is_data(a) and not is_data(b) and _nonzero_constant(gm, b):
-            new = (registry.scale_div, (a, b))
+                new = (ops.wrappers.scale_mul, (a, b))
+        elif family == ops.DIV and not n.kwargs and is_data(a) and not is_data(b) and _nonzero_constant(gm, b):
+            new = (ops.wrappers.scale_div, (a, b))
         if new is None:
             continue
         fn, args = new
@@ -473,7 +450,7 @@ def trace(
     The copy keeps the caller's model untouched; float64 makes ranks and reconstructions exact
     enough to compare with dense SVDs. An integer example (token ids) is kept integer.
     """
-    warnings = [f"{path}: {msg}" for path, msg in registry.check_model(model)]
+    warnings = [f"{path}: {msg}" for path, msg in ops.check_model(model)]
     model = copy.deepcopy(model).to(torch.float64).eval()
     ex = example.to(torch.float64) if example.is_floating_point() else example
     eager_checked = False

@@ -30,7 +30,7 @@ from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.losses import loss_value, make_labels
 from rgap_audit.rank import ForwardInfo, layer_rank
 from rgap_audit.records import Verdict
-from rgap_audit.registry import LAYER, lookup
+from rgap_audit.ops import LAYER, lookup
 from rgap_audit.tracing import trace
 
 _EPS = float(np.finfo(np.float64).eps)

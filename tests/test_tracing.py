@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit import registry
+from rgap_audit.ops import wrappers
 from rgap_audit.errors import AuditError
 from rgap_audit.layergraph import build_layer_graph
-from rgap_audit.registry import AFFINE, EMBEDDING, LAYER, MERGE, UNKNOWN
+from rgap_audit.ops import AFFINE, EMBEDDING, LAYER, MERGE, UNKNOWN
 from rgap_audit.tracing import trace, trace_method
 
 HERE = __file__
@@ -143,15 +143,15 @@ def test_flag_arguments_are_fixed_and_call_sites_rewritten():
     assert info["concrete_args"] == {"double_it": "False"}
     lg = build_layer_graph(gm)
     by_target = {lg.node(n)["fx"].target: lg.node(n) for n in lg.graph.nodes}
-    assert by_target[registry.linear_matmul]["info"].kind == LAYER
-    assert by_target[registry.linear_matmul_t]["info"].kind == LAYER
-    assert by_target[registry.shift_add]["info"].kind == AFFINE  # h + 1.0
-    assert by_target[registry.scale_mul]["info"].kind == AFFINE  # * 0.5
+    assert by_target[wrappers.linear_matmul]["info"].kind == LAYER
+    assert by_target[wrappers.linear_matmul_t]["info"].kind == LAYER
+    assert by_target[wrappers.shift_add]["info"].kind == AFFINE  # h + 1.0
+    assert by_target[wrappers.scale_mul]["info"].kind == AFFINE  # * 0.5
     assert by_target[F.leaky_relu]["fx"].kwargs["negative_slope"] == 0.2  # moved out of args
     assert not any(n.op == "call_method" and n.target == "t" for n in gm.graph.nodes)  # W.t() folded in
     specs = {lg.node(n)["fx"].target: lg.conv_spec(n) for n in lg.weighted()}
-    torch.testing.assert_close(specs[registry.linear_matmul].weight, gm.w.detach().T)
-    torch.testing.assert_close(specs[registry.linear_matmul_t].weight, gm.v.detach())
+    torch.testing.assert_close(specs[wrappers.linear_matmul].weight, gm.w.detach().T)
+    torch.testing.assert_close(specs[wrappers.linear_matmul_t].weight, gm.v.detach())
     _same_output(gm, model, x)
 
 
@@ -211,8 +211,8 @@ def test_constant_operands_and_data_marks():
     assert marks["x"] and not marks["pos"] and not marks["unsqueeze"]
     lg = build_layer_graph(gm)
     kinds = {lg.node(n)["fx"].target: lg.node(n)["info"].kind for n in lg.graph.nodes}
-    assert kinds[registry.shift_add] == AFFINE
-    muls = [n for n in gm.graph.nodes if n.target is registry.scale_mul]
+    assert kinds[wrappers.shift_add] == AFFINE
+    muls = [n for n in gm.graph.nodes if n.target is wrappers.scale_mul]
     assert not muls  # neither the zero-containing mask nor h*h is an invertible scaling
     assert [lg.node(n)["info"].kind for n in lg.graph.nodes if lg.node(n)["fx"].target is operator.mul] == [MERGE, MERGE]
 
@@ -232,8 +232,8 @@ def test_matmul_call_sites_are_classified_by_their_operands():
     gm = trace(Products(), rnd(2, 3))
     lg = build_layer_graph(gm)
     infos = {lg.node(n)["fx"].target: lg.node(n)["info"] for n in lg.graph.nodes}
-    assert infos[registry.computed_matmul].kind == UNKNOWN and "computed in forward" in infos[registry.computed_matmul].why
-    assert infos[registry.constant_matmul].kind == "pool"
+    assert infos[wrappers.computed_matmul].kind == UNKNOWN and "computed in forward" in infos[wrappers.computed_matmul].why
+    assert infos[wrappers.constant_matmul].kind == "pool"
     assert infos[operator.matmul].kind == MERGE
 
 

@@ -1,7 +1,7 @@
 """The R-GAP walk on the layer graph: head, then one weighted layer at a time down to the input.
 
 Between two weighted layers sits a *link*: the ops that turn layer i's output z_i into layer i+1's
-input x_{i+1} (activations, reshapes, identities). The walk inverts the link (registry inverses;
+input x_{i+1} (activations, reshapes, identities). The walk inverts the link (op-table inverses;
 ReLU keeps only its active entries), linearises it at the recovered z to carry dL/dz down
 (k_i = J^T W_{i+1}^T k_{i+1}) and, in the projected variant, to carry the undetermined directions of
 x_{i+1} down as directions of z_i that the forward rows must not use (docs/DESIGN.md).
@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from rgap_audit import registry
+from rgap_audit import ops
 from rgap_audit.attack.heads import (
     HeadCandidate,
     HeadResult,
@@ -33,12 +33,10 @@ from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
-from rgap_audit.registry import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
+from rgap_audit.ops import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
 from rgap_audit.threads import single_thread
 from rgap_audit.tracing import trace
 
-HOMOGENEOUS = {"LeakyReLU", "ReLU", "Identity", "Dropout"}  # act(c z) = c act(z) for c > 0
-CLIPS = {"ReLU": (0.0, math.inf), "ReLU6": (0.0, 6.0)}  # non-invertible: known only strictly inside
 ACTIVE_REL_TOL = 1e-9  # a ReLU output counts as active above this fraction of the largest output
 SATURATED = 1e-10  # |sigma'(z)| below this: the unit is treated as unknown
 PRUNE_FACTOR = 1e3  # candidates whose layer residual exceeds the best by this factor are dropped
@@ -133,17 +131,18 @@ def _plain(obj):
 class _Step:
     node: str
     name: str
-    kind: str  # "reshape", "permute", "elementwise", "clip"
+    kind: str  # how the op sits in the link: ops.PASS, REORDER, INVERT or CLIP
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
     clip: tuple[float, float] | None = None
     perm: torch.Tensor | None = None  # permute: out.flatten()[j] = in.flatten()[perm[j]]
+    homogeneous: bool = False  # op(c z) = c op(z) for c > 0
 
     def deriv(self, z: torch.Tensor) -> torch.Tensor | None:
         """Elementwise derivative at z (None for a reshape or permutation)."""
-        if self.kind in ("reshape", "permute"):
+        if self.kind in (ops.PASS, ops.REORDER):
             return None
         z = z.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(self.fn(z).sum(), z)
@@ -161,9 +160,9 @@ def _link_forward(link: _Link, z: torch.Tensor):
     vals, derivs = [z], []
     for s in link.steps:
         derivs.append(s.deriv(vals[-1]))
-        if s.kind == "reshape":
+        if s.kind == ops.PASS:
             vals.append(vals[-1].reshape(s.out_shape))
-        elif s.kind == "permute":
+        elif s.kind == ops.REORDER:
             vals.append(vals[-1].reshape(-1)[s.perm].reshape(s.out_shape))
         else:
             vals.append(s.fn(vals[-1]).detach())
@@ -181,7 +180,7 @@ def _unpermute(s: _Step, v: torch.Tensor, lead: int) -> torch.Tensor:
 def _pull(link: _Link, derivs, v: torch.Tensor, mode: str, lead: int = 0) -> torch.Tensor:
     """Carry a tensor from the top of the link to z: 'vjp' multiplies by sigma', 'inv' divides (0 where unknown)."""
     for s, d in zip(reversed(link.steps), reversed(derivs)):
-        if s.kind == "permute":
+        if s.kind == ops.REORDER:
             v = _unpermute(s, v, lead)
         else:
             v = v.reshape(v.shape[:lead] + tuple(s.in_shape))
@@ -204,7 +203,7 @@ def _pull_directions(link: _Link, derivs, Sd: torch.Tensor, e: torch.Tensor):
     d = Sd.shape[0]
     E_rows, f_rows = [], []
     for s, dv in zip(reversed(link.steps), reversed(derivs)):
-        if s.kind == "permute":
+        if s.kind == ops.REORDER:
             Sd, e = _unpermute(s, Sd, 1), _unpermute(s, e, 0)
         Sd = Sd.reshape((d,) + tuple(s.in_shape))
         e = e.reshape(s.in_shape)
@@ -225,21 +224,21 @@ def _known_mask(link: _Link, derivs) -> torch.Tensor:
     top = link.steps[-1].out_shape if link.steps else None
     m = torch.ones(top, dtype=torch.bool) if top is not None else None
     for s, d in zip(reversed(link.steps), reversed(derivs)):
-        m = _unpermute(s, m, 0) if s.kind == "permute" else m.reshape(s.in_shape)
+        m = _unpermute(s, m, 0) if s.kind == ops.REORDER else m.reshape(s.in_shape)
         if d is not None:
             m = m & (d.abs() > SATURATED)
     return m
 
 
 def _invert_link(link: _Link, x: torch.Tensor) -> torch.Tensor:
-    """A first estimate of z from the layer above's input: registry inverses, ReLU's off units at 0."""
+    """A first estimate of z from the layer above's input: op-table inverses, ReLU's off units at 0."""
     v = x
     for s in reversed(link.steps):
-        if s.kind == "reshape":
+        if s.kind == ops.PASS:
             v = v.reshape(s.in_shape)
-        elif s.kind == "permute":
+        elif s.kind == ops.REORDER:
             v = _unpermute(s, v, 0)
-        elif s.kind == "elementwise":
+        elif s.kind == ops.INVERT:
             v = s.inverse(v)
         else:
             lo, hi = s.clip
@@ -311,7 +310,7 @@ class _Context:
     def _gradient(self, name: str, gradients: dict[str, torch.Tensor]):
         spec = self.specs[name]
         wn, bn = self.params[name]
-        transposed = self.lg.node(name)["fx"].target is registry.linear_matmul  # x @ W: the layer's weight is W^T
+        transposed = self.lg.node(name)["info"].param_transposed  # x @ W: the layer's weight is W^T
         out = []
         for pname, ref in ((wn, spec.weight), (bn, spec.bias)):
             if pname is None:
@@ -394,23 +393,28 @@ class _Context:
                 return _Link(steps[::-1], None, f"{node} ({info.name}) joins or splits branches: not a chain")
             shp_in, shp_out = tuple(attrs["in_shape"]), tuple(attrs["out_shape"])
             if info.kind in (RESHAPE, IDENTITY) and math.prod(shp_in) == math.prod(shp_out):
-                steps.append(_Step(node, info.name, "reshape", shp_in, shp_out))
+                steps.append(_Step(node, info.name, ops.PASS, shp_in, shp_out))
             elif info.kind == PERMUTE and math.prod(shp_in) == math.prod(shp_out):
                 fn = self.apply(node)
                 with torch.no_grad():
                     perm = fn(torch.arange(math.prod(shp_in), dtype=torch.float64).reshape(shp_in)).reshape(-1).round().long()
-                steps.append(_Step(node, info.name, "permute", shp_in, shp_out, fn, perm=perm))
+                steps.append(_Step(node, info.name, ops.REORDER, shp_in, shp_out, fn, perm=perm, homogeneous=info.homogeneous))
             elif info.invertible and info.inverse is not None and shp_in == shp_out:
                 # elementwise invertible maps: activations, eval-mode BatchNorm (per-channel affine), PReLU ...
                 mod, kw, inv = attrs["module"], self.inverse_kwargs(node), info.inverse
                 steps.append(
-                    _Step(node, info.name, "elementwise", shp_in, shp_out, self.apply(node), lambda y, m=mod, k=kw, f=inv: f(m, k, y))
+                    _Step(
+                        node, info.name, ops.INVERT, shp_in, shp_out, self.apply(node),
+                        lambda y, m=mod, k=kw, f=inv: f(m, k, y), homogeneous=info.homogeneous,
+                    )
                 )
             elif info.kind == AFFINE and info.invertible and shp_in == shp_out:
                 fn = self.apply(node)
-                steps.append(_Step(node, info.name, "elementwise", shp_in, shp_out, fn, _affine_inverse(fn, shp_in)))
-            elif info.name in CLIPS:
-                steps.append(_Step(node, info.name, "clip", shp_in, shp_out, self.apply(node), clip=CLIPS[info.name]))
+                steps.append(_Step(node, info.name, ops.INVERT, shp_in, shp_out, fn, _affine_inverse(fn, shp_in)))
+            elif info.clip is not None:
+                steps.append(
+                    _Step(node, info.name, ops.CLIP, shp_in, shp_out, self.apply(node), clip=info.clip, homogeneous=info.homogeneous)
+                )
             else:
                 return _Link(steps[::-1], None, f"{node} ({info.name}): {info.why}")
             node = self.lg.data_args(node)[0]
@@ -423,7 +427,7 @@ class _Context:
             if link.below is None:
                 return False
             for s in link.steps:
-                if s.kind != "reshape" and s.name not in HOMOGENEOUS:
+                if s.kind != ops.PASS and not s.homogeneous:
                     return False
             if link.below == self.lg.input_node:
                 return True
@@ -528,7 +532,7 @@ def _descend(
             return _Descent(None, layers, states, warnings, False)
         if link.below == ctx.lg.input_node:
             z = _invert_link(link, x)
-            if any(s.kind == "clip" for s in link.steps):
+            if any(s.kind == ops.CLIP for s in link.steps):
                 lost = int((~_known_mask(link, _link_forward(link, z)[1])).sum())
                 if lost:
                     warnings.append(f"{lost} input entries sit behind an inactive ReLU and are not recovered")
@@ -543,7 +547,8 @@ def _descend(
         step = LayerStep(below, attrs["module_path"], attrs["info"].name, "", math.prod(xs))
         n_samples = math.prod(xs) // bspec.n_in
         null = None
-        if bspec.ndim == 0 and db is not None and n_samples == 1 and float(db.norm()) > 0:
+        leak = attrs["info"].leak
+        if db is not None and leak is not None and leak(ops.LeakContext(attrs["module"], bspec, x, db.reshape(1, -1), n_samples)):
             # a Linear with bias leaks its input exactly: x = dW^T db / |db|^2, and k = db
             xi = (dw.T @ db / db.norm() ** 2).reshape(xs)
             _, derivs = _link_forward(link, _invert_link(link, x))
@@ -559,7 +564,7 @@ def _descend(
             z_hat = _invert_link(link, x)
             # with carried directions the activation pattern below them is uncertain, and k (hence the
             # gradient rows) depends on it: estimate the pattern with the forward rows, gradient rows as check
-            rows = "check" if (S is not None and any(s.kind != "reshape" for s in link.steps)) else "use"
+            rows = "check" if (S is not None and any(s.kind != ops.PASS for s in link.steps)) else "use"
             sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_hat, S, rows)
             if S is not None:
                 # the pattern of a deficient layer's recovered input may be wrong where it is undetermined:
@@ -606,7 +611,7 @@ def _descend(
             step.residual_bias = _bias_check(bspec, ki, db)
             step.carried_in = 0 if S is None else int(S.shape[1])
             step.notes.extend(sol.notes)
-            if step.rows_lost and any(s.kind == "clip" for s in link.steps):
+            if step.rows_lost and any(s.kind == ops.CLIP for s in link.steps):
                 step.notes.append(f"{step.rows_lost} of {mask.numel()} output units are off (ReLU): their forward rows are lost")
             xi, null = sol.x, sol.null_basis
             S = null if (projected and null is not None and null.shape[1] > 0) else None

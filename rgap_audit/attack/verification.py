@@ -471,7 +471,7 @@ def _first_linear(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[
 
     Returns (info, None) or (None, why not).
     """
-    from rgap_audit import registry
+    from rgap_audit import ops
     from rgap_audit.layergraph import build_layer_graph
     from rgap_audit.tracing import trace
 
@@ -487,9 +487,9 @@ def _first_linear(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[
         node = succ[0]
         attrs = lg.node(node)
         info = attrs["info"]
-        if info.kind in (registry.RESHAPE, registry.IDENTITY):
+        if info.kind in (ops.RESHAPE, ops.IDENTITY):
             continue
-        if info.kind != registry.LAYER:
+        if info.kind != ops.LAYER:
             return None, f"the model input reaches {node} ({info.name}) before any weighted layer"
         break
     spec = lg.conv_spec(node)
@@ -515,7 +515,7 @@ def _first_linear(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[
         "module_path": attrs["module_path"],
         "parameter": wname,
         "n_in": spec.n_in,
-        "transposed": fxn.target is registry.linear_matmul,
+        "transposed": info.param_transposed,
     }, None
 
 
