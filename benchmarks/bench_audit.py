@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import paper_nets  # noqa: E402
 
-from rgap_audit.analysis import Walker, audit  # noqa: E402
+from rgap_audit.analysis import audit, audit_instance  # noqa: E402
+from rgap_audit.instance import build_instance  # noqa: E402
 from rgap_audit.options import AuditOptions, LoadedModel  # noqa: E402
 
 MODELS = [("CNN6", paper_nets.cnn6, (3, 32, 32)), ("CNN6-d", paper_nets.cnn6_d, (3, 32, 32)), ("FCN3", paper_nets.fcn3, (1, 28, 28))]
@@ -28,10 +29,10 @@ def main() -> None:
         rep = audit(make(), shape)
         totals[name] = time.perf_counter() - t
         per_layer = ", ".join(f"{r.module_path}:{r.seconds:.2f}s" for r in rep.layers if r.unknowns is not None)
-        print(f"{name:7s} audit {totals[name]:6.2f} s  status {rep.verdict.status:26s} [{per_layer}]")
+        print(f"{name:7s} audit {totals[name]:6.2f} s  status {rep.verdict.status.value:26s} [{per_layer}]")
     loaded = LoadedModel(file="<bench>", name="CNN6", module=paper_nets.cnn6(), input_shape=(3, 32, 32))
     t = time.perf_counter()
-    Walker(loaded, AuditOptions()).run()  # default thread pools
+    audit_instance(build_instance(loaded, AuditOptions()), AuditOptions())  # default thread pools
     default = time.perf_counter() - t
     print(f"CNN6 with default BLAS threads: {default:.2f} s; single-threaded is {default / totals['CNN6']:.2f}x faster")
 

@@ -27,13 +27,14 @@ from examples.paper_nets import cnn6, cnn6_d, fcn3
 from rgap_audit.attack import reconstruct
 from rgap_audit.threads import single_thread
 from rgap_audit.attack.dlg import dlg
-from rgap_audit.attack.verification import client_gradient, image_metrics
+from rgap_audit.losses import client_gradient
+from rgap_audit.verify.metrics import image_metrics
 
 MODELS = {"CNN6": (cnn6, (3, 32, 32)), "CNN6-d": (cnn6_d, (3, 32, 32)), "FCN3": (fcn3, (1, 28, 28))}
 
 
 def _mse(x, x_rec):
-    return image_metrics(x, x_rec)["mse"]
+    return image_metrics(x, x_rec).mse
 
 
 def _ours(model, grads, shape, x, repeats):

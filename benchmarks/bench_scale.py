@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from rgap_audit.records import plain
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
@@ -81,8 +83,9 @@ def vgg_tall() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 56 * 56, 1, bias=False))
 
 
-def _verify_summary(res: dict) -> dict:
+def _verify_summary(ver) -> dict:
     """Scalars of verify()'s result plus one line per layer: time, method, nullity, relative error."""
+    res = plain(ver)
     out = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool)) or v is None}
     out["layers"] = [
         {
@@ -108,7 +111,7 @@ def _rss_mb() -> float:
 def _summary(rep) -> dict:
     layers = [r for r in rep.layers if r.unknowns is not None]
     return {
-        "status": rep.verdict.status,
+        "status": rep.verdict.status.value,
         "summary": rep.verdict.summary,
         "layers": len(layers),
         "exact": sum(r.rank is not None for r in layers),
@@ -138,19 +141,18 @@ def run_case(name: str, trace_memory: bool = True) -> dict:
             tracemalloc.start()
         t0 = time.perf_counter()
         if name.endswith("verify"):
-            try:
-                from rgap_audit.attack.verification import verify
-            except ImportError as exc:  # the attack engine is another module's job
-                return {**out, "skipped": f"rgap_audit.attack.verification not available: {exc}"}
-            from rgap_audit.analysis import audit_loaded
+            from rgap_audit.analysis import audit_instance
+            from rgap_audit.instance import build_instance
             from rgap_audit.options import AuditOptions, LoadedModel
+            from rgap_audit.verify import verify
 
             loaded = LoadedModel(file="<bench>", name=name, module=model, input_shape=shape, loss=loss)
             options = AuditOptions()
-            rep = audit_loaded(loaded, options)
+            audited = audit_instance(build_instance(loaded, options), options)
+            rep = audited.report
             out["audit_seconds"] = round(time.perf_counter() - t0, 2)
-            out["static"] = {"status": rep.verdict.status, "summary": rep.verdict.summary}
-            res = verify(loaded, options, rep)
+            out["static"] = {"status": rep.verdict.status.value, "summary": rep.verdict.summary}
+            res = verify(audited)
             out["result"] = _verify_summary(res)
         else:
             from rgap_audit.analysis import audit

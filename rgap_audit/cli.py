@@ -12,22 +12,21 @@ load, trace or verification errors (every broken file or model is reported as on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rgap_audit import __version__
+from rgap_audit import __version__, docs
+from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB, FORMATS, LOSSES, SEVERITIES
 from rgap_audit.errors import AuditError
 
-FORMATS = ("concise", "table", "json", "sarif", "github")
-SEVERITIES = ("info", "warning", "error")
-LOSSES = ("logistic", "cross-entropy")
-DEFAULT_FAIL_ON = "warning"
-DEFAULT_MEMORY_BUDGET_MB = 4096.0  # AuditOptions' default
+if TYPE_CHECKING:  # pragma: no cover
+    from rgap_audit.pipeline import Request
+
+# the audit's modules import torch: they are imported when an audit runs, so that `rgap-audit rules`,
+# `rule CODE` and --help start in a fraction of a second
+
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -131,16 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_target(target: str) -> tuple[str, str | None]:
-    """`path.py:Name` -> (path.py, Name); a path that exists as written is never split."""
-    if os.path.exists(target) or ":" not in target:
-        return target, None
-    path, _, name = target.rpartition(":")
-    if not path or not name or "/" in name or "\\" in name:
-        return target, None
-    return path, name
-
-
 def default_format(output: str | None) -> str:
     """table for a person at a terminal; concise for pipes, pre-commit and CI; by extension for --output."""
     if output:
@@ -158,65 +147,28 @@ def default_format(output: str | None) -> str:
         return "concise"
 
 
-class _Run:
-    """One audit run: collects reports, findings and errors; errors never stop the other files."""
+class _Errors:
+    """Prints each error once, as one line on stderr (and an ::error annotation with --format github)."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.errors = 0
-        self.seen_errors: set[str] = set()
+    def __init__(self, debug: bool):
+        self.debug = debug
+        self.count = 0
+        self.seen: set[str] = set()
         self.fmt: str | None = None  # known once the configuration of the working directory is read
+        self.annotate = False
 
-    def error(self, err: AuditError, model: str | None = None) -> None:
-        if err.model is None and model is not None:
-            err.model = model
-        if self.args.debug:
+    def __call__(self, err: AuditError) -> None:
+        if self.debug:
             traceback.print_exception(err.__cause__ or err, file=sys.stderr)
         line = err.one_line() if err.file else f"rgap-audit: error: {' '.join(str(err.cause).split())}"
-        self.errors += 1
-        if line not in self.seen_errors:  # one broken pyproject shared by many files: say it once
-            self.seen_errors.add(line)
+        self.count += 1
+        if line not in self.seen:  # one broken pyproject shared by many files: say it once
+            self.seen.add(line)
             print(line, file=sys.stderr, flush=True)
-            if self.fmt == "github" and err.file and not self.args.output:
-                self._annotate(err)
+            if self.fmt == "github" and err.file and self.annotate:
+                from rgap_audit.formats.github import error_annotation
 
-    @staticmethod
-    def _annotate(err: AuditError) -> None:
-        """With --format github a broken file also becomes an error annotation in the workflow."""
-        def escape_data(text: str) -> str:
-            return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-        def escape_property(text: str) -> str:
-            return escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-        props = f"file={escape_property(err.file or '')}" + (f",line={err.line}" if err.line else "") + ",title=rgap-audit"
-        who = f"{err.model}: " if err.model else ""
-        print(f"::error {props}::{escape_data(who + ' '.join(str(err.cause).split()))}", flush=True)
-
-    def internal(self, exc: BaseException, file: str, model: str | None) -> None:
-        """A bug of ours: still one line (with --debug, the traceback)."""
-        text = " ".join(str(exc).split())
-        err = AuditError(f"internal error: {type(exc).__name__}: {text} (re-run with --debug for the traceback)", file, model)
-        err.__cause__ = exc
-        self.error(err)
-
-
-@contextlib.contextmanager
-def _captured(debug: bool) -> Iterator[None]:
-    """Hold what user code and libraries print while a model is loaded or audited.
-
-    stdout must carry only the report (a JSON or SARIF document breaks on a stray print) and stderr
-    only the one-line errors (torch.fx's ShapeProp prints a traceback before re-raising). With
-    --debug the captured text goes to stderr.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
-    finally:
-        if debug and (out.getvalue() or err.getvalue()):
-            sys.stderr.write(out.getvalue() + err.getvalue())
-            sys.stderr.flush()
+                print(error_annotation(err), flush=True)
 
 
 def _flatten(lists: list[list[str]] | None) -> list[str] | None:
@@ -225,57 +177,36 @@ def _flatten(lists: list[list[str]] | None) -> list[str] | None:
     return [c for part in lists for c in part]
 
 
-def _module(name: str, feature: str) -> Any:
-    """Import one of the stages; a missing stage is a one-line error, not a traceback."""
-    import importlib
+def _request(args: argparse.Namespace) -> Request:
+    from rgap_audit.pipeline import Request
 
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
-            raise AuditError(f"{feature} is not available in this build ({name} missing)") from exc
-        raise AuditError(f"{feature} cannot be imported: {type(exc).__name__}: {exc}") from exc
-    except ImportError as exc:
-        raise AuditError(f"{feature} cannot be imported: {type(exc).__name__}: {exc}") from exc
-
-
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a colleague's function with only the keyword arguments it accepts (API drift safety)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
-def _group_targets(targets: list[str]) -> dict[str, list[str] | None]:
-    """path -> names to audit (None: all the file's models); repeated paths are imported once."""
-    from rgap_audit.loader import display_path
-
-    groups: dict[str, list[str] | None] = {}
-    for target in targets:
-        path, name = split_target(target)
-        path = display_path(path)
-        if path in groups and groups[path] is None:
-            continue
-        if name is None:
-            groups[path] = None
-        else:
-            groups.setdefault(path, [])
-            groups[path].append(name)  # type: ignore[union-attr]
-    return groups
+    return Request(
+        targets=list(args.targets),
+        select=_flatten(args.select),
+        ignore=_flatten(args.ignore),
+        extend_select=_flatten(args.extend_select) or [],
+        fail_on=args.fail_on,
+        input_shape=args.input_shape,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        seed=args.seed,
+        memory_budget_mb=args.memory_budget_mb,
+        identifiability=args.identifiability,
+        no_config=args.no_config,
+        allow_no_models=args.allow_no_models,
+        verify=args.verify,
+        input=args.input,
+        weights=args.weights,
+        save_images=args.save_images,
+        debug=args.debug,
+    )
 
 
 def _audit(args: argparse.Namespace) -> int:
     from rgap_audit import config as cfg
-    from rgap_audit.loader import iter_models, no_network
-    from rgap_audit.options import AuditOptions
+    from rgap_audit.formats import render
+    from rgap_audit.pipeline import Pipeline, internal_error
 
-    run = _Run(args)
     if not args.targets:
         print("rgap-audit: error: no files given (usage: rgap-audit PATH[:NAME] ...; see --help)", file=sys.stderr)
         return EXIT_ERROR
@@ -285,208 +216,49 @@ def _audit(args: argparse.Namespace) -> int:
     if args.save_images and not (args.verify or args.identifiability):
         print("rgap-audit: error: --save-images needs --verify or --identifiability", file=sys.stderr)
         return EXIT_ERROR
-
-    stages: dict[str, Any] = {}
-
-    def stage(key: str) -> Any:
-        """The analysis and rule stages, imported when the first model needs them."""
-        if key not in stages:
-            if key == "rules":
-                mod = _module("rgap_audit.rules", "the rule engine")
-                stages[key] = (mod, mod.load_rules())
-            else:
-                stages[key] = _module("rgap_audit.analysis", "the analysis")
-        return stages[key]
-
-    try:  # unknown codes on the command line are usage errors, found before any model is loaded
-        rules_mod, all_rules = stage("rules")
-        _call(
-            rules_mod.select_rules,
-            all_rules,
-            select=_flatten(args.select),
-            ignore=_flatten(args.ignore),
-            extend_select=_flatten(args.extend_select),
-        )
-    except AuditError as err:
-        run.error(err)
+    errors = _Errors(args.debug)
+    errors.annotate = not args.output
+    pipeline = Pipeline(_request(args), errors)
+    if not pipeline.check_selection():
         return EXIT_ERROR
-
-    project: cfg.Settings = cfg.Settings()
+    project = cfg.Settings()
     if not args.no_config:
         try:
             project = cfg.settings_for(os.getcwd())
         except AuditError as err:
-            run.error(err)
+            errors(err)
     fmt = args.format or project.format or default_format(args.output)
-    run.fmt = fmt
-
-    reports: list[Any] = []
-    findings: list[Any] = []
-    failed = False
-    for path, names in _group_targets(args.targets).items():
-        settings = cfg.Settings()
-        if not args.no_config:
-            try:
-                settings = cfg.settings_for(path)
-            except AuditError as err:
-                run.error(err, None)
-                continue
-        options = AuditOptions(
-            batch_size=args.batch_size,
-            loss=args.loss,
-            seed=args.seed if args.seed is not None else (settings.seed or 0),
-            input_shape=args.input_shape,
-            memory_budget_mb=args.memory_budget_mb or settings.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB,
-            debug=args.debug,
-        )
-        file_reports = []
-        items = iter_models(
-            path,
-            names,
-            options,
-            fallback=settings.model_defaults(),
-            per_model=settings.models,
-            allow_empty=args.allow_no_models,
-        )
-        while True:
-            try:
-                with _captured(args.debug):
-                    item = next(items)
-            except StopIteration:
-                break
-            except Exception as exc:  # a bug in the loader: report, go on with the next file
-                if args.debug:
-                    raise
-                run.internal(exc, path, None)
-                break
-            if isinstance(item, AuditError):
-                run.error(item)
-                continue
-            try:
-                analysis = stage("analysis")
-            except AuditError as err:
-                err.file = err.file or item.file
-                run.error(err, item.name)
-                continue
-            report = _audit_one(run, analysis, item, options, no_network)
-            if report is not None:
-                file_reports.append(report)
-            del item
-        if not file_reports:
-            continue
-        reports.extend(file_reports)
-        try:
-            rules_mod, all_rules = stage("rules")
-            file_findings = _findings(rules_mod, all_rules, file_reports, settings, args)
-        except AuditError as err:
-            run.error(err)
-            continue
-        findings.extend(file_findings)
-        fail_on = args.fail_on or settings.fail_on or DEFAULT_FAIL_ON
-        active = [f for f in file_findings if not getattr(f, "suppressed", False)]
-        if rules_mod.fails(active, fail_on):
-            failed = True
-
-    if not reports and fmt in ("concise", "table", "github"):
-        return EXIT_ERROR if run.errors else EXIT_OK  # nothing to print; json/sarif still get a (valid, empty) document for CI
+    errors.fmt = fmt
+    result = pipeline.run()
+    if not result.reports and fmt in ("concise", "table", "github"):
+        return EXIT_ERROR if errors.count else EXIT_OK  # nothing to print; json/sarif still get a (valid, empty) document for CI
     try:
-        formats = _module("rgap_audit.formats", "output formats")
-        rules_for_sarif = stages["rules"][1] if "rules" in stages else None
-        text = _call(formats.render, fmt, reports, findings, show_suppressed=args.show_suppressed, rules=rules_for_sarif, cwd=os.getcwd())
+        text = render(fmt, result.reports, result.findings, show_suppressed=args.show_suppressed, rules=result.rules, cwd=os.getcwd())
     except AuditError as err:
-        run.error(err)
+        errors(err)
         return EXIT_ERROR
     except Exception as exc:
         if args.debug:
             raise
-        run.internal(exc, "<report>", None)
+        errors(internal_error(exc, "<report>", None))
         return EXIT_ERROR
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as fh:
                 fh.write(text if text.endswith("\n") or not text else text + "\n")
         except OSError as exc:
-            run.error(AuditError(f"cannot write the report: {exc.strerror or exc}", args.output))
+            errors(AuditError(f"cannot write the report: {exc.strerror or exc}", args.output))
     elif text:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
-    if run.errors:
+    if errors.count:
         return EXIT_ERROR
-    return EXIT_FINDINGS if failed else EXIT_OK
-
-
-def _audit_one(run: _Run, analysis: Any, loaded: Any, options: Any, no_network: Callable[[], Any]) -> Any:
-    """Analysis (+ verification, identifiability) of one loaded model; None after an error."""
-    args = run.args
-    try:
-        with no_network(), _captured(args.debug):
-            report = analysis.audit_loaded(loaded, options)
-            if args.identifiability:
-                _identifiability(loaded, options, report, args.save_images)
-            if args.verify:
-                attack = _module("rgap_audit.attack", "--verify")
-                _call(attack.verify, loaded, options, report, input=args.input, weights=args.weights, save_images=args.save_images)
-        return report
-    except AuditError as err:
-        if err.file is None:
-            err.file = loaded.file
-        run.error(err, loaded.name)
-    except Exception as exc:
-        if args.debug:
-            raise
-        run.internal(exc, loaded.file, loaded.name)
-    return None
-
-
-def _identifiability(loaded: Any, options: Any, report: Any, images: str | None) -> None:
-    """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance.
-
-    The result goes to `report.identifiability` when the report has that field, else its summary
-    becomes a report warning; with --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png.
-    """
-    ident = _module("rgap_audit.identifiability", "--identifiability")
-    plot = None
-    if images:
-        os.makedirs(images, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)
-        plot = os.path.join(images, f"{safe}-spectrum.png")
-    try:
-        result = _call(
-            ident.identifiability,
-            loaded.module,
-            tuple(report.input_shape),
-            report.loss,
-            batch_size=report.batch_size,
-            seed=options.seed,
-            plot=plot,
-        )
-    except (ValueError, RuntimeError, MemoryError) as exc:
-        raise AuditError(f"identifiability failed: {type(exc).__name__}: {' '.join(str(exc).split())}", loaded.file, loaded.name) from exc
-    if hasattr(report, "identifiability"):
-        report.identifiability = result
-    else:
-        report.warnings.append(f"identifiability: {result.get('summary', '')}")
-
-
-def _findings(rules_mod: Any, all_rules: Any, reports: list[Any], settings: Any, args: argparse.Namespace) -> list[Any]:
-    """Rules over one file's reports with that file's selection, then inline suppressions."""
-    select = _flatten(args.select) if args.select is not None else settings.select
-    ignore = _flatten(args.ignore) if args.ignore is not None else list(settings.ignore)
-    ignore = [*ignore, *settings.file_ignores]
-    extend = [*settings.extend_select, *(_flatten(args.extend_select) or [])]
-    try:
-        found = _call(rules_mod.evaluate, reports, all_rules, select=select, ignore=ignore, extend_select=extend)
-    except AuditError as err:  # an unknown code in the configuration (the command line was checked first)
-        err.file = err.file or settings.path
-        raise
-    suppress = _module("rgap_audit.suppress", "suppression comments")
-    return list(suppress.apply(found))
+    return EXIT_FINDINGS if result.failed else EXIT_OK
 
 
 def _rules_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rules", description="List the rules rgap-audit checks.")
     p.parse_args(argv)
-    docs = _module("rgap_audit.docs", "rule documentation")
     sys.stdout.write(docs.list_rules_text().rstrip("\n") + "\n")
     return EXIT_OK
 
@@ -495,7 +267,6 @@ def _rule_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rule", description="Explain one rule: what it flags, why, how to fix it.")
     p.add_argument("code", help="a rule code, e.g. RGAP101")
     args = p.parse_args(argv)
-    docs = _module("rgap_audit.docs", "rule documentation")
     try:
         text = docs.explain_rule_text(args.code.upper())
     except (KeyError, LookupError, ValueError) as exc:

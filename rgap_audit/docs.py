@@ -106,7 +106,7 @@ def _format_reference() -> list[str]:
         out.append("")
     out.append(
         "Dotted paths walk into records: `verdict.status`, `location.line`, `model.batch_size` (layer rules), "
-        "`extra.<key>`. See rgap_audit/records.py for what each field means."
+        "`span.rank`, `probe.error`. See rgap_audit/records.py for what each field means."
     )
     return out
 

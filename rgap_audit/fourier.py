@@ -30,12 +30,11 @@ import torch
 import torch.nn.grad as nng
 
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.tolerances import CG_TOL, PROBE_TOL
 
 TIKHONOV_REL = 1e-6  # per-frequency regularisation of the circulant Gram, relative to the largest |W(w)|
-CG_TOL = 1e-13  # stop when |F^T r| <= CG_TOL |F^T b| for every right-hand side
 MAX_ITERS = 1500  # in all passes together; a layer that needs more is reported as not converged
 STALL_CHECK, STALL_WINDOW = 25, 200  # probe error checked every 25 iterations; must halve within 200
-PROBE_TOL = 1e-7  # a random probe recovered to this relative error: the forward rows determine x
 
 
 @dataclass

@@ -21,7 +21,6 @@ as vjp(jvp(e_i)) and takes eigenvalues, whose rounding floor, sqrt(10 n eps) sig
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any
@@ -31,7 +30,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from rgap_audit.losses import choose_loss, loss_value, make_labels
+from rgap_audit.instance import Instance
+from rgap_audit.losses import loss_value
 
 _EPS = float(np.finfo(np.float64).eps)
 DENSE_LIMIT = 6_000_000  # entries of J (gradient entries x unknowns) up to which J is built and SVD'd
@@ -75,32 +75,42 @@ def identifiability(
     method: str = "auto",
     max_unknowns: int = 16384,
 ) -> dict[str, Any]:
-    """Numerical rank and singular spectrum of d(gradient)/d(input) at a seeded random instance.
+    """Numerical rank and singular spectrum of d(gradient)/d(input) at a seeded random instance (Python API).
 
-    The instance is the one `rgap_audit.analysis` audits for the same seed: x = rand(B, *input_shape)
-    from a generator seeded with `seed`, then the labels from the same generator. `method` is "auto",
-    "dense-svd" or "gram-eigh". With `plot`, the spectrum is drawn to that PNG path. Meant for small
-    inputs: it costs one Jacobian product per unknown, so more than `max_unknowns` is refused.
-    Returns a JSON-ready dict (see the keys below).
+    The instance is the one `rgap_audit.analysis` audits for the same seed (rgap_audit.instance). See
+    `instance_identifiability` for the keys of the result.
+    """
+    from rgap_audit.instance import build_instance
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    loaded = LoadedModel(file="<api>", name=type(model).__name__, module=model, input_shape=tuple(input_shape))
+    inst = build_instance(loaded, AuditOptions(batch_size=batch_size, loss=loss, seed=seed))
+    return instance_identifiability(inst, plot=plot, method=method, max_unknowns=max_unknowns)
+
+
+def instance_identifiability(
+    inst: Instance, *, plot: str | None = None, method: str = "auto", max_unknowns: int = 16384
+) -> dict[str, Any]:
+    """Numerical rank and singular spectrum of d(gradient)/d(input) at the instance.
+
+    `method` is "auto", "dense-svd" or "gram-eigh". With `plot`, the spectrum is drawn to that PNG path.
+    Meant for small inputs: it costs one Jacobian product per unknown, so more than `max_unknowns` is
+    refused. Returns a JSON-ready dict (see the keys below).
     """
     if method not in ("auto", "dense-svd", "gram-eigh"):
         raise ValueError(f"unknown method {method!r}")
-    n_req = batch_size * math.prod(int(s) for s in input_shape)
+    n_req = inst.x.numel()
     if n_req > max_unknowns:
         raise ValueError(
             f"{n_req} input entries: the whole-network Jacobian needs one product per entry and an "
             f"{n_req}x{n_req} eigenproblem; identifiability is for inputs up to {max_unknowns} entries"
         )
+    if not inst.x.is_floating_point():
+        raise ValueError("the model takes integer token ids: the gradient has no Jacobian with respect to them")
     t0 = time.perf_counter()
-    model = copy.deepcopy(model).to(torch.float64).eval()
-    shape = tuple(int(s) for s in input_shape)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((batch_size, *shape), generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        out = model(x)
-    out_features = math.prod(out.shape[1:]) if out.dim() > 1 else 1
-    loss = choose_loss(loss, out_features)
-    labels = make_labels(loss, batch_size, out_features, gen)
+    model = inst.gm
+    x = inst.x.detach().to(torch.float64)
+    loss, labels, batch_size, seed = inst.loss, inst.labels, inst.batch, inst.seed
     g = _gradient_map(model, loss, labels)
     n = x.numel()
     n_grad = int(g(x).numel())

@@ -1,22 +1,37 @@
 """The layer graph: a networkx DiGraph of the traced operations that carry data.
 
 Nodes are keyed by torch.fx node name (unique even when one module object is called at several
-places). Each node holds the fx node, its op-table entry, the module (if any), its dotted module
-path and its input/output shapes. Edges follow the data flow from the input to the output.
+places); each holds a `GraphNode` (the fx node, its op-table entry, the module if any, its dotted
+module path and its input/output shapes). Edges follow the data flow from the input to the output.
 Shape-only nodes (``x.size(0)``, ``x.shape``) and parameter fetches are not data and are left out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
-import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.convtranspose import ConvTransposeSpec
 from rgap_audit.ops import INPUT, LAYER, OUTPUT, OpInfo, lookup
+
+
+@dataclass
+class GraphNode:
+    """One data-carrying operation of the traced model."""
+
+    name: str  # the fx node name
+    fx: fx.Node
+    info: OpInfo  # its op-table entry (refined for its module)
+    module: nn.Module | None  # the called module, None for functions and methods
+    module_path: str | None  # dotted path of the module in the model
+    in_shape: tuple[int, ...] | None  # shape of its first data input (whole batch)
+    out_shape: tuple[int, ...] | None  # shape of its output (whole batch); None for a non-tensor output
 
 
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -28,17 +43,17 @@ def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
-def _resolve(gm: fx.GraphModule, value):
+def resolve(gm: fx.GraphModule, value: Any) -> Any:
     """Replace get_attr nodes in call arguments by the tensors they fetch."""
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        obj = gm
+        obj: Any = gm
         for part in str(value.target).split("."):
             obj = getattr(obj, part)
         return obj
     if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(gm, v) for v in value)
+        return type(value)(resolve(gm, v) for v in value)
     if isinstance(value, dict):
-        return {k: _resolve(gm, v) for k, v in value.items()}
+        return {k: resolve(gm, v) for k, v in value.items()}
     return value
 
 
@@ -51,17 +66,20 @@ class LayerGraph:
     input_node: str
     output_node: str
 
-    def node(self, name: str) -> dict:
-        return self.graph.nodes[name]
+    def node(self, name: str) -> GraphNode:
+        return self.graph.nodes[name]["node"]
 
     def ops(self) -> list[str]:
         """Operation nodes (not the placeholder/output), from the output down to the input."""
         order = list(nx.topological_sort(self.graph))
-        return [n for n in reversed(order) if self.graph.nodes[n]["fx"].op not in ("placeholder", "output")]
+        return [n for n in reversed(order) if self.node(n).fx.op not in ("placeholder", "output")]
 
     def weighted(self) -> list[str]:
         """Weighted layers, output first: the order R-GAP solves them."""
-        return [n for n in self.ops() if self.graph.nodes[n]["info"].kind == LAYER]
+        return [n for n in self.ops() if self.node(n).info.kind == LAYER]
+
+    def consumers(self, name: str) -> list[str]:
+        return list(self.graph.successors(name))
 
     def is_chain(self) -> bool:
         """True when every node has at most one data input and one data consumer."""
@@ -69,17 +87,29 @@ class LayerGraph:
 
     def data_args(self, name: str) -> list[str]:
         """Names of the data-carrying inputs of a node, in argument order."""
-        return [a.name for a in self.graph.nodes[name]["fx"].all_input_nodes if a.name in self.graph]
+        return [a.name for a in self.node(name).fx.all_input_nodes if a.name in self.graph]
 
-    def conv_spec(self, name: str) -> ConvSpec:
+    def conv_spec(self, name: str) -> ConvSpec | ConvTransposeSpec:
         """Normalised weighted-layer description; the input shape is one sample's (batch dim dropped)."""
-        attrs = self.graph.nodes[name]
-        info: OpInfo = attrs["info"]
-        assert info.conv_spec is not None, f"{name} is not a weighted layer"
-        fxn: fx.Node = attrs["fx"]
-        args = _resolve(self.gm, fxn.args)
-        kwargs = _resolve(self.gm, dict(fxn.kwargs))
-        return info.conv_spec(attrs["module"], args, kwargs, tuple(attrs["in_shape"][1:]))
+        node = self.node(name)
+        assert node.info.conv_spec is not None and node.in_shape is not None, f"{name} is not a weighted layer"
+        args = resolve(self.gm, node.fx.args)
+        kwargs = resolve(self.gm, dict(node.fx.kwargs))
+        return node.info.conv_spec(node.module, args, kwargs, tuple(node.in_shape[1:]))
+
+    def param_names(self, name: str) -> tuple[str | None, str | None]:
+        """The parameter names (as in named_parameters()) of a weighted layer's weight and bias."""
+        node = self.node(name)
+        if node.module is not None:
+            path = node.module_path
+            weight = f"{path}.weight" if getattr(node.module, "weight", None) is not None else None
+            return weight, (f"{path}.bias" if getattr(node.module, "bias", None) is not None else None)
+        args = list(node.fx.args) + [None] * 3
+        w = node.fx.kwargs.get("weight", args[1])
+        b = node.fx.kwargs.get("bias", args[2])
+        wn = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        bn = str(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        return wn, bn
 
 
 def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
@@ -93,8 +123,8 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
         if node.op == "output":
             output_node = node.name
             srcs = [a for a in node.all_input_nodes if a.name in g]
-            shape = g.nodes[srcs[0].name]["out_shape"] if srcs else None
-            g.add_node(node.name, fx=node, info=OUTPUT, module=None, module_path=None, in_shape=shape, out_shape=shape)
+            shape = g.nodes[srcs[0].name]["node"].out_shape if srcs else None
+            g.add_node(node.name, node=GraphNode(node.name, node, OUTPUT, None, None, shape, shape))
             for a in srcs:
                 g.add_edge(a.name, node.name)
             continue
@@ -111,55 +141,11 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
         else:  # call_function / call_method
             info = lookup(node.target)
         data_inputs = [a for a in node.all_input_nodes if a.name in g]
-        in_shape = g.nodes[data_inputs[0].name]["out_shape"] if data_inputs else out_shape
-        g.add_node(
-            node.name,
-            fx=node,
-            info=info,
-            module=module,
-            module_path=str(node.target) if node.op == "call_module" else None,
-            in_shape=in_shape,
-            out_shape=out_shape,
-        )
+        in_shape = g.nodes[data_inputs[0].name]["node"].out_shape if data_inputs else out_shape
+        path = str(node.target) if node.op == "call_module" else None
+        g.add_node(node.name, node=GraphNode(node.name, node, info, module, path, in_shape, out_shape))
         for a in data_inputs:
             g.add_edge(a.name, node.name)
     if input_node is None or output_node is None:
         raise ValueError("traced graph has no tensor input or no output")
     return LayerGraph(gm=gm, graph=g, input_node=input_node, output_node=output_node)
-
-
-def record_instance(
-    lg: LayerGraph, x: torch.Tensor, loss_fn, env: dict[str, object] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Run the model on x and backpropagate loss_fn(output); return node outputs and dL/d(output) per node.
-
-    These are the real values of one client instance: forward values z, activation patterns and
-    output gradients k = dL/dz from autograd, keyed by node name. `env`, if given, also receives
-    every fx node's value (shape arithmetic included, tensors detached) from the same forward pass.
-    """
-    values: dict[str, torch.Tensor] = {}
-    keep = set(lg.graph.nodes)
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            out = super().run_node(n)
-            if env is not None:
-                env[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
-            if n.name in keep and isinstance(out, torch.Tensor) and n.op != "output":
-                if out.requires_grad:
-                    out.retain_grad()
-                values[n.name] = out
-            return out
-
-    if x.is_floating_point():
-        x = x.detach().to(torch.float64).requires_grad_(True)
-    else:  # token ids: no gradient with respect to the input itself
-        x = x.detach()
-    out = _Recorder(lg.gm).run(x)
-    loss = loss_fn(out)
-    loss.backward()
-    grads = {}
-    for name, v in values.items():
-        g = x.grad if name == lg.input_node else v.grad
-        grads[name] = torch.zeros_like(v) if g is None else g.detach()
-    return {k: v.detach() for k, v in values.items()}, grads

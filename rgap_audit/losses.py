@@ -37,3 +37,15 @@ def loss_value(loss: str, output: torch.Tensor, labels: torch.Tensor) -> torch.T
     if loss == "logistic":
         return F.softplus(-labels.to(out.dtype) * out[:, 0]).sum()
     return F.cross_entropy(out, labels, reduction="sum")
+
+
+def client_gradient(model: torch.nn.Module, x: torch.Tensor, loss: str, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a client shares: dL/dparam (float64) of the summed loss on x with labels, by parameter name."""
+    import copy
+
+    m = copy.deepcopy(model).to(torch.float64).eval()
+    params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = m(x.to(torch.float64))
+        grads = torch.autograd.grad(loss_value(loss, out, labels), [p for _, p in params], allow_unused=True)
+    return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, grads)}

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rgap_audit.choices import LOSSES
 from rgap_audit.records import Location
-
-LOSSES = ("logistic", "cross-entropy")
 
 
 @dataclass

@@ -41,6 +41,7 @@ import torch.nn.functional as TF
 
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.convtranspose import ConvTransposeSpec
+from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
     "ForwardInfo",
@@ -54,11 +55,11 @@ __all__ = [
     "layer_rank_counting",
 ]
 
-_EPS = float(np.finfo(np.float64).eps)
+_EPS = EPS
 # Gram fast path: accept "full rank" only when lambda_min / lambda_max of the Gram matrix exceeds this,
 # i.e. sigma_min / sigma_max > 1e-4, far above both the SVD tolerance (~1e-12) and the Gram's own
 # rounding (~n * eps in lambda). Anything closer is decided by an SVD of the matrix itself.
-_GRAM_SAFE = 1e-8
+_GRAM_SAFE = GRAM_SAFE
 _GRAM_MIN = 96  # below this size an SVD is as cheap as the Gram route
 _CHUNK_ELEMS = 4_000_000  # z-perturbation entries pushed through fwd.jac at once
 

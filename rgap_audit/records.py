@@ -1,16 +1,17 @@
 """The results of an audit, as plain data: one LayerRecord per row of the walk, one ModelReport per model.
 
 Everything downstream (rules, table, JSON, SARIF) reads these and nothing else, so the data flows
-one way: load -> trace -> layer graph -> analysis -> records -> rules -> report.
+one way: load -> instance -> layer graph -> analysis -> attack -> records -> rules -> report. Every
+field is declared here with its type: rules are checked against these hints when they are loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "2.0"
 
 
 class Verdict(str, Enum):
@@ -42,11 +43,84 @@ class Chain(str, Enum):
     NONE = "none"  # nothing known about z
 
 
+class ModelStatus(str, Enum):
+    """The model verdict: can the client's input be recovered in closed form?"""
+
+    LEAKS_EXACTLY = "leaks-exactly"  # the first layer gives its input away with no solve
+    RECOVERABLE_LAYERWISE = "recoverable-layerwise"  # plain R-GAP, layer by layer
+    RECOVERABLE_JOINT = "recoverable-joint"  # deficient layers, resolved by the layers below
+    RECOVERABLE_VERIFIED = "recoverable-verified"  # --verify recovered what the analysis did not predict
+    RECOVERABLE_GIVEN_PATTERN = "recoverable-given-pattern"  # determined if the attacker knew activation patterns
+    DEFICIENT = "deficient"  # some input directions are undetermined in closed form
+    UNKNOWN = "unknown"  # not decided (not-understood ops, bounds only, no weighted layer)
+
+    @property
+    def input_recoverable(self) -> bool | None:
+        """True: recoverable; False: not in closed form; None: undecided."""
+        return _RECOVERABLE[self]
+
+
+_RECOVERABLE: dict[ModelStatus, bool | None] = {
+    ModelStatus.LEAKS_EXACTLY: True,
+    ModelStatus.RECOVERABLE_LAYERWISE: True,
+    ModelStatus.RECOVERABLE_JOINT: True,
+    ModelStatus.RECOVERABLE_VERIFIED: True,
+    ModelStatus.RECOVERABLE_GIVEN_PATTERN: None,
+    ModelStatus.DEFICIENT: False,
+    ModelStatus.UNKNOWN: None,
+}
+
+
 @dataclass
 class Location:
     file: str
     line: int
     col: int = 1
+
+
+# ----------------------------------------------------------------------------- what a layer row may carry
+@dataclass
+class Undetermined:
+    """Bounds on the directions of a layer's input left undetermined, carried down when no basis is kept."""
+
+    lower: int
+    upper: int
+
+
+@dataclass
+class Probe:
+    """The forward probe of a layer too large for an exact rank (rgap_audit.fourier)."""
+
+    error: float | None = None  # relative error of the random probe solved back from W v
+    iterations: int | None = None  # preconditioned CGLS iterations
+    skipped: str | None = None  # why the probe did not run
+
+
+@dataclass
+class ParamRowsRecord:
+    """Rows an op's own parameter gradient gives on its input (BatchNorm: dL/dgamma, one per channel)."""
+
+    parameter: str  # "gamma"
+    rows: int
+    redundant: bool | None = None  # measured: combinations of the weighted layer's rows below (no new rank)
+    residual: float | None = None  # of the proportionality test per channel
+
+
+@dataclass
+class BatchSpan:
+    """B > 1: the subspace the weight gradient of the Linear reading the input reveals (span.py)."""
+
+    rank: int  # numerical rank of dL/dW
+    distance: float  # largest relative distance of a sample to its row space
+    samples: int  # batch size
+
+
+@dataclass
+class TokenLeak:
+    """An embedding's table gradient against the tokens of the instance."""
+
+    tokens_used: int | None  # distinct token ids in the input
+    rows_nonzero: int | None  # rows of dL/dW that are non-zero
 
 
 @dataclass
@@ -55,8 +129,8 @@ class LayerRecord:
 
     index: int  # position in the walk, 0 = closest to the output
     node: str  # torch.fx node name: unique even when a module object is reused
-    op: str  # registry key, e.g. "Conv2d", "LeakyReLU", "flatten"
-    kind: str  # registry kind: "layer", "activation", "reshape", "pool", "norm", "merge", "unknown", ...
+    op: str  # op-table name, e.g. "Conv2d", "LeakyReLU", "flatten"
+    kind: str  # op-table kind: "layer", "activation", "reshape", "pool", "norm", "merge", "unknown", ...
     module_path: str | None  # dotted path of the module, None for functional calls
     input_shape: list[int]  # whole batch
     output_shape: list[int]
@@ -68,7 +142,7 @@ class LayerRecord:
     rank: int | None = None  # numerical rank of [K; F]
     rank_lower: int | None = None  # bounds when the exact rank was not computed
     rank_upper: int | None = None
-    rank_method: str | None = None  # "structured-svd", "dense-svd", "closed-form", "bounds"
+    rank_method: str | None = None  # "structured-svd", "fourier-probe", "bounds"
     deficit: int | None = None  # unknowns - rank
     sigma_min_rel: float | None = None  # smallest kept singular value / largest, of the solved blocks
     chain: Chain | None = None  # what is known of this layer's output z
@@ -78,7 +152,15 @@ class LayerRecord:
     reason: str = ""
     location: Location | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    samples: int | None = None  # rows the layer treats as separate samples (batch x leading dims)
+    known_inputs: int | None = None  # input entries known to the attacker (a ReLU's zeros), not unknowns
+    frozen: bool = False  # requires_grad=False: its gradient is not shared
+    k_derivable: bool | None = None  # can the attacker compute dL/dz in closed form?
+    undetermined: Undetermined | None = None  # carried bounds when no basis of the undetermined directions is kept
+    probe: Probe | None = None
+    param_rows: ParamRowsRecord | None = None
+    span: BatchSpan | None = None
+    tokens: TokenLeak | None = None
 
     @property
     def is_layer(self) -> bool:
@@ -87,7 +169,7 @@ class LayerRecord:
 
 @dataclass
 class ModelVerdict:
-    status: str  # "recoverable-layerwise", "recoverable-joint", "leaks-exactly", "deficient", "unknown"
+    status: ModelStatus
     input_recoverable: bool | None  # None when the analysis could not decide (not-understood ops)
     deficient_layers: int
     total_deficit: int
@@ -95,6 +177,140 @@ class ModelVerdict:
     basis: Basis
     summary: str
     caveats: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- --verify
+@dataclass
+class Metrics:
+    """A reconstruction against the truth: relative error, and MSE / PSNR on the original's [min, max] -> [0, 1]."""
+
+    rel_error: float
+    mse: float
+    psnr_db: float | None  # peak 1.0; None when the MSE is 0
+
+
+@dataclass
+class VerifiedLayer:
+    """One weighted layer of the attack next to the static row."""
+
+    node: str
+    module_path: str | None
+    op: str
+    static_verdict: str | None
+    static_deficit: int | None
+    measured_nullity: int | None  # undetermined directions the attack's own system has (rank code)
+    rel_error: float | None  # of the recovered layer input
+    method: str
+    residual_grad: float | None
+    residual_fwd: float | None
+    rows_lost: int = 0
+    seconds: float = 0.0
+    rel_error_projected: float | None = None
+    measured_nullity_projected: int | None = None
+    carried_in: int | None = None
+
+
+@dataclass
+class SampleError:
+    """B > 1: the reconstruction against one sample of the batch."""
+
+    sample: int
+    label: float | int
+    rel_error: float | None
+    mse: float | None
+    psnr_db: float | None
+    candidate: str | None
+    recovered: bool
+
+
+@dataclass
+class Combination:
+    """B > 1: the least-squares combination of the samples closest to the reconstruction."""
+
+    coefficients: list[float]
+    residual_rel: float | None
+    samples_rank: int
+    fills_input_space: bool
+    candidate: str | None = None
+    tolerance: float | None = None
+    combination: bool = False
+
+
+@dataclass
+class SpanLeak:
+    """B > 1: the row space of the first Linear's weight gradient against the samples (measured)."""
+
+    layer: str
+    module_path: str | None
+    parameter: str
+    weight_gradient_shape: list[int]
+    numerical_rank: int
+    rank_rtol: float
+    rank_rule: str
+    singular_values_rel: list[float]
+    distance_rel: list[float]
+    in_row_space_tol: float
+    all_in_row_space: bool
+    summary: str
+
+
+@dataclass
+class Verification:
+    """What --verify measured: the attack on the instance, and whether it confirms the static verdict."""
+
+    attempted: bool
+    confirmed: bool | None  # None: neither confirms nor contradicts
+    summary: str
+    input: str | None = None
+    weights: str | None = None
+    loss: str | None = None
+    rel_error: float | None = None
+    mse: float | None = None
+    psnr_db: float | None = None
+    scaling: str | None = None
+    seconds: float | None = None
+    tolerance: float | None = None  # relative error up to which a recovery counts as exact
+    label: float | int | None = None
+    label_recovered: float | int | None = None
+    label_status: str | None = None
+    variant: str | None = None
+    plain: Metrics | None = None
+    projected: Metrics | None = None
+    ambiguous_inputs: int | None = None
+    layers: list[VerifiedLayer] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    image: str | None = None
+    settled: str | None = None  # the model verdict this measurement changed, and how
+    # batches (B > 1)
+    batch_size: int | None = None
+    attack: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    labels: list[float | int] | None = None
+    candidates: int | None = None
+    per_sample: list[SampleError] | None = None
+    nearest_sample: int | None = None
+    combination: Combination | None = None
+    span_leak: SpanLeak | None = None
+    span_leak_reason: str | None = None
+
+
+@dataclass
+class Identifiability:
+    """--identifiability: rank and spectrum of d(gradient)/d(input) on the instance."""
+
+    unknowns: int
+    gradient_entries: int
+    rank: int
+    deficit: int
+    locally_unique: bool
+    sigma_min_rel: float | None
+    singular_values: list[float]
+    rank_tol: float
+    method: str
+    seconds: float
+    summary: str
+    plot: str | None = None
 
 
 @dataclass
@@ -111,20 +327,25 @@ class ModelReport:
     location: Location | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    verification: dict[str, Any] | None = None
+    tolerances: dict[str, float | str] = field(default_factory=dict)  # rgap_audit.tolerances.summary()
+    verification: Verification | None = None
+    identifiability: Identifiability | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""
-        return _plain(asdict(self))
+        return plain(asdict(self))
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
+    """Dataclasses, enums and containers as plain JSON values."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, Enum):
         return obj.value
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 

@@ -141,7 +141,7 @@ def field_type(scope: str, path: str) -> FieldType:
     for i, part in enumerate(parts):
         if current is not None:
             if current.kind == "dict" or current.kind == "any":
-                return _ANY  # free-form dicts (extra, verification): any key, any value
+                return _ANY  # free-form dicts (timings, tolerances): any key, any value
             if current.kind != "record":
                 raise KeyError(f"{'.'.join(parts[:i])!r} has no fields (it is {current.kind})")
             fields = _record_fields(current.record)  # type: ignore[arg-type]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-RTOL = 1e-10  # singular values above this fraction of the largest count towards the numerical rank
-IN_TOL = 1e-8  # relative distance to the row space up to which a sample counts as lying in it
+from rgap_audit.tolerances import SPAN_IN_TOL as IN_TOL
+from rgap_audit.tolerances import SPAN_RTOL as RTOL
+
 RULE = f"randomised range finder (B + 8 Gaussian columns), then an SVD; singular values above {RTOL:g} x the largest"
 
 

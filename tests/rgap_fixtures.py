@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rgap_audit.records import Basis, Chain, LayerRecord, Location, ModelReport, ModelVerdict, Verdict
+from rgap_audit.records import Basis, BatchSpan, Chain, LayerRecord, Location, ModelReport, ModelStatus, ModelVerdict, Verdict
 
 MLP_SOURCE = '''\
 import torch.nn as nn
@@ -74,7 +74,7 @@ def leaky_mlp(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> ModelRep
         ),
     ]
     verdict = ModelVerdict(
-        status="leaks-exactly", input_recoverable=True, deficient_layers=0, total_deficit=0, input_deficit=0,
+        status=ModelStatus("leaks-exactly"), input_recoverable=True, deficient_layers=0, total_deficit=0, input_deficit=0,
         basis=Basis.STRUCTURE, summary="the input leaks exactly through fc1 (Linear with bias)",
         caveats=["Activation patterns are taken as known to the attacker, as in R-GAP."],
     )
@@ -122,7 +122,7 @@ def deficient_cnn(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> Mode
         ),
     ]
     verdict = ModelVerdict(
-        status="deficient", input_recoverable=False, deficient_layers=1, total_deficit=280, input_deficit=280,
+        status=ModelStatus("deficient"), input_recoverable=False, deficient_layers=1, total_deficit=280, input_deficit=280,
         basis=Basis.NUMERICAL, summary="input not recoverable in closed form: 280 input directions undetermined",
         caveats=["A layer-wise deficit is not proof of safety."],
     )
@@ -140,7 +140,7 @@ def undecided(file: str = "models/odd.py") -> ModelReport:
             input_shape=[4, 100], output_shape=[4, 1], unknowns=400, grad_rows=100, fwd_rows=4,
             rank_lower=300, rank_upper=450, rank_method="bounds", verdict=Verdict.RECOVERABLE, basis=Basis.BOUNDS,
             reason="rank between 300 and 450 of 400 unknowns (system too large for an exact rank)",
-            extra={"span_rank": 4, "span_distance": 3e-16, "span_samples": 4},  # B = 4: the batch's span leaks
+            span=BatchSpan(rank=4, distance=3e-16, samples=4),  # B = 4: the batch's span leaks
         ),
         LayerRecord(
             index=1, node="fft_1", op="fft", kind="unknown", module_path=None,
@@ -149,7 +149,7 @@ def undecided(file: str = "models/odd.py") -> ModelReport:
         ),
     ]
     verdict = ModelVerdict(
-        status="unknown", input_recoverable=None, deficient_layers=0, total_deficit=0, input_deficit=None,
+        status=ModelStatus("unknown"), input_recoverable=None, deficient_layers=0, total_deficit=0, input_deficit=None,
         basis=Basis.BOUNDS, summary="input layer fc only bounded; not understood: fft (never counted as safe)",
     )
     return ModelReport(

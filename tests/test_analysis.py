@@ -248,7 +248,8 @@ def _gram_rank(spec, k: torch.Tensor, forward_rows: bool) -> tuple[int, float]:
 
 
 from rgap_audit.convspec import ConvSpec  # noqa: E402
-from rgap_audit.analysis import Walker  # noqa: E402
+from rgap_audit.analysis import audit_instance  # noqa: E402
+from rgap_audit.instance import build_instance  # noqa: E402
 from rgap_audit.options import AuditOptions, LoadedModel  # noqa: E402
 
 
@@ -268,14 +269,14 @@ def test_paper_networks_layers_against_dense_gram(net, max_unknowns, at_least):
 
     make, shape = {"CNN6": (paper_nets.cnn6, (3, 32, 32)), "CNN6-d": (paper_nets.cnn6_d, (3, 32, 32)), "FCN3": (paper_nets.fcn3, (1, 28, 28))}[net]
     torch.manual_seed(0)
-    walker = Walker(LoadedModel(file="<t>", name=net, module=make(), input_shape=shape), AuditOptions())
-    rep = walker.run()
+    inst = build_instance(LoadedModel(file="<t>", name=net, module=make(), input_shape=shape), AuditOptions())
+    rep = audit_instance(inst, AuditOptions()).report
     checked = 0
     for rec in rep.layers:
         if rec.unknowns is None or rec.unknowns > max_unknowns or rec.chain.value != "full":
             continue
-        spec = walker.lg.conv_spec(rec.node)
-        k = walker.grads[rec.node].reshape(1, *spec.out_shape)
+        spec = inst.graph.conv_spec(rec.node)
+        k = inst.grads[rec.node].reshape(1, *spec.out_shape)
         is_top = rec.index == 0
         r, gap = _gram_rank(spec, k, forward_rows=not is_top)
         if is_top:  # the output layer: K alone (a one-row forward block adds nothing to a full-rank K)
@@ -331,9 +332,9 @@ def test_embedding_token_set_leaks_and_tokens_are_recovered_through_the_layer_ab
     emb = rows["emb"]
     # measured on the instance: the rows of dL/dW_emb that are non-zero are exactly the tokens used
     assert emb.verdict == Verdict.LEAKS_EXACTLY
-    assert emb.extra["gradient_rows_nonzero"] == emb.extra["tokens_used"] >= 1
+    assert emb.tokens.rows_nonzero == emb.tokens.tokens_used >= 1
     # fc (6 positions x 8 features sharing one gradient) recovers the embedded sequence, hence the tokens
-    assert rows["fc"].deficit == 0 and rows["fc"].extra["samples"] == 6
+    assert rows["fc"].deficit == 0 and rows["fc"].samples == 6
     assert rep.verdict.status == "recoverable-layerwise"
     # a frozen table shares no gradient: no token-set leak is claimed
     model = _TokenModel()

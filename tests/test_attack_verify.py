@@ -10,12 +10,25 @@ from torch import nn
 
 from examples.mlp_bias import BiasedMLP
 from examples.paper_nets import fcn3
-from rgap_audit.attack import verify
+from rgap_audit.analysis import Audit
 from rgap_audit.errors import AuditError
+from rgap_audit.instance import build_instance
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import Basis, LayerRecord, ModelReport, ModelVerdict, Verdict
+from rgap_audit.records import Basis, LayerRecord, ModelReport, ModelStatus, ModelVerdict, Verdict, plain
 from rgap_audit.tracing import trace
+from rgap_audit.verify import settle
+from rgap_audit.verify import verify as verify_audit
+
+
+def verify(loaded, options, report, **kwargs):
+    """--verify of the audit whose static report is `report` (a stand-in), on the loaded model's instance,
+    as the pipeline runs it: the record goes to the report, the verdict becomes the settled one."""
+    inst = build_instance(loaded, AuditOptions(**{**vars(options), "batch_size": report.batch_size or options.batch_size}))
+    out = verify_audit(Audit(report, inst, {}), **kwargs)
+    report.verification = out
+    report.verdict = settle(report.verdict, out, inst.batch)
+    return out
 
 
 def _report(model, shape, loss, deficits=None, recoverable=True, batch=1):
@@ -27,13 +40,13 @@ def _report(model, shape, loss, deficits=None, recoverable=True, batch=1):
         d = deficits.get(n, 0)
         layers.append(
             LayerRecord(
-                index=i, node=n, op="Linear", kind="layer", module_path=lg.node(n)["module_path"],
-                input_shape=list(lg.node(n)["in_shape"]), output_shape=list(lg.node(n)["out_shape"]),
+                index=i, node=n, op="Linear", kind="layer", module_path=lg.node(n).module_path,
+                input_shape=list(lg.node(n).in_shape), output_shape=list(lg.node(n).out_shape),
                 deficit=d, verdict=Verdict.DEFICIENT if d else Verdict.RECOVERABLE, basis=Basis.NUMERICAL,
             )
         )
     verdict = ModelVerdict(
-        status="recoverable-layerwise" if recoverable else "deficient", input_recoverable=recoverable,
+        status=ModelStatus.RECOVERABLE_LAYERWISE if recoverable else ModelStatus.DEFICIENT, input_recoverable=recoverable,
         deficient_layers=len(deficits), total_deficit=sum(deficits.values()), input_deficit=0 if recoverable else 5,
         basis=Basis.NUMERICAL, summary="",
     )
@@ -52,16 +65,16 @@ def test_verify_confirms_and_writes_the_picture(tmp_path):
     loaded, report = _fcn3()
     out = verify(loaded, AuditOptions(seed=3), report, save_images=str(tmp_path))
     assert report.verification is out
-    json.dumps(out)  # JSON-ready
-    assert out["attempted"] and out["confirmed"] is True and out["summary"].startswith("Confirmed")
+    json.dumps(plain(out))  # JSON-ready
+    assert out.attempted and out.confirmed is True and out.summary.startswith("Confirmed")
     assert report.verdict.basis.value == "verified"  # the verdict now rests on the measured reconstruction
-    assert out["rel_error"] < 1e-10 and out["psnr_db"] > 150 and out["mse"] < 1e-15
-    assert "peak 1.0" in out["scaling"]
-    assert [entry["node"] for entry in out["layers"]] == [r.node for r in report.layers]
-    assert all(entry["static_verdict"] == "recoverable" and entry["rel_error"] < 1e-10 for entry in out["layers"])
+    assert out.rel_error < 1e-10 and out.psnr_db > 150 and out.mse < 1e-15
+    assert "peak 1.0" in out.scaling
+    assert [entry.node for entry in out.layers] == [r.node for r in report.layers]
+    assert all(entry.static_verdict == "recoverable" and entry.rel_error < 1e-10 for entry in out.layers)
     from PIL import Image
 
-    with Image.open(out["image"]) as im:
+    with Image.open(out.image) as im:
         w, h = im.size
     assert w > 3 * h - 20  # original | reconstruction | rescaled, side by side
 
@@ -71,11 +84,11 @@ def test_verify_is_not_confirmed_when_the_static_verdict_says_safe():
     report = _report(loaded.module, (1, 28, 28), "logistic", recoverable=False)
     before = report.verdict.basis
     out = verify(loaded, AuditOptions(), report)
-    assert out["confirmed"] is False and out["summary"].startswith("Not confirmed")
+    assert out.confirmed is False and out.summary.startswith("Not confirmed")
     # a demonstrated recovery outranks the analysis: the model verdict says so, and what it said before
     assert before != Basis.VERIFIED and report.verdict.basis == Basis.VERIFIED
     assert report.verdict.status == "recoverable-verified" and report.verdict.input_recoverable is True
-    assert "the static analysis alone said" in report.verdict.summary and "settled" in out
+    assert "the static analysis alone said" in report.verdict.summary and out.settled is not None
 
 
 def test_verify_settles_an_undecided_verdict_when_the_attack_recovers_the_input():
@@ -95,7 +108,7 @@ def test_verify_settles_an_undecided_verdict_when_the_attack_recovers_the_input(
     assert report.verdict.status == "recoverable-given-pattern" and report.verdict.input_recoverable is None
     assert "RGAP102" in {f.code for f in evaluate([report], load_rules())}
     out = verify(loaded, AuditOptions(), report)
-    assert out["rel_error"] <= 1e-6 and out["confirmed"] is None  # not a confirmation: the analysis said nothing
+    assert out.rel_error <= 1e-6 and out.confirmed is None  # not a confirmation: the analysis said nothing
     assert report.verdict.status == "recoverable-verified" and report.verdict.basis == Basis.VERIFIED
     codes = {f.code for f in evaluate([report], load_rules())}
     assert "RGAP101" in codes and "RGAP102" not in codes
@@ -106,12 +119,12 @@ def test_verify_on_a_saved_tensor_and_an_image(tmp_path):
     x = torch.rand(1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
     out = verify(loaded, AuditOptions(), report, input=str(tmp_path / "x.pt"))
-    assert out["rel_error"] < 1e-10 and out["input"].endswith("x.pt")
+    assert out.rel_error < 1e-10 and out.input.endswith("x.pt")
     from PIL import Image
 
     Image.new("RGB", (40, 30), (200, 30, 90)).save(tmp_path / "img.png")
     out = verify(loaded, AuditOptions(), report, input=str(tmp_path / "img.png"))
-    assert out["attempted"] and out["rel_error"] < 1e-8
+    assert out.attempted and out.rel_error < 1e-8
 
 
 def test_verify_with_weights(tmp_path):
@@ -119,7 +132,7 @@ def test_verify_with_weights(tmp_path):
     other = fcn3()
     torch.save(other.state_dict(), tmp_path / "ok.pt")
     out = verify(loaded, AuditOptions(), report, weights=str(tmp_path / "ok.pt"))
-    assert out["weights"].endswith("ok.pt") and out["rel_error"] < 1e-10
+    assert out.weights.endswith("ok.pt") and out.rel_error < 1e-10
     torch.save(BiasedMLP().state_dict(), tmp_path / "bad.pt")
     with pytest.raises(AuditError, match="does not match") as info:
         verify(loaded, AuditOptions(), report, weights=str(tmp_path / "bad.pt"))
@@ -160,8 +173,8 @@ def test_verify_batch_runs_the_attack_on_the_summed_gradient():
     loaded, _ = _fcn3()
     report = _report(loaded.module, (1, 28, 28), "logistic", batch=2)
     out = verify(loaded, AuditOptions(batch_size=2), report)
-    assert out["attempted"] is True and out["batch_size"] == 2 and len(out["per_sample"]) == 2
-    assert out["confirmed"] is None and "cannot confirm recovery of 2 samples" in out["summary"]
+    assert out.attempted is True and out.batch_size == 2 and len(out.per_sample) == 2
+    assert out.confirmed is None and "cannot confirm recovery of 2 samples" in out.summary
     assert report.verdict.basis == Basis.NUMERICAL
 
 
@@ -176,14 +189,14 @@ def test_verify_reports_the_projected_variant_for_a_deficient_layer():
     )
     loaded = LoadedModel(file="m.py", name="Narrow", module=model, input_shape=(2, 9, 9), loss="logistic")
     probe = verify(loaded, AuditOptions(seed=2), _report(model, (2, 9, 9), "logistic"))
-    deficient = {e["node"]: e["measured_nullity"] for e in probe["layers"] if e["measured_nullity"]}
+    deficient = {e.node: e.measured_nullity for e in probe.layers if e.measured_nullity}
     assert deficient, "the narrow conv should be deficient"
     report = _report(model, (2, 9, 9), "logistic", deficits=deficient)
     out = verify(loaded, AuditOptions(seed=2), report)
-    assert out["projected"] is not None
-    entry = next(e for e in out["layers"] if e["node"] in deficient)
-    assert entry["static_deficit"] == entry["measured_nullity"]
-    assert out["plain"]["rel_error"] > 1e-3
+    assert out.projected is not None
+    entry = next(e for e in out.layers if e.node in deficient)
+    assert entry.static_deficit == entry.measured_nullity
+    assert out.plain.rel_error > 1e-3
     # the pattern below the deficient layer is estimated (not given) and settles: the input comes back
-    assert out["projected"]["rel_error"] < 1e-8
-    assert out["confirmed"] is True and "projected" in out["summary"]
+    assert out.projected.rel_error < 1e-8
+    assert out.confirmed is True and "projected" in out.summary

@@ -19,25 +19,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.mlp_bias import BiasedMLP
-from rgap_audit.attack import reconstruct, verify
-from rgap_audit.attack.verification import (
-    COMBINATION_TOL,
-    EXACT,
-    client_gradient,
-    combination_fit,
-    span_leak,
-)
+from rgap_audit.analysis import Audit
+from rgap_audit.attack import reconstruct
 from rgap_audit.cli import main as cli_main
 from rgap_audit.errors import AuditError
 from rgap_audit.formats import FORMATS, render
 from rgap_audit.formats.jsonreport import report_dict, report_schema
+from rgap_audit.instance import build_instance
 from rgap_audit.layergraph import build_layer_graph
-from rgap_audit.losses import make_labels
+from rgap_audit.losses import client_gradient, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import Basis, LayerRecord, ModelReport, ModelVerdict, Verdict
+from rgap_audit.records import Basis, LayerRecord, ModelReport, ModelStatus, ModelVerdict, Verdict, plain
+from rgap_audit.tolerances import COMBINATION_TOL, EXACT
 from rgap_audit.tracing import trace
+from rgap_audit.verify import settle
+from rgap_audit.verify import verify as verify_audit
+from rgap_audit.verify.batch import span_leak as client_span_leak
+from rgap_audit.verify.metrics import combination_fit
 
 SHAPE = (1, 7, 7)
+
+
+def verify(loaded, options, report, **kwargs):
+    """--verify of the audit whose static report is `report` (a stand-in), on the loaded model's instance,
+    as the pipeline runs it: the record goes to the report, the verdict becomes the settled one."""
+    inst = build_instance(loaded, AuditOptions(**{**vars(options), "batch_size": report.batch_size or options.batch_size}))
+    out = verify_audit(Audit(report, inst, {}), debug=options.debug, **kwargs)
+    report.verification = out
+    report.verdict = settle(report.verdict, out, inst.batch)
+    return out
+
+
+def span_leak(model, grads, x):
+    """The span measurement of --verify on the client whose input is x and whose shared gradient is `grads`."""
+    loaded = LoadedModel(file="m.py", name="M", module=model, input_shape=tuple(x.shape[1:]))
+    inst = build_instance(loaded, AuditOptions(batch_size=x.shape[0], loss="logistic"))
+    labels = make_labels("logistic", x.shape[0], 1, torch.Generator().manual_seed(0))
+    client = inst.replay(x, labels)
+    for k in client.param_grads:  # the gradient given, not the replay's
+        client.param_grads[k] = grads[k].to(torch.float64)
+    return client_span_leak(client)
 
 
 def small_fcn() -> nn.Sequential:
@@ -58,12 +79,12 @@ def _report(model, shape, loss, recoverable, batch):
     """A stand-in for the static analysis' report (only the verdict matters to a batch verification)."""
     lg = build_layer_graph(trace(model, torch.zeros(1, *shape)))
     layers = [
-        LayerRecord(index=i, node=n, op="Linear", kind="layer", module_path=lg.node(n)["module_path"],
-                    input_shape=list(lg.node(n)["in_shape"]), output_shape=list(lg.node(n)["out_shape"]),
+        LayerRecord(index=i, node=n, op="Linear", kind="layer", module_path=lg.node(n).module_path,
+                    input_shape=list(lg.node(n).in_shape), output_shape=list(lg.node(n).out_shape),
                     deficit=0, verdict=Verdict.RECOVERABLE, basis=Basis.NUMERICAL)
         for i, n in enumerate(lg.weighted())
     ]
-    verdict = ModelVerdict(status="deficient" if recoverable is False else "recoverable-layerwise", input_recoverable=recoverable,
+    verdict = ModelVerdict(status=ModelStatus.DEFICIENT if recoverable is False else ModelStatus.RECOVERABLE_LAYERWISE, input_recoverable=recoverable,
                            deficient_layers=0, total_deficit=0, input_deficit=None, basis=Basis.NUMERICAL, summary="stand-in")
     return ModelReport(file="m.py", model="M", input_shape=list(shape), batch_size=batch, loss=loss, seed=0,
                        dtype="float64", layers=layers, verdict=verdict)
@@ -109,16 +130,16 @@ def test_small_fcn_batch2_confirms_not_recoverable_and_finds_a_combination():
     model = small_fcn()
     report = _report(model, SHAPE, "logistic", False, 2)
     out = verify(_loaded(model, SHAPE, "logistic"), AuditOptions(seed=0, batch_size=2), report)
-    json.dumps(out)  # JSON-ready
+    json.dumps(plain(out))  # JSON-ready
     assert report.verification is out
-    assert out["attempted"] and out["batch_size"] == 2 and out["outcome"] == "reconstructed"
-    assert out["confirmed"] is True and out["summary"].startswith("Confirmed")
+    assert out.attempted and out.batch_size == 2 and out.outcome == "reconstructed"
+    assert out.confirmed is True and out.summary.startswith("Confirmed")
     assert report.verdict.basis == Basis.VERIFIED
-    assert all(p["rel_error"] > EXACT and not p["recovered"] for p in out["per_sample"])
+    assert all(p.rel_error > EXACT and not p.recovered for p in out.per_sample)
 
     # the samples, the labels and the shared gradient, independently
     x, labels = _seeded(0, 2, SHAPE, "logistic", 1)
-    assert out["labels"] == labels.tolist()
+    assert out.labels == labels.tolist()
     shared = _per_sample_sum(model, x, "logistic", labels)
     client = client_gradient(model, x, "logistic", labels)
     assert shared.keys() == client.keys()
@@ -129,27 +150,27 @@ def test_small_fcn_batch2_confirms_not_recoverable_and_finds_a_combination():
     rec = reconstruct(model, shared, SHAPE, "logistic")
     cands = [rec.input, *rec.alternatives] + ([rec.projected.input, *rec.projected.alternatives] if rec.projected else [])
     cands = [c for c in cands if c is not None]
-    assert len(cands) == out["candidates"] >= 1
+    assert len(cands) == out.candidates >= 1
     errs = [min(float((c.reshape(SHAPE) - x[n]).norm() / x[n].norm()) for c in cands) for n in range(2)]
     for n in range(2):
-        assert out["per_sample"][n]["rel_error"] == pytest.approx(errs[n], rel=1e-8)
-    assert out["nearest_sample"] == int(np.argmin(errs))
-    assert out["rel_error"] == pytest.approx(min(errs), rel=1e-8)
+        assert out.per_sample[n].rel_error == pytest.approx(errs[n], rel=1e-8)
+    assert out.nearest_sample == int(np.argmin(errs))
+    assert out.rel_error == pytest.approx(min(errs), rel=1e-8)
 
     # combination fit against numpy's least squares on the same reconstruction
     X = x.reshape(2, -1).numpy().T
     y = cands[0].reshape(-1).numpy()
     c, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = float(np.linalg.norm(X @ c - y) / np.linalg.norm(y))
-    comb = out["combination"]
-    assert comb["candidate"] == "plain"
-    np.testing.assert_allclose(comb["coefficients"], c, rtol=1e-6, atol=1e-12)
-    assert comb["residual_rel"] == pytest.approx(resid, abs=1e-12)
+    comb = out.combination
+    assert comb.candidate == "plain"
+    np.testing.assert_allclose(comb.coefficients, c, rtol=1e-6, atol=1e-12)
+    assert comb.residual_rel == pytest.approx(resid, abs=1e-12)
     # R-GAP recovers a combination of the two samples (not either one): both coefficients matter
-    assert resid <= COMBINATION_TOL and comb["combination"] is True and "combination of the samples" in out["summary"]
+    assert resid <= COMBINATION_TOL and comb.combination is True and "combination of the samples" in out.summary
     assert min(abs(v) for v in c) > 1e-3
     # the last layer R-GAP solves had to fit a gradient no single input produces
-    assert out["attack_layers"] and max(e["residual_grad"] or 0.0 for e in out["attack_layers"]) > 1e-3
+    assert out.layers and max(e.residual_grad or 0.0 for e in out.layers) > 1e-3
 
 
 def test_combination_fit_negative_controls():
@@ -157,12 +178,12 @@ def test_combination_fit_negative_controls():
     samples = torch.rand((2, *SHAPE), generator=gen, dtype=torch.float64)
     other = torch.rand(SHAPE, generator=gen, dtype=torch.float64)
     fit = combination_fit(samples, other)  # a random vector is not a combination of two samples in 49 dimensions
-    assert fit["residual_rel"] > 0.3 and not fit["fills_input_space"] and fit["samples_rank"] == 2
+    assert fit.residual_rel > 0.3 and not fit.fills_input_space and fit.samples_rank == 2
     exact = combination_fit(samples, 2.0 * samples[0] - 0.5 * samples[1])
-    np.testing.assert_allclose(exact["coefficients"], [2.0, -0.5], rtol=1e-10)
-    assert exact["residual_rel"] < 1e-12
+    np.testing.assert_allclose(exact.coefficients, [2.0, -0.5], rtol=1e-10)
+    assert exact.residual_rel < 1e-12
     many = combination_fit(torch.rand((5, 3), generator=gen, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64))
-    assert many["fills_input_space"] is True  # 5 samples span R^3: "a combination" would say nothing
+    assert many.fills_input_space is True  # 5 samples span R^3: "a combination" would say nothing
 
 
 def test_a_batch_that_spans_the_input_space_claims_no_combination():
@@ -170,12 +191,12 @@ def test_a_batch_that_spans_the_input_space_claims_no_combination():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.LeakyReLU(0.2), nn.Linear(5, 1, bias=False))
     out = verify(_loaded(model, (6,), "logistic"), AuditOptions(seed=0, batch_size=8), _report(model, (6,), "logistic", False, 8))
-    if out["outcome"] == "reconstructed":
-        comb = out["combination"]
-        assert comb["fills_input_space"] is True and comb["samples_rank"] == 6 and comb["combination"] is False
-        assert "span the whole input space" in out["summary"] and "combination of the samples (" not in out["summary"]
+    if out.outcome == "reconstructed":
+        comb = out.combination
+        assert comb.fills_input_space is True and comb.samples_rank == 6 and comb.combination is False
+        assert "span the whole input space" in out.summary and "combination of the samples (" not in out.summary
     else:
-        assert out["combination"] is None and out["reason"]
+        assert out.combination is None and out.reason
 
 
 def test_static_recoverable_or_undecided_is_never_confirmed_by_one_input():
@@ -184,7 +205,7 @@ def test_static_recoverable_or_undecided_is_never_confirmed_by_one_input():
     for static in (True, None):
         report = _report(model, SHAPE, "logistic", static, 2)
         out = verify(_loaded(model, SHAPE, "logistic"), AuditOptions(seed=0, batch_size=2), report)
-        assert out["confirmed"] is None and "cannot confirm recovery of 2 samples" in out["summary"]
+        assert out.confirmed is None and "cannot confirm recovery of 2 samples" in out.summary
         assert report.verdict.basis == Basis.NUMERICAL  # not VERIFIED
 
 
@@ -199,11 +220,11 @@ def test_a_recovered_sample_contradicts_a_not_recoverable_verdict(tmp_path):
     model = BiasedMLP()
     report = _report(model, (64,), "cross-entropy", False, 2)
     out = verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=seed, batch_size=2), report, input=str(tmp_path / "twins.pt"))
-    assert out["input"].endswith("twins.pt") and out["outcome"] == "reconstructed"
-    assert all(p["recovered"] and p["rel_error"] <= EXACT for p in out["per_sample"])
-    assert out["confirmed"] is False and out["summary"].startswith("Not confirmed")
+    assert out.input.endswith("twins.pt") and out.outcome == "reconstructed"
+    assert all(p.recovered and p.rel_error <= EXACT for p in out.per_sample)
+    assert out.confirmed is False and out.summary.startswith("Not confirmed")
     assert report.verdict.basis == Basis.NUMERICAL
-    assert out["span_leak"]["numerical_rank"] == 1  # two equal samples span one direction
+    assert out.span_leak.numerical_rank == 1  # two equal samples span one direction
 
 
 # ----------------------------------------------------------------------------- the span leak
@@ -211,13 +232,13 @@ def test_span_leak_of_a_biased_first_linear_with_three_samples():
     torch.manual_seed(0)
     model = BiasedMLP()
     out = verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=3), _report(model, (64,), "cross-entropy", False, 3))
-    leak = out["span_leak"]
-    assert out["span_leak_reason"] is None and leak["layer"] and leak["parameter"] == "fc1.weight"
-    assert leak["numerical_rank"] == 3 and leak["all_in_row_space"] is True
-    assert len(leak["distance_rel"]) == 3 and max(leak["distance_rel"]) <= 1e-8
-    sv = leak["singular_values_rel"]
-    assert sv[2] > 1e-3 and sv[3] < leak["rank_rtol"]  # three clear directions, then numerical zero
-    assert "span" in leak["summary"] and "rank 3" in leak["summary"]
+    leak = out.span_leak
+    assert out.span_leak_reason is None and leak.layer and leak.parameter == "fc1.weight"
+    assert leak.numerical_rank == 3 and leak.all_in_row_space is True
+    assert len(leak.distance_rel) == 3 and max(leak.distance_rel) <= 1e-8
+    sv = leak.singular_values_rel
+    assert sv[2] > 1e-3 and sv[3] < leak.rank_rtol  # three clear directions, then numerical zero
+    assert "span" in leak.summary and "rank 3" in leak.summary
 
     # independently: the summed gradient's fc1 rows, numpy's rank, numpy's least-squares distances
     x, labels = _seeded(0, 3, (64,), "cross-entropy", 10)
@@ -245,7 +266,7 @@ def test_span_leak_is_skipped_with_a_reason_for_other_first_layers():
     torch.manual_seed(0)
     fcn = small_fcn()
     leak, why = span_leak(fcn, client_gradient(fcn, x, "logistic", torch.tensor([1.0, -1.0], dtype=torch.float64)), x)
-    assert why is None and leak["numerical_rank"] == 2 and leak["all_in_row_space"]
+    assert why is None and leak.numerical_rank == 2 and leak.all_in_row_space
 
 
 # ----------------------------------------------------------------------------- when the engine cannot proceed
@@ -253,18 +274,18 @@ def test_cross_entropy_batch_is_reported_not_crashed():
     torch.manual_seed(0)
     model = BiasedMLP()
     out = verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=3), _report(model, (64,), "cross-entropy", False, 3))
-    json.dumps(out)
-    assert out["attempted"] is True and out["batch_size"] == 3 and len(out["per_sample"]) == 3
+    json.dumps(plain(out))
+    assert out.attempted is True and out.batch_size == 3 and len(out.per_sample) == 3
     x, labels = _seeded(0, 3, (64,), "cross-entropy", 10)
     assert len(set(labels.tolist())) == 3  # three labels: three negative entries in the summed dL/db
-    assert out["outcome"] == "reconstructed"  # the unrecoverable label is tried over every class
+    assert out.outcome == "reconstructed"  # the unrecoverable label is tried over every class
     # the engine reads fc1's bias leak x' = dW^T db / |db|^2 = sum_n (k_n . db / |db|^2) x_n
     k = [_per_sample_sum(model, x[n : n + 1], "cross-entropy", labels[n : n + 1])["fc1.bias"] for n in range(3)]
     db = sum(k)
     want = [float(kn @ db / (db @ db)) for kn in k]
-    assert out["combination"]["combination"] is True and out["combination"]["residual_rel"] < 1e-8
-    np.testing.assert_allclose(out["combination"]["coefficients"], want, rtol=1e-6)
-    assert out["span_leak"]["numerical_rank"] == 3
+    assert out.combination.combination is True and out.combination.residual_rel < 1e-8
+    np.testing.assert_allclose(out.combination.coefficients, want, rtol=1e-6)
+    assert out.span_leak.numerical_rank == 3
 
 
 def test_a_head_that_refuses_the_summed_gradient_is_a_measured_outcome():
@@ -272,13 +293,13 @@ def test_a_head_that_refuses_the_summed_gradient_is_a_measured_outcome():
     model = ce_nobias()
     report = _report(model, (10,), "cross-entropy", False, 2)
     out = verify(_loaded(model, (10,), "cross-entropy"), AuditOptions(seed=0, batch_size=2), report)
-    assert out["outcome"] == "refused" and out["reason"].startswith("head ")
-    assert out["confirmed"] is None and out["summary"].startswith("Not confirmed either way")
+    assert out.outcome == "refused" and out.reason.startswith("head ")
+    assert out.confirmed is None and out.summary.startswith("Not confirmed either way")
     assert report.verdict.basis == Basis.NUMERICAL
     # the same model on one sample is attacked normally: the refusal is the batch's doing
     rep1 = _report(model, (10,), "cross-entropy", True, 1)
     one = verify(_loaded(model, (10,), "cross-entropy"), AuditOptions(seed=0), rep1)
-    assert one["attempted"] and "batch_size" not in one and one["rel_error"] is not None
+    assert one.attempted and one.batch_size is None and one.rel_error is not None
 
 
 def test_bad_inputs_are_still_audit_errors(tmp_path):
@@ -333,9 +354,9 @@ def test_batch_verification_in_json_table_and_every_format():
         with pytest.raises(jsonschema.ValidationError):
             validator.validate(bad)
     # the analysis' undecided status for FCN3 at B = 2 (docs/DESIGN.md) is a valid report too
-    ok.verdict.status, ok.verdict.input_recoverable = "recoverable-given-pattern", None
+    ok.verdict.status, ok.verdict.input_recoverable = ModelStatus.RECOVERABLE_GIVEN_PATTERN, None
     validator.validate(report_dict([ok], []))
-    ok.verdict.status, ok.verdict.input_recoverable = "deficient", False
+    ok.verdict.status, ok.verdict.input_recoverable = ModelStatus.DEFICIENT, False
     text = render("table", [ok, refused, single], [])
     block = text.split("M - input")[1].split("CE - input")[0]
     assert "per sample: #0 rel. error" in block and "#1 rel. error" in block
@@ -355,7 +376,7 @@ def test_save_images_one_row_per_sample(tmp_path):
     from PIL import Image
 
     x, _ = _seeded(0, 2, SHAPE, "logistic", 1)
-    with Image.open(out["image"]) as im:
+    with Image.open(out.image) as im:
         w, h = im.size
         rgb = im.convert("RGB")
         tile = (w - 8) // 3
@@ -397,16 +418,16 @@ def test_cli_batch_verify_exit_codes(tmp_path, monkeypatch, capsys):
 
 
 def test_an_engine_crash_is_recorded_but_propagates_under_debug(monkeypatch):
-    import rgap_audit.attack.verification as ver
+    import rgap_audit.verify.batch as ver
 
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ver, "reconstruct", crash)
+    monkeypatch.setattr(ver, "attack_graph", crash)
     torch.manual_seed(0)
     model = BiasedMLP()
     report = _report(model, (64,), "cross-entropy", False, 2)
     out = verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=2), report)
-    assert out["outcome"] == "engine-error" and "RuntimeError: boom" in out["reason"]
+    assert out.outcome == "engine-error" and "RuntimeError: boom" in out.reason
     with pytest.raises(RuntimeError, match="boom"):
         verify(_loaded(model, (64,), "cross-entropy"), AuditOptions(seed=0, batch_size=2, debug=True), report)

@@ -79,7 +79,7 @@ def test_gamma_rows_add_no_rank_to_the_conv_gradient_rows_dense():
         # ... and the audit says so, having measured the same thing its own way
         rep = audit(m, (2, 6, 6))
         bn = next(r for r in rep.layers if r.op == "BatchNorm")
-        assert bn.extra["gamma_rows"] == 4 and bn.extra["gamma_rows_redundant"] is True
+        assert bn.param_rows.rows == 4 and bn.param_rows.redundant is True
         assert "add no rank" in bn.reason
 
 
@@ -91,7 +91,7 @@ def test_gamma_rows_of_a_batchnorm_over_a_frozen_layer_are_reported_as_unused():
     assert _rank(G) == 4  # with no conv gradient shared, these rows are real extra constraints
     rep = audit(m, (2, 6, 6))
     bn = next(r for r in rep.layers if r.op == "BatchNorm")
-    assert bn.extra["gamma_rows_redundant"] is False
+    assert bn.param_rows.redundant is False
     assert "does not use" in bn.reason
     assert any("gamma-gradient rows not used" in w for w in rep.warnings)
 
@@ -101,4 +101,4 @@ def test_frozen_gamma_gives_no_rows():
     next(mod for mod in m if isinstance(mod, nn.BatchNorm2d)).weight.requires_grad_(False)
     rep = audit(m, (2, 6, 6))
     bn = next(r for r in rep.layers if r.op == "BatchNorm")
-    assert "gamma_rows" not in bn.extra
+    assert bn.param_rows is None

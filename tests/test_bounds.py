@@ -65,8 +65,8 @@ def test_bounds_bracket_exact_ranks_and_carried_deficits(name, make, shape, limi
         assert b.rank_lower <= e.rank <= b.rank_upper, (e.node, e.rank, b.rank_lower, b.rank_upper)
         if b.rank is not None:
             assert b.rank == e.rank
-        if "undetermined_lower" in b.extra:  # a count carried down instead of a basis
-            assert b.extra["undetermined_lower"] <= e.deficit <= b.extra["undetermined_upper"], e.node
+        if b.undetermined is not None:  # a count carried down instead of a basis
+            assert b.undetermined.lower <= e.deficit <= b.undetermined.upper, e.node
     # a verdict proven by bounds agrees with the exact one
     if bounded.verdict.basis.value == "bounds" and bounded.verdict.input_recoverable is not None:
         assert bounded.verdict.input_recoverable == bool(exact.verdict.input_recoverable)
@@ -113,7 +113,7 @@ def test_forward_probe_settles_layers_too_large_for_an_exact_rank():
     for b in probed:
         e = next(r for r in exact.layers if r.node == b.node)
         assert e.rank == e.unknowns == b.rank and b.deficit == 0
-        assert b.extra["probe_error"] <= 1e-7
+        assert b.probe.error <= 1e-7
     assert bounded.verdict.status == exact.verdict.status == "recoverable-layerwise"
 
 
@@ -126,7 +126,7 @@ def test_forward_probe_does_not_certify_a_rank_deficient_layer():
     b = next(r for r in bounded.layers if r.op == "Conv2d")
     assert e.deficit > 0
     assert b.rank_method != "fourier-probe" and b.deficit != 0
-    assert b.extra["probe_error"] > 1e-3
+    assert b.probe.error > 1e-3
 
 
 def test_probe_memory_estimate_bounds_the_tensors_it_builds_and_the_budget_is_kept():
@@ -144,5 +144,5 @@ def test_probe_memory_estimate_bounds_the_tensors_it_builds_and_the_budget_is_ke
     torch.manual_seed(0)
     loaded = LoadedModel(file="<test>", name="m", module=make(), input_shape=(2, 12, 12), loss="logistic")
     tight = audit_loaded(loaded, AuditOptions(exact_rank_limit=2_000, memory_budget_mb=1e-3))
-    skipped = [r for r in tight.layers if "probe_skipped" in r.extra]
+    skipped = [r for r in tight.layers if r.probe is not None and r.probe.skipped]
     assert skipped and all(r.rank_method == "bounds" for r in skipped)

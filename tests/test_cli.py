@@ -9,7 +9,6 @@ Two layers of tests:
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from rgap_audit import cli
+from rgap_audit import cli, formats, pipeline
+from rgap_audit.pipeline import split_target
 from rgap_audit.errors import AuditError
 from rgap_audit.records import SEVERITIES, Finding
 
@@ -34,18 +34,6 @@ def write(folder: Path, name: str, text: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip("\n"))
     return str(path)
-
-
-def _pipeline_missing() -> str | None:
-    for name in ("rgap_audit.analysis", "rgap_audit.rules", "rgap_audit.suppress", "rgap_audit.formats", "rgap_audit.docs", "rgap_audit.attack", "rgap_audit.identifiability"):
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - any import failure means the stage is not there yet
-            return f"{name} not importable yet ({type(exc).__name__}: {exc})"
-    return None
-
-
-needs_pipeline = pytest.mark.skipif(_pipeline_missing() is not None, reason=str(_pipeline_missing()))
 
 
 def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -74,7 +62,7 @@ class Leaky(nn.Module):
 
 
 class Stages:
-    """Fake analysis / rules / suppress / formats modules, installed in sys.modules for one test.
+    """Stand-in stages (analysis, rules, suppressions, formats, verify) put into the pipeline for one test.
 
     The fake rules produce, per report, RGAP101 (error) at the model line and RGAP201 (warning) and
     RGAP301 (info) at the first layer's line; a model named `Untraceable` raises a trace error.
@@ -82,30 +70,29 @@ class Stages:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.calls: dict[str, list] = {"audit": [], "evaluate": [], "render": [], "verify": []}
-        analysis = types.ModuleType("rgap_audit.analysis")
-        analysis.audit_loaded = self.audit_loaded
-        rules = types.ModuleType("rgap_audit.rules")
-        rules.load_rules = lambda: ["rule-objects"]
-        rules.evaluate = self.evaluate
-        rules.select_rules = self.select_rules
-        rules.fails = lambda findings, fail_on: any(
-            SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on) for f in findings if not f.suppressed
+        monkeypatch.setattr(pipeline, "build_instance", lambda loaded, options: (loaded, options))
+        monkeypatch.setattr(pipeline, "audit_instance", lambda inst, options: types.SimpleNamespace(report=self.audit_loaded(*inst), instance=inst))
+        monkeypatch.setattr(pipeline, "load_rules", lambda: ["rule-objects"])
+        monkeypatch.setattr(pipeline, "evaluate", self.evaluate)
+        monkeypatch.setattr(pipeline, "select_rules", self.select_rules)
+        monkeypatch.setattr(
+            pipeline,
+            "fails",
+            lambda findings, fail_on: any(SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on) for f in findings if not f.suppressed),
         )
-        suppress = types.ModuleType("rgap_audit.suppress")
-        suppress.apply = self.suppress
-        formats = types.ModuleType("rgap_audit.formats")
-        formats.render = self.render
-        attack = types.ModuleType("rgap_audit.attack")
-        attack.verify = self.verify
-        for name, mod in (("analysis", analysis), ("rules", rules), ("suppress", suppress), ("formats", formats), ("attack", attack)):
-            monkeypatch.setitem(sys.modules, f"rgap_audit.{name}", mod)
+        monkeypatch.setattr(pipeline, "apply_suppressions", self.suppress)
+        monkeypatch.setattr(pipeline, "verify", self.verify)
+        monkeypatch.setattr(pipeline, "settle", lambda verdict, result, batch=1: verdict)
+        monkeypatch.setattr(formats, "render", self.render)
 
     def audit_loaded(self, loaded, options):
         self.calls["audit"].append((loaded, options))
         if loaded.name == "Untraceable":
             raise AuditError("cannot trace with torch.fx: data-dependent control flow", loaded.file, loaded.name, 9)
         first = next(iter(loaded.layer_locations.values()), loaded.location)
-        return types.SimpleNamespace(file=loaded.file, model=loaded.name, model_line=loaded.location.line, layer_line=first.line)
+        return types.SimpleNamespace(
+            file=loaded.file, model=loaded.name, model_line=loaded.location.line, layer_line=first.line, verdict=None, batch_size=1
+        )
 
     def select_rules(self, rules, select=None, ignore=None, extend_select=None):
         for code in (select or []) + (ignore or []) + (extend_select or []):
@@ -131,12 +118,12 @@ class Stages:
                 f.suppressed = True
         return findings
 
-    def render(self, fmt, reports, findings, show_suppressed=False):
+    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None):
         self.calls["render"].append(fmt)
         shown = [f for f in findings if show_suppressed or not f.suppressed]
         return "".join(f"{fmt}|{f.file}:{f.line}:{f.col}: {f.code} {f.message}{' (suppressed)' * f.suppressed}\n" for f in shown)
 
-    def verify(self, loaded, options, report, input=None, weights=None, save_images=None):
+    def verify(self, audit, input=None, weights=None, save_images=None, debug=False):
         self.calls["verify"].append({"input": input, "weights": weights, "save_images": save_images})
         return {}
 
@@ -314,10 +301,10 @@ def test_user_prints_stay_off_stdout(stages, capsys, tmp_path):
 def test_internal_errors_are_one_line_unless_debug(stages, capsys, tmp_path, monkeypatch):
     path = write(tmp_path, "leaky.py", LEAKY)
 
-    def broken(loaded, options):
+    def broken(inst, options):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(sys.modules["rgap_audit.analysis"], "audit_loaded", broken)
+    monkeypatch.setattr(pipeline, "audit_instance", broken)
     code, _, err = main(capsys, path)
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"{path}: Leaky: error: internal error: ZeroDivisionError") and "--debug" in err
@@ -344,12 +331,12 @@ def test_usage_errors_exit_2(stages, capsys, args, needle):
 
 
 def test_split_target_and_default_format(tmp_path, monkeypatch):
-    assert cli.split_target("a/b.py:Net") == ("a/b.py", "Net")
-    assert cli.split_target("a/b.py") == ("a/b.py", None)
-    assert cli.split_target("a/b.py:CNN6-d") == ("a/b.py", "CNN6-d")
+    assert split_target("a/b.py:Net") == ("a/b.py", "Net")
+    assert split_target("a/b.py") == ("a/b.py", None)
+    assert split_target("a/b.py:CNN6-d") == ("a/b.py", "CNN6-d")
     odd = tmp_path / "odd:name.py"
     odd.write_text("")
-    assert cli.split_target(str(odd)) == (str(odd), None)  # an existing path is never split
+    assert split_target(str(odd)) == (str(odd), None)  # an existing path is never split
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("PRE_COMMIT", raising=False)
     assert cli.default_format("r.sarif") == "sarif" and cli.default_format("r.sarif.json") == "sarif"
@@ -438,7 +425,6 @@ class Net(nn.Module):
 """
 
 
-@needs_pipeline
 def test_trace_errors_name_the_line(tmp_path, monkeypatch, capsys):
     """Real stages, in-process (the real-process behaviour is covered above and below)."""
     monkeypatch.chdir(tmp_path)
@@ -454,7 +440,6 @@ def test_trace_errors_name_the_line(tmp_path, monkeypatch, capsys):
     assert "ok.py" in out  # the good file is still reported
 
 
-@needs_pipeline
 def test_example_end_to_end_with_source_locations(tmp_path):
     """The biased MLP: exit 1, a JSON report, findings at the class line and at the `nn.Linear(` call."""
     result = run_cli("examples/mlp_bias.py", "--format", "json")
@@ -469,7 +454,6 @@ def test_example_end_to_end_with_source_locations(tmp_path):
     assert where[("RGAP101", None)] == ("examples/mlp_bias.py", cls, 1)
 
 
-@needs_pipeline
 def test_rules_and_rule_subcommands():
     listing = run_cli("rules")
     assert listing.returncode == 0 and "RGAP" in listing.stdout
@@ -495,12 +479,11 @@ class Tiny(nn.Module):
 """
 
 
-@needs_pipeline
 def test_verify_identifiability_and_their_errors(tmp_path, monkeypatch, capsys):
     """Real stages, in-process."""
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "tiny.py", TINY)
-    torch = pytest.importorskip("torch")
+    import torch
     torch.save({"x": 1}, tmp_path / "bad.pt")
     code, out, err = main(capsys, "tiny.py", "--verify", "--identifiability", "--save-images", "img", "--format", "json")
     assert code == 1 and err == "", err

@@ -364,7 +364,7 @@ def test_decoder_audit_matches_dense_chain(name, batch):
         assert r.rank is not None and r.rank_grad is not None and r.rank <= r.unknowns
         assert r.deficit == r.unknowns - r.rank
         if isinstance(m, CONVT):
-            assert r.unknowns + r.extra.get("known_inputs", 0) == math.prod(r.input_shape)
+            assert r.unknowns + (r.known_inputs or 0) == math.prod(r.input_shape)
     expected = dense_chain_deficits(_seeded(make), shape, loss, batch=batch)
     assert [r.deficit for r in reversed(layers)] == expected
     # the model verdict is the per-layer deficits'
@@ -433,12 +433,12 @@ def test_torch_export_graph_is_analysed_like_the_modules():
     gm = trace(model, torch.zeros(1, 2, 3, 3, dtype=torch.float64))
     assert gm.meta["rgap_trace"]["method"] == "torch.export"
     lg = build_layer_graph(gm)
-    names = [lg.node(n)["info"].name for n in lg.weighted()]
+    names = [lg.node(n).info.name for n in lg.weighted()]
     assert names == ["Linear", "conv_transpose2d", "ConvTranspose2d"]
     for n in lg.weighted()[1:]:
         spec = lg.conv_spec(n)
         assert isinstance(spec, ConvTransposeSpec)
-        x = torch.randn(1, *lg.node(n)["in_shape"][1:], dtype=torch.float64)
+        x = torch.randn(1, *lg.node(n).in_shape[1:], dtype=torch.float64)
         ref = model.up(x) if spec.stride == (2, 2) and spec.padding == (1, 1) else F.conv_transpose2d(x, model.w, stride=2)
         torch.testing.assert_close(spec.forward(x), ref)
     rep = audit(model, (2, 3, 3), loss="logistic", seed=0)
@@ -467,7 +467,7 @@ def test_output_size_argument_sets_output_padding():
     torch.manual_seed(0)
     model = WithSize().double()
     lg = build_layer_graph(trace(model, torch.zeros(1, 2, 3, 3, dtype=torch.float64)))
-    (up,) = [n for n in lg.weighted() if lg.node(n)["info"].name == "ConvTranspose2d"]
+    (up,) = [n for n in lg.weighted() if lg.node(n).info.name == "ConvTranspose2d"]
     spec = lg.conv_spec(up)
     assert spec.output_padding == (1, 1) and spec.out_shape == (2, 6, 6)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.layergraph import build_layer_graph, record_instance
+from rgap_audit.instance import record
+from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions
 from rgap_audit.ops import LAYER, MERGE, NORM, UNKNOWN, numel
@@ -36,7 +37,9 @@ def _seeded(factory, *args, **kwargs):
 
 
 def _analysis():
-    return pytest.importorskip("rgap_audit.analysis")
+    import rgap_audit.analysis
+
+    return rgap_audit.analysis
 
 
 def _rank(a: np.ndarray) -> int:
@@ -57,11 +60,11 @@ def _instance(model: nn.Module, shape: tuple[int, ...], loss: str | None, seed: 
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((1, *shape), generator=gen, dtype=torch.float64)
     lg = build_layer_graph(trace(model, x))
-    out_features = numel(lg.node(lg.output_node)["out_shape"][1:])
+    out_features = numel(lg.node(lg.output_node).out_shape[1:])
     loss = choose_loss(loss, out_features)
     labels = make_labels(loss, 1, out_features, gen)
-    values, grads = record_instance(lg, x, lambda out: loss_value(loss, out, labels))
-    return lg, values, grads
+    rec = record(lg, x, lambda out: loss_value(loss, out, labels))
+    return lg, rec.values, rec.grads
 
 
 # ----------------------------------------------------------------------------- load and trace
@@ -93,7 +96,7 @@ def test_every_op_has_a_registry_entry(case):
     gm = trace(model, torch.rand(1, *shape, dtype=torch.float64))
     assert gm.meta["rgap_trace"]["method"] == "torch.fx"
     lg = build_layer_graph(gm)
-    unknown = [(n, lg.node(n)["info"].name) for n in lg.graph.nodes if lg.node(n)["info"].kind == UNKNOWN]
+    unknown = [(n, lg.node(n).info.name) for n in lg.graph.nodes if lg.node(n).info.kind == UNKNOWN]
     assert not unknown
     for n in lg.weighted():  # every weighted layer normalises to a ConvSpec
         lg.conv_spec(n)
@@ -199,7 +202,7 @@ def test_tiny_transformer_audits_every_projection():
     assert sorted(r.module_path for r in layers) == sorted(
         ["block.attn.q", "block.attn.k", "block.attn.v", "block.attn.out", "block.mlp.0", "block.mlp.2", "head"]
     )
-    assert all(r.extra.get("samples") == 8 for r in layers if r.module_path != "head")
+    assert all(r.samples == 8 for r in layers if r.module_path != "head")
     assert not [r for r in rep.layers if r.verdict.value == "not-understood"]
     assert sorted(r.op for r in rep.layers if r.kind == MERGE) == ["add", "add", "matmul", "matmul"]
     assert all(r.verdict.value == "chain-broken" for r in rep.layers if r.op in ("LayerNorm", "Softmax"))

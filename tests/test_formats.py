@@ -16,7 +16,7 @@ from rgap_audit.errors import AuditError
 from rgap_audit.formats import FORMATS, render
 from rgap_audit.formats.jsonreport import report_dict, report_schema
 from rgap_audit.formats.sarif import sarif_log
-from rgap_audit.records import SCHEMA_VERSION
+from rgap_audit.records import SCHEMA_VERSION, Verification, VerifiedLayer
 from rgap_audit.rules import evaluate, load_rules
 from rgap_fixtures import MLP_SOURCE, deficient_cnn, leaky_mlp, line_of, undecided
 
@@ -323,11 +323,19 @@ def test_real_reports_validate_and_point_at_constructor_lines(tmp_path, monkeypa
 def test_table_shows_verify_measurements_next_to_the_static_columns():
     report = deficient_cnn()
     layer = next(r for r in report.layers if r.unknowns is not None)
-    report.verification = {
-        "summary": "Confirmed: measured.",
-        "rel_error": 3e-13,
-        "layers": [{"node": layer.node, "measured_nullity": 7, "rel_error": 0.25, "rel_error_projected": 4.2e-12}],
-    }
+    report.verification = Verification(
+        attempted=True,
+        confirmed=True,
+        summary="Confirmed: measured.",
+        rel_error=3e-13,
+        layers=[
+            VerifiedLayer(
+                node=layer.node, module_path=layer.module_path, op=layer.op, static_verdict=None, static_deficit=None,
+                measured_nullity=7, rel_error=0.25, method="test", residual_grad=None, residual_fwd=None,
+                rel_error_projected=4.2e-12,
+            )
+        ],
+    )
     text = render("table", [report], [])
     header = next(line for line in text.splitlines() if "rank [K;F]" in line)
     assert "measured nullity" in header and "rel. error (projected)" in header

@@ -93,4 +93,4 @@ def test_other_branch_entries_are_not_counted_as_known_inputs():
 
     rep = audit(CatReLU(), (6,))
     head = next(r for r in rep.layers if r.node == "head")
-    assert "known_inputs" not in head.extra and head.unknowns == 8
+    assert head.known_inputs is None and head.unknowns == 8

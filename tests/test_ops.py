@@ -316,7 +316,7 @@ def test_functional_and_matmul_layers_are_normalised():
     gm = trace(model, x)
     lg = build_layer_graph(gm)
     names = lg.weighted()
-    targets = {lg.node(n)["fx"].target for n in names}
+    targets = {lg.node(n).fx.target for n in names}
     assert targets == {F.conv2d, wrappers.linear_matmul, wrappers.linear_matmul_t}
     values = {}
 
@@ -334,7 +334,7 @@ def test_functional_and_matmul_layers_are_normalised():
         out = spec.forward(inp.reshape(-1, *spec.in_shape)).reshape(values[n].shape)
         torch.testing.assert_close(out, values[n])
     # x @ v: the ConvSpec weight is v^T, so the shared gradient of v is the transpose of the spec's
-    (mm,) = [n for n in names if lg.node(n)["fx"].target is wrappers.linear_matmul]
+    (mm,) = [n for n in names if lg.node(n).fx.target is wrappers.linear_matmul]
     spec = lg.conv_spec(mm)
     inp = values[lg.data_args(mm)[0]].detach()
     k = rnd(*values[mm].shape, seed=3)

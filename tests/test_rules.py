@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from rgap_audit import docs
 from rgap_audit.errors import AuditError
-from rgap_audit.records import SEVERITIES, Basis, Finding, LayerRecord, Verdict
+from rgap_audit.records import SEVERITIES, Basis, Finding, LayerRecord, Probe, Verdict
 from rgap_audit.rules import RuleError, evaluate, fails, load_rules, parse_condition, parse_template, rules_dir, select_rules
 from rgap_fixtures import MLP_SOURCE, deficient_cnn, leaky_mlp, line_of, undecided
 
@@ -282,7 +282,7 @@ def _test(cond: dict, rec: LayerRecord, scope: str = "layer") -> bool:
 
 
 def test_condition_semantics():
-    rec = _rec(unknowns=10, rank=8, deficit=2, verdict=Verdict.DEFICIENT, extra={"samples": 3})
+    rec = _rec(unknowns=10, rank=8, deficit=2, verdict=Verdict.DEFICIENT, samples=3, probe=Probe(error=1e-9, iterations=4))
     assert _test({"field": "deficit", "op": ">", "value": 1}, rec)
     assert not _test({"field": "sigma_min_rel", "op": "<", "value": 1}, rec)  # null: false ...
     assert not _test({"field": "sigma_min_rel", "op": "!=", "value": 1}, rec)  # ... whatever the operator
@@ -291,8 +291,9 @@ def test_condition_semantics():
     assert _test({"field": "verdict", "op": "in", "value": ["deficient", "recoverable"]}, rec)
     assert not _test({"field": "verdict", "op": "not-in", "value": ["deficient"]}, rec)
     assert _test({"field": "rank", "op": "<", "value_field": "unknowns"}, rec)
-    assert _test({"field": "extra.samples", "op": "==", "value": 3}, rec)
-    assert not _test({"field": "extra.missing", "op": "==", "value": 3}, rec)
+    assert _test({"field": "samples", "op": "==", "value": 3}, rec)
+    assert _test({"field": "probe.iterations", "op": "==", "value": 4}, rec)  # a dotted path into a sub-record
+    assert not _test({"field": "span.rank", "op": "==", "value": 3}, rec)  # ... one that is absent (null): false
     assert _test({"any": [{"field": "deficit", "op": "==", "value": 0}, {"field": "op", "op": "contains", "value": "Lin"}]}, rec)
     assert not _test({"all": [{"field": "deficit", "op": "==", "value": 0}, {"field": "op", "op": "==", "value": "Linear"}]}, rec)
     assert _test({"field": "model.batch_size", "op": "==", "value": 1}, rec)

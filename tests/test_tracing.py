@@ -129,7 +129,7 @@ def test_failing_submodule_becomes_a_not_understood_leaf():
     assert failed.startswith("torch.fx:") and f"{HERE}:{_line(ValueGate.forward, 'if x.sum()')}" in failed
     lg = build_layer_graph(gm)
     gate = lg.node("gate")
-    assert gate["info"].kind == UNKNOWN and gate["info"].name == "ValueGate"
+    assert gate.info.kind == UNKNOWN and gate.info.name == "ValueGate"
     assert [n for n in lg.weighted()] == ["fc", "conv"]
     _same_output(gm, model, x)
 
@@ -142,14 +142,14 @@ def test_flag_arguments_are_fixed_and_call_sites_rewritten():
     assert info["method"] == "fx-concrete-args"
     assert info["concrete_args"] == {"double_it": "False"}
     lg = build_layer_graph(gm)
-    by_target = {lg.node(n)["fx"].target: lg.node(n) for n in lg.graph.nodes}
-    assert by_target[wrappers.linear_matmul]["info"].kind == LAYER
-    assert by_target[wrappers.linear_matmul_t]["info"].kind == LAYER
-    assert by_target[wrappers.shift_add]["info"].kind == AFFINE  # h + 1.0
-    assert by_target[wrappers.scale_mul]["info"].kind == AFFINE  # * 0.5
-    assert by_target[F.leaky_relu]["fx"].kwargs["negative_slope"] == 0.2  # moved out of args
+    by_target = {lg.node(n).fx.target: lg.node(n) for n in lg.graph.nodes}
+    assert by_target[wrappers.linear_matmul].info.kind == LAYER
+    assert by_target[wrappers.linear_matmul_t].info.kind == LAYER
+    assert by_target[wrappers.shift_add].info.kind == AFFINE  # h + 1.0
+    assert by_target[wrappers.scale_mul].info.kind == AFFINE  # * 0.5
+    assert by_target[F.leaky_relu].fx.kwargs["negative_slope"] == 0.2  # moved out of args
     assert not any(n.op == "call_method" and n.target == "t" for n in gm.graph.nodes)  # W.t() folded in
-    specs = {lg.node(n)["fx"].target: lg.conv_spec(n) for n in lg.weighted()}
+    specs = {lg.node(n).fx.target: lg.conv_spec(n) for n in lg.weighted()}
     torch.testing.assert_close(specs[wrappers.linear_matmul].weight, gm.w.detach().T)
     torch.testing.assert_close(specs[wrappers.linear_matmul_t].weight, gm.v.detach())
     _same_output(gm, model, x)
@@ -164,7 +164,7 @@ def test_shape_branch_falls_back_to_torch_export_with_module_calls():
     assert [a.split(":")[0] for a in info["failed_attempts"]] == ["torch.fx", "fx-leaf-modules", "fx-concrete-args"]
     assert info["collapsed_modules"] == 3
     lg = build_layer_graph(gm)
-    paths = {lg.node(n)["module_path"]: lg.node(n)["info"].name for n in lg.graph.nodes if lg.node(n)["module_path"]}
+    paths = {lg.node(n).module_path: lg.node(n).info.name for n in lg.graph.nodes if lg.node(n).module_path}
     assert paths == {"conv": "Conv2d", "bn": "BatchNorm", "fc": "Linear"}
     (leaky,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.leaky_relu.default]
     assert leaky.kwargs == {"negative_slope": 0.3} and len(leaky.args) == 1
@@ -210,11 +210,11 @@ def test_constant_operands_and_data_marks():
     marks = {n.name: n.meta["rgap_data"] for n in gm.graph.nodes}
     assert marks["x"] and not marks["pos"] and not marks["unsqueeze"]
     lg = build_layer_graph(gm)
-    kinds = {lg.node(n)["fx"].target: lg.node(n)["info"].kind for n in lg.graph.nodes}
+    kinds = {lg.node(n).fx.target: lg.node(n).info.kind for n in lg.graph.nodes}
     assert kinds[wrappers.shift_add] == AFFINE
     muls = [n for n in gm.graph.nodes if n.target is wrappers.scale_mul]
     assert not muls  # neither the zero-containing mask nor h*h is an invertible scaling
-    assert [lg.node(n)["info"].kind for n in lg.graph.nodes if lg.node(n)["fx"].target is operator.mul] == [MERGE, MERGE]
+    assert [lg.node(n).info.kind for n in lg.graph.nodes if lg.node(n).fx.target is operator.mul] == [MERGE, MERGE]
 
 
 class Products(nn.Module):
@@ -231,7 +231,7 @@ class Products(nn.Module):
 def test_matmul_call_sites_are_classified_by_their_operands():
     gm = trace(Products(), rnd(2, 3))
     lg = build_layer_graph(gm)
-    infos = {lg.node(n)["fx"].target: lg.node(n)["info"] for n in lg.graph.nodes}
+    infos = {lg.node(n).fx.target: lg.node(n).info for n in lg.graph.nodes}
     assert infos[wrappers.computed_matmul].kind == UNKNOWN and "computed in forward" in infos[wrappers.computed_matmul].why
     assert infos[wrappers.constant_matmul].kind == "pool"
     assert infos[operator.matmul].kind == MERGE
@@ -251,8 +251,8 @@ def test_integer_inputs_stay_integer():
     ids = torch.randint(0, 20, (1, 5), generator=torch.Generator().manual_seed(0))
     gm = trace(Tokens(), ids)
     lg = build_layer_graph(gm)
-    assert lg.node("emb")["info"].kind == EMBEDDING
-    assert lg.node(lg.input_node)["out_shape"] == (1, 5)
+    assert lg.node("emb").info.kind == EMBEDDING
+    assert lg.node(lg.input_node).out_shape == (1, 5)
     assert gm(ids).shape == (1, 2)
 
 

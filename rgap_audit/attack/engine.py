@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import fx
-from torch.fx.operator_schemas import normalize_function
 
-from rgap_audit import ops
+from rgap_audit import links, ops
 from rgap_audit.attack.heads import (
     HeadCandidate,
     HeadResult,
@@ -30,16 +28,15 @@ from rgap_audit.attack.heads import (
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.errors import AttackUnsupported, AuditError
-from rgap_audit.layergraph import LayerGraph, build_layer_graph, record_instance
+from rgap_audit.layergraph import LayerGraph
+from rgap_audit.links import Link
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
-from rgap_audit.ops import AFFINE, IDENTITY, LAYER, PERMUTE, RESHAPE
+from rgap_audit.instance import bare_instance, record
+from rgap_audit.ops import IDENTITY, LAYER, RESHAPE
 from rgap_audit.threads import single_thread
-from rgap_audit.tracing import trace
+from rgap_audit.tolerances import PRUNE_FACTOR
 
-ACTIVE_REL_TOL = 1e-9  # a ReLU output counts as active above this fraction of the largest output
-SATURATED = 1e-10  # |sigma'(z)| below this: the unit is treated as unknown
-PRUNE_FACTOR = 1e3  # candidates whose layer residual exceeds the best by this factor are dropped
 MAX_PROJECTED_ITERS = 20
 
 
@@ -126,140 +123,19 @@ def _plain(obj):
     return obj
 
 
-# ----------------------------------------------------------------------------- the link between layers
-@dataclass
-class _Step:
-    node: str
-    name: str
-    kind: str  # how the op sits in the link: ops.PASS, REORDER, INVERT or CLIP
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
-    clip: tuple[float, float] | None = None
-    perm: torch.Tensor | None = None  # permute: out.flatten()[j] = in.flatten()[perm[j]]
-    homogeneous: bool = False  # op(c z) = c op(z) for c > 0
-
-    def deriv(self, z: torch.Tensor) -> torch.Tensor | None:
-        """Elementwise derivative at z (None for a reshape or permutation)."""
-        if self.kind in (ops.PASS, ops.REORDER):
-            return None
-        z = z.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(self.fn(z).sum(), z)
-        return g
-
-
-@dataclass
-class _Link:
-    steps: list[_Step]  # bottom-up: steps[0] reads z of the layer below
-    below: str | None  # weighted node or the input placeholder; None when cut
-    cut: str | None = None  # why the walk cannot pass
-
-
-def _link_forward(link: _Link, z: torch.Tensor):
-    vals, derivs = [z], []
-    for s in link.steps:
-        derivs.append(s.deriv(vals[-1]))
-        if s.kind == ops.PASS:
-            vals.append(vals[-1].reshape(s.out_shape))
-        elif s.kind == ops.REORDER:
-            vals.append(vals[-1].reshape(-1)[s.perm].reshape(s.out_shape))
-        else:
-            vals.append(s.fn(vals[-1]).detach())
-    return vals, derivs
-
-
-def _unpermute(s: _Step, v: torch.Tensor, lead: int) -> torch.Tensor:
-    """From a permutation's output back to its input (also for a leading batch of directions)."""
-    flat = v.reshape(v.shape[:lead] + (-1,))
-    out = torch.empty_like(flat)
-    out[..., s.perm] = flat
-    return out.reshape(v.shape[:lead] + tuple(s.in_shape))
-
-
-def _pull(link: _Link, derivs, v: torch.Tensor, mode: str, lead: int = 0) -> torch.Tensor:
-    """Carry a tensor from the top of the link to z: 'vjp' multiplies by sigma', 'inv' divides (0 where unknown)."""
-    for s, d in zip(reversed(link.steps), reversed(derivs)):
-        if s.kind == ops.REORDER:
-            v = _unpermute(s, v, lead)
-        else:
-            v = v.reshape(v.shape[:lead] + tuple(s.in_shape))
-        if d is not None:
-            if mode == "vjp":
-                v = v * d
-            else:
-                ok = d.abs() > SATURATED
-                v = torch.where(ok, v / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(v))
-    return v
-
-
-def _pull_directions(link: _Link, derivs, Sd: torch.Tensor, e: torch.Tensor):
-    """Carry undetermined directions S (d, *top) down to z: T = J^-1 S on the units J keeps.
-
-    Where a unit is off (sigma' = 0, ReLU) the linearised constraint sigma(z) = x' + S a has no z in it:
-    it becomes a row on the carried coordinates alone, S_i a = -e_i (e = x' - sigma(z_hat) carried down).
-    Returns (T (d, n_z), (E, f) or None).
-    """
-    d = Sd.shape[0]
-    E_rows, f_rows = [], []
-    for s, dv in zip(reversed(link.steps), reversed(derivs)):
-        if s.kind == ops.REORDER:
-            Sd, e = _unpermute(s, Sd, 1), _unpermute(s, e, 0)
-        Sd = Sd.reshape((d,) + tuple(s.in_shape))
-        e = e.reshape(s.in_shape)
-        if dv is None:
-            continue
-        off = dv.abs() <= SATURATED
-        if bool(off.any()):
-            E_rows.append(Sd[:, off].T)
-            f_rows.append(-e[off])
-        safe = torch.where(off, torch.ones_like(dv), dv)
-        Sd = torch.where(off, torch.zeros_like(Sd), Sd / safe)
-        e = torch.where(off, torch.zeros_like(e), e / safe)
-    rows = (torch.cat(E_rows), torch.cat(f_rows)) if E_rows else None
-    return Sd.reshape(d, -1), rows
-
-
-def _known_mask(link: _Link, derivs) -> torch.Tensor:
-    top = link.steps[-1].out_shape if link.steps else None
-    m = torch.ones(top, dtype=torch.bool) if top is not None else None
-    for s, d in zip(reversed(link.steps), reversed(derivs)):
-        m = _unpermute(s, m, 0) if s.kind == ops.REORDER else m.reshape(s.in_shape)
-        if d is not None:
-            m = m & (d.abs() > SATURATED)
-    return m
-
-
-def _invert_link(link: _Link, x: torch.Tensor) -> torch.Tensor:
-    """A first estimate of z from the layer above's input: op-table inverses, ReLU's off units at 0."""
-    v = x
-    for s in reversed(link.steps):
-        if s.kind == ops.PASS:
-            v = v.reshape(s.in_shape)
-        elif s.kind == ops.REORDER:
-            v = _unpermute(s, v, 0)
-        elif s.kind == ops.INVERT:
-            v = s.inverse(v)
-        else:
-            lo, hi = s.clip
-            tol = ACTIVE_REL_TOL * float(v.abs().max().clamp_min(1e-300))
-            active = (v > lo + tol) & (v < hi - tol)
-            v = torch.where(active, v, torch.where(v >= hi - tol, torch.full_like(v, hi), torch.full_like(v, lo)))
-    return v
-
-
 # ----------------------------------------------------------------------------- the model, traced once
 class _Context:
-    """The traced model, its layer graph, the gradients per weighted node and the loss."""
+    """The traced model (a layer graph with the constants of one run), the gradients per weighted node
+    and the loss. Nothing here traces: the graph comes from an Instance."""
 
-    def __init__(self, model: torch.nn.Module, gradients: dict[str, torch.Tensor], input_shape, loss: str):
+    def __init__(self, graph: LayerGraph, env: dict[str, Any], gradients: dict[str, torch.Tensor], input_shape, loss: str):
         if loss not in LOSSES:
             raise AuditError(f"unsupported loss {loss!r} for reconstruction; supported: {', '.join(LOSSES)}")
         self.loss = loss
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.gm = trace(model, torch.zeros(1, *self.input_shape))
-        self.lg: LayerGraph = build_layer_graph(self.gm)
-        self.env = self._concrete_env()
+        self.lg = graph
+        self.gm = graph.gm
+        self.env = env
         self.cache: dict = {}
         self.specs: dict[str, ConvSpec] = {}
         self.params: dict[str, tuple[str, str | None]] = {}
@@ -267,42 +143,20 @@ class _Context:
         self.raw_grads: dict[str, torch.Tensor] = {}  # as given, per parameter name
         for name in self.lg.weighted():
             try:
-                self.specs[name] = self.lg.conv_spec(name)
+                spec = self.lg.conv_spec(name)
             except (ValueError, TypeError) as exc:
                 raise AuditError(f"layer {name}: {exc}") from exc
-            if getattr(self.specs[name], "transposed", False):
+            if not isinstance(spec, ConvSpec):
                 raise AttackUnsupported(
-                    f"layer {name} ({self.lg.node(name)['info'].name}): the closed-form attack does not handle "
+                    f"layer {name} ({self.lg.node(name).info.name}): the closed-form attack does not handle "
                     "transposed convolutions yet (the static analysis does, through the equivalent convolution)"
                 )
+            self.specs[name] = spec
             self.params[name] = self._param_names(name)
             self.grads[name] = self._gradient(name, gradients)
 
-    def _concrete_env(self) -> dict[str, Any]:
-        env: dict[str, Any] = {}
-
-        class _Rec(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                env[n.name] = out
-                return out
-
-        with torch.no_grad():
-            _Rec(self.gm).run(torch.zeros(1, *self.input_shape, dtype=torch.float64))
-        return env
-
     def _param_names(self, name: str) -> tuple[str, str | None]:
-        attrs = self.lg.node(name)
-        mod = attrs["module"]
-        if mod is not None:
-            path = attrs["module_path"]
-            return f"{path}.weight", (f"{path}.bias" if getattr(mod, "bias", None) is not None else None)
-        fxn: fx.Node = attrs["fx"]
-        args = list(fxn.args) + [None] * 3
-        w = fxn.kwargs.get("weight", args[1])
-        b = fxn.kwargs.get("bias", args[2])
-        wn = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-        bn = str(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        wn, bn = self.lg.param_names(name)
         if wn is None:
             raise AuditError(f"layer {name}: its weight is not a parameter of the model; cannot match its gradient")
         return wn, bn
@@ -310,7 +164,7 @@ class _Context:
     def _gradient(self, name: str, gradients: dict[str, torch.Tensor]):
         spec = self.specs[name]
         wn, bn = self.params[name]
-        transposed = self.lg.node(name)["info"].param_transposed  # x @ W: the layer's weight is W^T
+        transposed = self.lg.node(name).info.param_transposed  # x @ W: the layer's weight is W^T
         out = []
         for pname, ref in ((wn, spec.weight), (bn, spec.bias)):
             if pname is None:
@@ -333,107 +187,36 @@ class _Context:
 
     # ------------------------------------------------------------------ graph helpers
     def x_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.lg.node(name)["in_shape"])
+        return tuple(self.lg.node(name).in_shape or ())
 
     def out_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.lg.node(name)["out_shape"])
+        return tuple(self.lg.node(name).out_shape or ())
 
-    def apply(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The node's own computation with its data input replaced."""
-        attrs = self.lg.node(name)
-        fxn: fx.Node = attrs["fx"]
-        data_in = self.lg.data_args(name)[0]
-
-        def sub(a):
-            return fx.node.map_arg(a, lambda n: _DATA if n.name == data_in else self.env[n.name])
-
-        args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
-
-        def put(a, t):
-            if a is _DATA:
-                return t
-            if isinstance(a, (list, tuple)):
-                return type(a)(put(v, t) for v in a)
-            if isinstance(a, dict):
-                return {k: put(v, t) for k, v in a.items()}
-            return a
-
-        if fxn.op == "call_module":
-            mod = attrs["module"]
-            return lambda t: mod(*put(args, t), **put(kwargs, t))
-        if fxn.op == "call_method":
-            return lambda t: getattr(t, fxn.target)(*put(args[1:], t), **put(kwargs, t))
-        return lambda t: fxn.target(*put(args, t), **put(kwargs, t))
-
-    def inverse_kwargs(self, name: str) -> dict:
-        fxn: fx.Node = self.lg.node(name)["fx"]
-        if fxn.op != "call_function":
-            return dict(fxn.kwargs)
-        try:
-            pair = normalize_function(fxn.target, tuple(fxn.args), dict(fxn.kwargs), normalize_to_only_use_kwargs=True)
-        except Exception:
-            pair = None
-        return dict(pair.kwargs) if pair is not None else dict(fxn.kwargs)
-
-    def link_below(self, layer: str) -> _Link:
-        """Ops from the layer below's output up to `layer`'s input, bottom-up."""
-        steps: list[_Step] = []
-        ins = self.lg.data_args(layer)
-        if len(ins) != 1:
-            return _Link([], None, f"{layer} has {len(ins)} data inputs")
-        node = ins[0]
-        while True:
-            attrs = self.lg.node(node)
-            info = attrs["info"]
-            if node == self.lg.input_node or info.kind == LAYER:
-                if self.lg.graph.out_degree(node) > 1:
-                    return _Link(steps[::-1], None, f"{node} feeds {self.lg.graph.out_degree(node)} consumers (not a chain)")
-                return _Link(steps[::-1], node)
-            if self.lg.graph.in_degree(node) != 1 or self.lg.graph.out_degree(node) != 1:
-                return _Link(steps[::-1], None, f"{node} ({info.name}) joins or splits branches: not a chain")
-            shp_in, shp_out = tuple(attrs["in_shape"]), tuple(attrs["out_shape"])
-            if info.kind in (RESHAPE, IDENTITY) and math.prod(shp_in) == math.prod(shp_out):
-                steps.append(_Step(node, info.name, ops.PASS, shp_in, shp_out))
-            elif info.kind == PERMUTE and math.prod(shp_in) == math.prod(shp_out):
-                fn = self.apply(node)
-                with torch.no_grad():
-                    perm = fn(torch.arange(math.prod(shp_in), dtype=torch.float64).reshape(shp_in)).reshape(-1).round().long()
-                steps.append(_Step(node, info.name, ops.REORDER, shp_in, shp_out, fn, perm=perm, homogeneous=info.homogeneous))
-            elif info.invertible and info.inverse is not None and shp_in == shp_out:
-                # elementwise invertible maps: activations, eval-mode BatchNorm (per-channel affine), PReLU ...
-                mod, kw, inv = attrs["module"], self.inverse_kwargs(node), info.inverse
-                steps.append(
-                    _Step(
-                        node, info.name, ops.INVERT, shp_in, shp_out, self.apply(node),
-                        lambda y, m=mod, k=kw, f=inv: f(m, k, y), homogeneous=info.homogeneous,
-                    )
-                )
-            elif info.kind == AFFINE and info.invertible and shp_in == shp_out:
-                fn = self.apply(node)
-                steps.append(_Step(node, info.name, ops.INVERT, shp_in, shp_out, fn, _affine_inverse(fn, shp_in)))
-            elif info.clip is not None:
-                steps.append(
-                    _Step(node, info.name, ops.CLIP, shp_in, shp_out, self.apply(node), clip=info.clip, homogeneous=info.homogeneous)
-                )
-            else:
-                return _Link(steps[::-1], None, f"{node} ({info.name}): {info.why}")
-            node = self.lg.data_args(node)[0]
+    def link_below(self, layer: str) -> Link:
+        """Ops from the layer below's output up to `layer`'s input (rgap_audit.links), cut at the first op
+        the closed-form attack does not invert."""
+        link = links.below(self.lg, layer, self.env)
+        if link.cut is None:
+            stop = link.attack_cut()
+            if stop is not None:
+                return Link(None, layer, link.steps, f"{stop.node} ({stop.name}): {stop.info.why}")
+        return link
 
     def positively_homogeneous_below(self, head: str) -> bool:
         """True when every layer below the head is bias-free and every link op commutes with c > 0."""
         layer = head
         while True:
             link = self.link_below(layer)
-            if link.below is None:
+            if link.lower is None or link.cut is not None:
                 return False
             for s in link.steps:
-                if s.kind != ops.PASS and not s.homogeneous:
+                if s.role != ops.PASS and not s.info.homogeneous:
                     return False
-            if link.below == self.lg.input_node:
+            if link.lower == self.lg.input_node:
                 return True
-            if self.specs[link.below].bias is not None:
+            if self.specs[link.lower].bias is not None:
                 return False
-            layer = link.below
+            layer = link.lower
 
     def head_node(self) -> tuple[str, list[str]]:
         """The weighted layer producing the output, through reshapes/identities only."""
@@ -442,7 +225,7 @@ class _Context:
             raise AuditError("the model returns several tensors; R-GAP needs one output")
         node, passed = node[0], []
         while True:
-            info = self.lg.node(node)["info"]
+            info = self.lg.node(node).info
             if info.kind == LAYER:
                 return node, passed
             if info.kind in (RESHAPE, IDENTITY) and len(self.lg.data_args(node)) == 1:
@@ -453,22 +236,6 @@ class _Context:
                 f"unsupported head: the output comes from {node} ({info.name}); the closed-form heads need the "
                 "output to be a Linear layer's (optionally reshaped)"
             )
-
-
-def _affine_inverse(fn: Callable[[torch.Tensor], torch.Tensor], shape) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x + c, c * x (c constant): y = a x + b elementwise, so x = (y - b) / a."""
-    z = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
-    y0 = fn(z)
-    (a,) = torch.autograd.grad(y0.sum(), z)
-    b = y0.detach()
-    return lambda y: (y - b) / a
-
-
-class _DataMarker:
-    pass
-
-
-_DATA = _DataMarker()
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -506,12 +273,6 @@ def _bias_check(spec: ConvSpec, k: torch.Tensor, db: torch.Tensor | None) -> flo
     return float((s - db).norm() / db.norm().clamp_min(1e-300))
 
 
-def _pattern(link: _Link, z: torch.Tensor) -> bytes:
-    """The activation pattern of the link at z (which piece of each piecewise-linear unit is active)."""
-    _, derivs = _link_forward(link, z)
-    return b"".join(d.contiguous().numpy().tobytes() for d in derivs if d is not None)
-
-
 def _descend(
     ctx: _Context, start: _State, projected: bool, truth: dict | None
 ) -> Iterator[LayerStep]:
@@ -527,32 +288,33 @@ def _descend(
         spec = ctx.specs[layer]
         g_top = _vjp_input(spec, x, k)
         link = ctx.link_below(layer)
-        if link.below is None:
+        if link.lower is None or link.cut is not None:
             warnings.append(f"the walk stops below {layer}: {link.cut}")
             return _Descent(None, layers, states, warnings, False)
-        if link.below == ctx.lg.input_node:
-            z = _invert_link(link, x)
-            if any(s.kind == ops.CLIP for s in link.steps):
-                lost = int((~_known_mask(link, _link_forward(link, z)[1])).sum())
+        if link.lower == ctx.lg.input_node:
+            z = link.invert(x)
+            if link.clips:
+                mask = link.known_mask(link.forward(z)[1])
+                lost = 0 if mask is None else int((~mask).sum())
                 if lost:
                     warnings.append(f"{lost} input entries sit behind an inactive ReLU and are not recovered")
             return _Descent(z.reshape(1, *ctx.input_shape), layers, states, warnings, True)
-        below = link.below
+        below = link.lower
         t0 = time.perf_counter()
         bspec = ctx.specs[below]
         dw, db = ctx.grads[below]
         xs = ctx.x_shape(below)
         zshape = ctx.out_shape(below)
         attrs = ctx.lg.node(below)
-        step = LayerStep(below, attrs["module_path"], attrs["info"].name, "", math.prod(xs))
+        step = LayerStep(below, attrs.module_path, attrs.info.name, "", math.prod(xs))
         n_samples = math.prod(xs) // bspec.n_in
         null = None
-        leak = attrs["info"].leak
-        if db is not None and leak is not None and leak(ops.LeakContext(attrs["module"], bspec, x, db.reshape(1, -1), n_samples)):
+        leak = attrs.info.leak
+        if db is not None and leak is not None and leak(ops.LeakContext(attrs.module, bspec, x, db.reshape(1, -1), n_samples)):
             # a Linear with bias leaks its input exactly: x = dW^T db / |db|^2, and k = db
             xi = (dw.T @ db / db.norm() ** 2).reshape(xs)
-            _, derivs = _link_forward(link, _invert_link(link, x))
-            k_chain = _pull(link, derivs, g_top, "vjp")
+            _, derivs = link.forward(link.invert(x))
+            k_chain = link.pull(derivs, g_top, "vjp")
             ki = db.reshape(zshape).clone()
             step.method = "bias leak: x = dW^T db / |db|^2 (exact)"
             step.grad_rank, step.nullity, step.fwd_rows = bspec.n_in, 0, 0
@@ -561,20 +323,20 @@ def _descend(
             null = torch.zeros(xi.numel(), 0, dtype=torch.float64)
             S = None
         else:
-            z_hat = _invert_link(link, x)
+            z_hat = link.invert(x)
             # with carried directions the activation pattern below them is uncertain, and k (hence the
             # gradient rows) depends on it: estimate the pattern with the forward rows, gradient rows as check
-            rows = "check" if (S is not None and any(s.kind != ops.PASS for s in link.steps)) else "use"
+            rows = "check" if (S is not None and not link.only_reshapes) else "use"
             sol, ki, mask = _solve_linearised(ctx, below, link, bspec, xs, dw, x, g_top, z_hat, S, rows)
             if S is not None:
                 # the pattern of a deficient layer's recovered input may be wrong where it is undetermined:
                 # re-linearise at the solved z until the activation pattern settles
-                pat, iters, settled = _pattern(link, z_hat), 0, False
+                pat, iters, settled = link.pattern(z_hat), 0, False
                 best = (sol.residual_fwd if sol.residual_fwd is not None else math.inf, sol, ki, mask)
                 max_passes = MAX_PROJECTED_ITERS if sol.nullity == 0 else (3 if sol.nullity is None else 1)
                 for iters in range(1, max_passes + 1):
                     z_new = bspec.forward(sol.x).reshape(zshape)
-                    new_pat = _pattern(link, z_new)
+                    new_pat = link.pattern(z_new)
                     if new_pat == pat and iters > 1:
                         settled = True
                         break
@@ -611,7 +373,7 @@ def _descend(
             step.residual_bias = _bias_check(bspec, ki, db)
             step.carried_in = 0 if S is None else int(S.shape[1])
             step.notes.extend(sol.notes)
-            if step.rows_lost and any(s.kind == ops.CLIP for s in link.steps):
+            if step.rows_lost and link.clips:
                 step.notes.append(f"{step.rows_lost} of {mask.numel()} output units are off (ReLU): their forward rows are lost")
             xi, null = sol.x, sol.null_basis
             S = null if (projected and null is not None and null.shape[1] > 0) else None
@@ -627,17 +389,17 @@ def _descend(
 
 def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S, gradient_rows="use"):
     """Linearise the link at z_hat, then solve the layer below for its input."""
-    vals, derivs = _link_forward(link, z_hat)
-    e = _pull(link, derivs, x_top - vals[-1], "inv")
+    vals, derivs = link.forward(z_hat)
+    e = link.pull(derivs, x_top - vals[-1], "inv")
     z_t = z_hat + e.reshape(z_hat.shape)
-    mask = _known_mask(link, derivs)
+    mask = link.known_mask(derivs)
     if mask is None:
         mask = torch.ones(z_hat.shape, dtype=torch.bool)
-    ki = _pull(link, derivs, g_top, "vjp").reshape(z_hat.shape)
+    ki = link.pull(derivs, g_top, "vjp").reshape(z_hat.shape)
     T = a_rows = None
     if S is not None and S.shape[1] > 0:
         Sd = S.T.reshape((S.shape[1],) + tuple(x_top.shape))
-        T, a_rows = _pull_directions(link, derivs, Sd, x_top - vals[-1])
+        T, a_rows = link.pull_directions(derivs, Sd, x_top - vals[-1])
     sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node, a_rows=a_rows, gradient_rows=gradient_rows)
     return sol, ki, mask.reshape(-1)
 
@@ -720,7 +482,7 @@ def reconstruct(
     true_input: torch.Tensor | None = None,
     variant: str = "auto",
 ) -> Reconstruction:
-    """Recover a client's input from its gradient with closed-form R-GAP.
+    """Recover a client's input from its gradient with closed-form R-GAP (Python API).
 
     gradients: parameter name (as in model.named_parameters()) -> dL/dparam, summed over the batch (one
     sample). input_shape: one sample's shape. loss: "logistic" or "cross-entropy". label: optional; when
@@ -730,24 +492,45 @@ def reconstruct(
     Raises AuditError (one line) on bad input: unsupported loss or head, missing, misshapen or non-finite
     gradients, a true input of the wrong shape.
     """
+    if loss not in LOSSES:
+        raise AuditError(f"unsupported loss {loss!r} for reconstruction; supported: {', '.join(LOSSES)}")
+    if variant not in ("auto", "plain"):
+        raise AuditError(f"unknown variant {variant!r}: 'auto' or 'plain'")
+    with single_thread():
+        inst = bare_instance(model, tuple(input_shape))
+        return attack_graph(inst.graph, inst.env, gradients, input_shape, loss, label=label, true_input=true_input, variant=variant)
+
+
+def attack_graph(
+    graph: LayerGraph,
+    env: dict[str, Any],
+    gradients: dict[str, torch.Tensor],
+    input_shape: tuple[int, ...],
+    loss: str,
+    *,
+    label: float | None = None,
+    true_input: torch.Tensor | None = None,
+    variant: str = "auto",
+) -> Reconstruction:
+    """reconstruct() on a layer graph already traced (an Instance's, at batch 1) with its run's constants."""
     if variant not in ("auto", "plain"):
         raise AuditError(f"unknown variant {variant!r}: 'auto' or 'plain'")
     t0 = time.perf_counter()
     with single_thread():
-        ctx = _Context(model, gradients, input_shape, loss)
+        ctx = _Context(graph, env, gradients, input_shape, loss)
         truth = None
         if true_input is not None:
             tx = torch.as_tensor(true_input).detach().to(torch.float64)
             if tx.numel() != math.prod(ctx.input_shape):
                 raise AuditError(f"true input has shape {tuple(tx.shape)}, the model takes {ctx.input_shape}")
             tx = tx.reshape(1, *ctx.input_shape)
-            values, _ = record_instance(ctx.lg, tx, lambda out: out.sum())
+            values = record(ctx.lg, tx, lambda out: out.sum()).values
             truth = {n: values[ctx.lg.data_args(n)[0]] for n in ctx.lg.weighted()}
             truth["__input__"] = tx
         head, _ = ctx.head_node()
         hres = _head(ctx, head, label)
         attrs = ctx.lg.node(head)
-        head_step = LayerStep(head, attrs["module_path"], attrs["info"].name, hres.method, ctx.specs[head].n_in, nullity=0)
+        head_step = LayerStep(head, attrs.module_path, attrs.info.name, hres.method, ctx.specs[head].n_in, nullity=0)
         warnings = list(hres.warnings)
 
         # scaled twins: in a positively homogeneous network (bias-free, ReLU/LeakyReLU) a candidate

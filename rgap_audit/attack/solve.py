@@ -46,9 +46,8 @@ from rgap_audit.attack.structure import (
     window_index,
 )
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.tolerances import G_REL_TOL, PROBE_TOL, SIGMA_REL_TOL
 
-G_REL_TOL = 1e-8  # singular values of G below this (relative) are left to the forward rows
-SIGMA_REL_TOL = 1e-6  # reduced problem: singular values below this (relative) count as deficient
 DENSE_LIMIT = 1600  # largest reduced problem (columns, or rows when it is wide) solved densely
 WIDE_LIMIT = 4000  # most columns of a wide reduced problem (its null basis is formed explicitly)
 MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
@@ -353,7 +352,7 @@ def _fourier_layer(spec, x_shape, k, dw, zb, known, unknowns, fwd_rows, t0) -> L
             f"least {unknowns - fwd_rows - dw.numel()} directions are undetermined (not computed); x is one input "
             "that fits the forward rows, not a recovery"
         )
-    elif res.converged and res.probe_error <= fourier.PROBE_TOL:
+    elif res.converged and res.probe_error <= PROBE_TOL:
         null = torch.zeros(unknowns, 0, dtype=torch.float64)
     else:
         notes.append(

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rgap_audit.choices import FORMATS
 from rgap_audit.errors import AuditError
 from rgap_audit.records import Finding, ModelReport
-
-FORMATS = ("concise", "table", "json", "sarif", "github")
 
 
 def render(

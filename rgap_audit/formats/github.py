@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rgap_audit.errors import AuditError
 from rgap_audit.formats._common import ordered, shown, summary_line
 from rgap_audit.records import Finding, ModelReport
 
@@ -32,6 +33,13 @@ def annotation(f: Finding) -> str:
     )
     level = "notice" if f.suppressed else LEVELS.get(f.severity, "warning")  # shown, but never as an error
     return f"::{level} {props}::{escape_data(f.message)}"
+
+
+def error_annotation(err: AuditError) -> str:
+    """`::error file=...,line=...,title=rgap-audit::model: cause` for a file that could not be audited."""
+    props = f"file={escape_property(err.file or '')}" + (f",line={err.line}" if err.line else "") + ",title=rgap-audit"
+    who = f"{err.model}: " if err.model else ""
+    return f"::error {props}::{escape_data(who + ' '.join(str(err.cause).split()))}"
 
 
 def render_github(reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from tabulate import tabulate
 
 from rgap_audit.formats._common import finding_line, ordered, shown, summary_line
-from rgap_audit.records import Finding, LayerRecord, ModelReport
+from rgap_audit.records import Finding, LayerRecord, ModelReport, Verification, VerifiedLayer
 
 HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
 VERIFY_HEADERS = ["measured nullity", "rel. error (plain)", "rel. error (projected)"]
@@ -72,56 +72,52 @@ def layer_rows(report: ModelReport) -> list[list[Any]]:
             ]
         )
         if measured is not None:
-            m = measured.get(rec.node, {})
-            row += [m.get("measured_nullity"), _err(m.get("rel_error")), _err(m.get("rel_error_projected"))]
+            m = measured.get(rec.node)
+            row += [None, None, None] if m is None else [m.measured_nullity, _err(m.rel_error), _err(m.rel_error_projected)]
         rows.append(row)
     return rows
 
 
-def _measured_layers(report: ModelReport) -> dict[str, dict] | None:
-    """--verify's per-layer measurements keyed by node, or None when there are none."""
-    layers = (report.verification or {}).get("layers")
-    if not isinstance(layers, list) or not layers:
+def _measured_layers(report: ModelReport) -> dict[str, VerifiedLayer] | None:
+    """--verify's per-layer measurements keyed by node, or None when there are none (a batch's attack has
+    no per-layer truth to compare with: its layers stay in the JSON report)."""
+    ver = report.verification
+    if ver is None or not ver.layers or ver.batch_size is not None:
         return None
-    return {m["node"]: m for m in layers if isinstance(m, dict) and "node" in m}
+    return {m.node: m for m in ver.layers}
 
 
-def _err(v: Any) -> str | None:
+def _err(v: float | None) -> str | None:
     return None if v is None else f"{v:.2g}"
 
 
-def batch_lines(ver: dict[str, Any]) -> list[str]:
+def batch_lines(ver: Verification) -> list[str]:
     """--verify with a batch (B > 1): per-sample errors, the combination fit, the span leak; [] for B = 1."""
-    samples = ver.get("per_sample")
-    if not isinstance(samples, list):
+    if ver.per_sample is None:
         return []
     out = []
     parts = []
-    for p in samples:
-        if not isinstance(p, dict):
-            continue
-        err = p.get("rel_error")
-        text = f"#{p.get('sample')} " + ("not reconstructed" if err is None else f"rel. error {err:.2g}")
-        if p.get("psnr_db") is not None:
-            text += f" (PSNR {p['psnr_db']:.1f} dB)"
-        if p.get("recovered"):
+    for p in ver.per_sample:
+        text = f"#{p.sample} " + ("not reconstructed" if p.rel_error is None else f"rel. error {p.rel_error:.2g}")
+        if p.psnr_db is not None:
+            text += f" (PSNR {p.psnr_db:.1f} dB)"
+        if p.recovered:
             text += " RECOVERED"
         parts.append(text)
     if parts:
         out.append("per sample: " + "; ".join(parts))
-    comb = ver.get("combination")
-    if isinstance(comb, dict) and comb.get("coefficients") is not None:
-        coefs = ", ".join(f"{c:.3g}" for c in comb["coefficients"])
-        res = comb.get("residual_rel")
+    comb = ver.combination
+    if comb is not None:
+        coefs = ", ".join(f"{c:.3g}" for c in comb.coefficients)
+        res = comb.residual_rel
         out.append(
             f"combination fit: coefficients [{coefs}], relative residual {'n/a' if res is None else f'{res:.2g}'}"
-            + (" (a combination of the samples)" if comb.get("combination") else "")
+            + (" (a combination of the samples)" if comb.combination else "")
         )
-    leak = ver.get("span_leak")
-    if isinstance(leak, dict) and leak.get("summary"):
-        out.append(f"span leak: {leak['summary']}")
-    elif ver.get("span_leak_reason"):
-        out.append(f"span leak: not measured ({ver['span_leak_reason']})")
+    if ver.span_leak is not None:
+        out.append(f"span leak: {ver.span_leak.summary}")
+    elif ver.span_leak_reason:
+        out.append(f"span leak: not measured ({ver.span_leak_reason})")
     return out
 
 
@@ -144,7 +140,7 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         lines.append("(no operations recorded)")
     v = report.verdict
     lines.append("")
-    lines.append(f"verdict: {v.status} (input recoverable in closed form: {_recoverable_text(v.input_recoverable)}) - {v.summary}")
+    lines.append(f"verdict: {v.status.value} (input recoverable in closed form: {_recoverable_text(v.input_recoverable)}) - {v.summary}")
     deficit = "?" if v.input_deficit is None else v.input_deficit
     lines.append(
         f"  rests on: {v.basis.value}; deficient layers: {v.deficient_layers} (total deficit {v.total_deficit}); "
@@ -152,14 +148,16 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     )
     lines.extend(f"  caveat: {c}" for c in v.caveats)
     lines.extend(f"  warning: {w}" for w in report.warnings)
-    if report.verification:
+    if report.identifiability is not None:
+        lines.append(f"  identifiability: {report.identifiability.summary}")
+    if report.verification is not None:
         ver = report.verification
-        lines.append(f"  verification: {ver.get('summary', '')}")
+        lines.append(f"  verification: {ver.summary}")
         keys = (
             "outcome", "nearest_sample", "rel_error", "mse", "psnr_db", "seconds", "variant", "label_status", "input",
             "weights", "scaling", "image",
         )
-        items = ", ".join(f"{k}={_value(ver[k])}" for k in keys if ver.get(k) is not None)
+        items = ", ".join(f"{k}={_value(getattr(ver, k))}" for k in keys if getattr(ver, k) is not None)
         if items:
             lines.append(f"    {items}")
         lines.extend(f"    {line}" for line in batch_lines(ver))

@@ -1,0 +1,97 @@
+"""Forward rows: what the attacker knows of a weighted layer's output z when the walk reaches it, and
+which of the layer's input entries are known constants (a ReLU's zeros, given the pattern)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rgap_audit import ops
+from rgap_audit.analysis.bounds import span_text
+from rgap_audit.analysis.state import WalkState
+from rgap_audit.instance import Instance
+from rgap_audit.rank import ForwardInfo
+from rgap_audit.records import Chain
+
+
+@dataclass
+class ForwardSide:
+    """The forward constraints of one layer and why they are what they are."""
+
+    info: ForwardInfo
+    chain: Chain
+    why: str
+    uncertain: tuple[int, int] | None  # bounds on the directions the layer above left undetermined (no basis)
+
+
+def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generator) -> ForwardSide:
+    """What the attacker knows about this layer's output z, and why; `uncertain` carries the (lower,
+    upper) count of directions the layer above left undetermined when only bounds are known (then
+    ForwardInfo.rows is an upper bound and the caller turns the rank into bounds)."""
+    lg = inst.graph
+    link = state.above[name]
+    z0 = inst.values[name]
+    n_samples_z = z0.shape[0]
+    if link.upper is None:
+        return ForwardSide(ForwardInfo(none=True, rows=0), Chain.NONE, f"no forward constraints: {link.cut}", None)
+    lossy = [s.name for s in link.steps if not s.info.invertible]
+    unknown_ops = [s.name for s in link.steps if s.info.kind == ops.UNKNOWN]
+    fn = link.fn()
+    uncertain: tuple[int, int] | None = None
+    unknown: torch.Tensor | None = None
+    if link.upper == lg.output_node:
+        if inst.batch > 1 or n_samples_z != inst.batch:
+            why = f"output layer: the {inst.loss} loss of a batch of {inst.batch} does not reveal each sample's output"
+            return ForwardSide(ForwardInfo(none=True, rows=0), Chain.NONE, why, None)
+        why = f"output layer: the {inst.loss} loss reveals the output"
+        end_dims = fn(z0).numel()
+        if inst.loss == "cross-entropy":
+            unknown = torch.full((end_dims, 1), 1.0 / math.sqrt(end_dims), dtype=torch.float64)
+            why = "output layer: cross-entropy reveals the logits up to a constant"
+    elif link.upper in state.failed:
+        why = f"no forward constraints: the layer above ({link.upper}) could not be analysed"
+        return ForwardSide(ForwardInfo(none=True, rows=0), Chain.NONE, why, None)
+    else:
+        upper = state.nulls.get(link.upper)
+        unknown = upper if (upper is not None and upper.shape[1] > 0) else None
+        end_dims = ops.numel(lg.node(link.upper).in_shape or ())
+        uncertain = state.carried.get(link.upper)
+        if uncertain is not None:
+            unknown = None
+            why = f"layer above ({link.upper}) left {span_text(*uncertain)} directions undetermined (bounds)"
+        elif unknown is not None:
+            why = f"layer above ({link.upper}) left {unknown.shape[1]} directions undetermined"
+        else:
+            why = f"layer above ({link.upper}) recovered"
+    d = 0 if unknown is None else unknown.shape[1]
+    if link.steps:  # the entries that reach the next tensor, capped by its size
+        rows = max(0, min(link.reach(z0, gen), end_dims) - d)
+    else:  # z itself is the next tensor: every entry reaches it
+        rows = max(0, min(z0.numel(), end_dims) - d)
+    if uncertain is not None:  # at most end_dims - (lower bound) directions of the next input are known
+        rows = max(0, min(rows, end_dims - uncertain[0]))
+        why += f": at most {rows} forward rows"
+    info = ForwardInfo(jac=link.jvp_batch(z0) if link.steps else None, unknown=unknown, rows=rows)
+    if lossy:
+        why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
+    if unknown_ops:
+        why += f"; through not-understood {', '.join(unknown_ops)} (treated as known to the attacker)"
+    exact_above = d == 0 and (uncertain is None or uncertain[1] == 0)
+    chain = Chain.FULL if not lossy and exact_above else Chain.PARTIAL
+    return ForwardSide(info, chain, why, uncertain if uncertain is not None and uncertain[1] > 0 else None)
+
+
+def known_inputs(inst: Instance, state: WalkState, name: str, n_samples: int, in_shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
+    """Entries of this layer's input that do not depend on the layer below (a ReLU's zeros, given the
+    activation pattern): known constants to the attacker, so not unknowns."""
+    link = state.below.get(name)
+    if link is None or not link.steps:
+        return None
+    if link.joins:
+        # other branches feed this input too: entries this branch leaves constant are not known
+        # constants (a conservative choice: ReLU zeros inside a branch are counted as unknowns)
+        return None
+    known = link.constant_entries(inst.values[link.lower], gen).reshape(n_samples, *in_shape)
+    return known if bool(known.any()) else None

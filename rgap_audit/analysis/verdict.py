@@ -1,0 +1,214 @@
+"""The model verdict: one decision table over what the walk found at the layer that reads the input.
+
+The facts (`InputFacts`) are gathered first; the first row of `DECISIONS` whose condition holds gives
+the status, what it rests on and its summary. Not-understood ops turn anything short of a proven
+leak into `unknown` (never counted as safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rgap_audit import ops
+from rgap_audit.analysis.state import WalkState
+from rgap_audit.instance import Instance
+from rgap_audit.links import input_chain
+from rgap_audit.records import Basis, BatchSpan, LayerRecord, ModelStatus, ModelVerdict, Verdict
+from rgap_audit.span import row_space
+from rgap_audit.tolerances import SPAN_IN_TOL
+
+CAVEAT_DEFICIT = (
+    "A layer-wise deficit makes the closed-form recursion fail and the recovery worse conditioned, "
+    "but it is not proof of safety: attacks that use all layers jointly (gradient matching, or the "
+    "Jacobian of the whole gradient map) may still recover the input."
+)
+CAVEAT_PATTERN = "Activation patterns (which units are active, signs) are taken as known to the attacker, as in R-GAP."
+CAVEAT_BATCH = (
+    "With {b} samples sharing one gradient, the per-sample dL/dz is taken from the instance: "
+    "an upper bound on what an attacker knows."
+)
+
+
+@dataclass
+class InputFacts:
+    """What the decision table looks at."""
+
+    rec: LayerRecord | None  # the weighted layer that reads the model input, None when there is none
+    layer: str  # how the summary names it
+    path_ok: bool  # the ops before it are invertible
+    why_path: str  # why not (or why there is no such layer)
+    value_known: bool  # the walk recovered the model input itself (every pattern above derivable)
+    deficient: int  # deficient layers in the model
+    total_deficit: int
+    batch: int
+
+
+def _bounded_deficient(f: InputFacts) -> bool:
+    r = f.rec
+    return r is not None and r.deficit is None and r.rank_upper is not None and r.unknowns is not None and r.rank_upper < r.unknowns
+
+
+def _given_pattern_summary(f: InputFacts) -> str:
+    if f.batch > 1:
+        return (
+            f"the {f.batch} inputs are determined by the gradient and forward constraints of {f.layer} "
+            "given each sample's dL/dz, which a gradient summed over the batch does not reveal "
+            "(R-GAP's recursion cannot start at the output); an attacker who separates the samples "
+            "may still recover them"
+        )
+    return (
+        f"the input is determined by the gradient and forward constraints of {f.layer}, "
+        "but forming them needs dL/dz, which rests on activation patterns above that the attacker "
+        "cannot derive in closed form; an attacker who estimates them may still recover the input"
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One row of the table: when it applies, the status, what it rests on (None: numerical rank), the summary."""
+
+    when: Callable[[InputFacts], bool]
+    status: ModelStatus
+    basis: Basis
+    summary: Callable[[InputFacts], str]
+
+
+DECISIONS: tuple[Decision, ...] = (
+    Decision(
+        lambda f: f.rec is None, ModelStatus.UNKNOWN, Basis.NUMERICAL,
+        lambda f: f"the input cannot be traced to a weighted layer: {f.why_path}",
+    ),
+    Decision(
+        lambda f: f.rec.verdict == Verdict.LEAKS_EXACTLY and f.path_ok, ModelStatus.LEAKS_EXACTLY, Basis.STRUCTURE,
+        lambda f: f"the input leaks exactly through {f.layer}: x = dL/dW[j] / dL/db[j]",
+    ),
+    Decision(
+        lambda f: f.rec.unknowns is None, ModelStatus.UNKNOWN, Basis.STRUCTURE,
+        lambda f: f"the input {f.layer} could not be analysed: {f.rec.reason}",
+    ),
+    Decision(
+        _bounded_deficient, ModelStatus.DEFICIENT, Basis.BOUNDS,
+        lambda f: (
+            f"input not recoverable in closed form: at least {f.rec.unknowns - f.rec.rank_upper} of {f.rec.unknowns} "
+            f"input directions undetermined (proven bounds: rank {f.rec.rank_lower}..{f.rec.rank_upper} at {f.layer})"
+        ),
+    ),
+    Decision(
+        lambda f: f.rec.deficit is None, ModelStatus.UNKNOWN, Basis.BOUNDS,
+        lambda f: f"input {f.layer} only bounded: rank {f.rec.rank_lower}..{f.rec.rank_upper} of {f.rec.unknowns}",
+    ),
+    Decision(
+        lambda f: f.rec.deficit == 0 and f.path_ok and not f.value_known,
+        ModelStatus.RECOVERABLE_GIVEN_PATTERN, Basis.NUMERICAL, _given_pattern_summary,
+    ),
+    Decision(
+        lambda f: f.rec.deficit == 0 and f.path_ok and f.deficient > 0, ModelStatus.RECOVERABLE_JOINT, Basis.NUMERICAL,
+        lambda f: (
+            f"input recoverable in closed form, though {f.deficient} layer(s) are deficient "
+            f"(total {f.total_deficit}): a solve that keeps only the known directions of each z pins it down"
+        ),
+    ),
+    Decision(
+        lambda f: f.rec.deficit == 0 and f.path_ok, ModelStatus.RECOVERABLE_LAYERWISE, Basis.NUMERICAL,
+        lambda f: "input recoverable in closed form, layer by layer (R-GAP)",
+    ),
+    Decision(
+        lambda f: f.rec.deficit == 0, ModelStatus.DEFICIENT, Basis.NUMERICAL,
+        lambda f: f"the first layer's input is recoverable, but {f.why_path}",
+    ),
+    Decision(
+        lambda f: True, ModelStatus.DEFICIENT, Basis.NUMERICAL,
+        lambda f: f"input not recoverable in closed form: {f.rec.deficit} input directions undetermined",
+    ),
+)
+
+
+def decide(f: InputFacts) -> Decision:
+    return next(d for d in DECISIONS if d.when(f))
+
+
+def input_layer(inst: Instance) -> tuple[str | None, bool, str]:
+    """The weighted layer that reads the model input, whether the ops before it are invertible, and why not."""
+    first, steps, why = input_chain(inst.graph, inst.env)
+    if first is None:
+        return None, False, why
+    lossy = [s.name for s in steps if not s.info.invertible]
+    return first, not lossy, ("" if not lossy else f"the ops before it are not invertible ({', '.join(lossy)})")
+
+
+def batch_span(inst: Instance, first: str, rec: LayerRecord) -> BatchSpan | None:
+    """B > 1, the input read by a Linear: dL/dW = sum_n k_n x_n^T, so its rows lie in span{x_n}.
+    Measured on the instance (rgap_audit.span): the numerical rank of dL/dW and each sample's
+    relative distance to its row space."""
+    lg = inst.graph
+    module = lg.node(first).module
+    if module is None or getattr(module, "weight", None) is None or not module.weight.requires_grad:
+        return None
+    try:
+        spec = lg.conv_spec(first)
+    except (ValueError, TypeError):
+        return None
+    x = inst.values[lg.data_args(first)[0]].detach().to(torch.float64)
+    if spec.ndim != 0 or x.numel() != inst.batch * spec.n_in:
+        return None
+    x = x.reshape(inst.batch, spec.n_in)
+    k = inst.grads[first].detach().to(torch.float64).reshape(inst.batch, -1)
+    measured = row_space(k.T @ x, x, seed=inst.seed)  # k^T x: the shared gradient of the weight
+    if not measured.distances or measured.rank == 0:
+        return None
+    span = BatchSpan(rank=measured.rank, distance=float(f"{max(measured.distances):.3g}"), samples=inst.batch)  # 3 digits: shown as is
+    rec.span = span
+    return span
+
+
+def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) -> ModelVerdict:
+    """The verdict of the model from the walk's records (DECISIONS), with its caveats."""
+    layers = [r for r in records if r.kind == ops.LAYER and r.unknowns is not None]
+    deficient = [r for r in layers if r.verdict == Verdict.DEFICIENT]
+    total_deficit = sum(r.deficit or 0 for r in deficient)
+    not_understood = [r for r in records if r.verdict == Verdict.NOT_UNDERSTOOD]
+    caveats = [CAVEAT_PATTERN]
+    if inst.batch > 1:
+        caveats.append(CAVEAT_BATCH.format(b=inst.batch))
+    if deficient:
+        caveats.append(CAVEAT_DEFICIT)
+    first, path_ok, why_path = input_layer(inst)
+    rec = next((r for r in records if r.node == first), None) if first is not None else None
+    if rec is not None and path_ok and inst.batch > 1:
+        span = batch_span(inst, first, rec)  # type: ignore[arg-type]
+        if span is not None and span.rank == inst.batch and span.distance <= SPAN_IN_TOL:
+            caveats.append(
+                f"With {inst.batch} samples, the weight gradient of {first} spans a {span.rank}-dimensional "
+                f"subspace that holds every sample (largest relative distance {span.distance:.1e}, measured): "
+                "the batch's span leaks whatever the per-sample verdict."
+            )
+    facts = InputFacts(
+        rec=rec,
+        layer="" if rec is None else f"layer {rec.module_path or first} ({rec.op})",
+        path_ok=path_ok,
+        why_path=why_path,
+        value_known=state.val_known.get(inst.graph.input_node, False),
+        deficient=len(deficient),
+        total_deficit=total_deficit,
+        batch=inst.batch,
+    )
+    row = decide(facts)
+    status, summary = row.status, row.summary(facts)
+    if not_understood:
+        names = ", ".join(sorted({r.op for r in not_understood}))
+        if status.input_recoverable is not True:
+            status = ModelStatus.UNKNOWN
+        summary += f"; not understood: {names} (never counted as safe)"
+    return ModelVerdict(
+        status=status,
+        input_recoverable=status.input_recoverable,
+        deficient_layers=len(deficient),
+        total_deficit=total_deficit,
+        input_deficit=None if rec is None else rec.deficit,
+        basis=row.basis,
+        summary=summary,
+        caveats=caveats,
+    )

@@ -1,0 +1,277 @@
+"""One run over the files a user named: load -> instance -> analysis -> attack -> rules, per model.
+
+`Pipeline.run` returns the reports, the findings and every error met on the way; a failing file or
+model never stops the others, and a failing step never removes what earlier steps found (a model
+whose --verify fails keeps its static report). What the user's code prints is held back (stdout
+carries only the report); network access is refused while it runs. The command line (cli.py) only
+turns arguments into a `Request` and the `Result` into output and an exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from rgap_audit import config as cfg
+from rgap_audit.analysis import Audit, audit_instance
+from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
+from rgap_audit.errors import AuditError
+from rgap_audit.identifiability import instance_identifiability
+from rgap_audit.instance import build_instance
+from rgap_audit.loader import display_path, iter_models, no_network
+from rgap_audit.options import AuditOptions, LoadedModel
+from rgap_audit.records import Finding, Identifiability, ModelReport
+from rgap_audit.rules import Rule, evaluate, fails, load_rules, select_rules
+from rgap_audit.suppress import apply as apply_suppressions
+from rgap_audit.threads import single_thread
+from rgap_audit.verify import settle, verify
+from rgap_audit.verify.images import safe_name
+
+
+
+@dataclass
+class Request:
+    """What the command line (or a caller) asks for."""
+
+    targets: list[str]
+    select: list[str] | None = None
+    ignore: list[str] | None = None
+    extend_select: list[str] = field(default_factory=list)
+    fail_on: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    batch_size: int | None = None
+    loss: str | None = None
+    seed: int | None = None
+    memory_budget_mb: float | None = None
+    identifiability: bool = False
+    no_config: bool = False
+    allow_no_models: bool = False
+    verify: bool = False
+    input: str | None = None
+    weights: str | None = None
+    save_images: str | None = None
+    debug: bool = False
+
+
+@dataclass
+class Result:
+    reports: list[ModelReport] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[AuditError] = field(default_factory=list)
+    failed: bool = False  # some unsuppressed finding at or above its file's fail-on
+    rules: list[Rule] = field(default_factory=list)
+
+
+def split_target(target: str) -> tuple[str, str | None]:
+    """`path.py:Name` -> (path.py, Name); a path that exists as written is never split."""
+    if os.path.exists(target) or ":" not in target:
+        return target, None
+    path, _, name = target.rpartition(":")
+    if not path or not name or "/" in name or "\\" in name:
+        return target, None
+    return path, name
+
+
+def group_targets(targets: list[str]) -> dict[str, list[str] | None]:
+    """path -> names to audit (None: all the file's models); repeated paths are imported once."""
+    groups: dict[str, list[str] | None] = {}
+    for target in targets:
+        path, name = split_target(target)
+        path = display_path(path)
+        if path in groups and groups[path] is None:
+            continue
+        if name is None:
+            groups[path] = None
+        else:
+            names = groups.setdefault(path, [])
+            assert names is not None
+            names.append(name)
+    return groups
+
+
+@contextlib.contextmanager
+def captured(debug: bool) -> Iterator[None]:
+    """Hold what user code and libraries print while a model is loaded or audited.
+
+    stdout must carry only the report (a JSON or SARIF document breaks on a stray print) and stderr
+    only the one-line errors (torch.fx's ShapeProp prints a traceback before re-raising). With
+    --debug the captured text goes to stderr.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        if debug and (out.getvalue() or err.getvalue()):
+            sys.stderr.write(out.getvalue() + err.getvalue())
+            sys.stderr.flush()
+
+
+def internal_error(exc: BaseException, file: str, model: str | None) -> AuditError:
+    """A bug of ours, as one line (the traceback with --debug)."""
+    text = " ".join(str(exc).split())
+    err = AuditError(f"internal error: {type(exc).__name__}: {text} (re-run with --debug for the traceback)", file, model)
+    err.__cause__ = exc
+    return err
+
+
+class Pipeline:
+    """One run: every file, every model, in order; errors are reported through `on_error` as they happen."""
+
+    def __init__(self, request: Request, on_error: Callable[[AuditError], None]):
+        self.request = request
+        self.on_error = on_error
+        self.result = Result()
+
+    def error(self, err: AuditError, file: str | None = None, model: str | None = None) -> None:
+        err.file = err.file or file
+        err.model = err.model or model
+        self.result.errors.append(err)
+        self.on_error(err)
+
+    def check_selection(self) -> bool:
+        """Unknown codes on the command line are usage errors, found before any model is loaded."""
+        req = self.request
+        try:
+            self.result.rules = load_rules()
+            select_rules(self.result.rules, select=req.select, ignore=req.ignore, extend_select=req.extend_select)
+        except AuditError as err:
+            self.error(err)
+            return False
+        return True
+
+    def run(self) -> Result:
+        for path, names in group_targets(self.request.targets).items():
+            self._file(path, names)
+        return self.result
+
+    # ------------------------------------------------------------------ one file
+    def _file(self, path: str, names: list[str] | None) -> None:
+        req = self.request
+        settings = cfg.Settings()
+        if not req.no_config:
+            try:
+                settings = cfg.settings_for(path)
+            except AuditError as err:
+                self.error(err)
+                return
+        options = AuditOptions(
+            batch_size=req.batch_size,
+            loss=req.loss,
+            seed=req.seed if req.seed is not None else (settings.seed or 0),
+            input_shape=req.input_shape,
+            memory_budget_mb=req.memory_budget_mb or settings.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB,
+            debug=req.debug,
+        )
+        reports: list[ModelReport] = []
+        items = iter_models(
+            path, names, options, fallback=settings.model_defaults(), per_model=settings.models, allow_empty=req.allow_no_models
+        )
+        while True:
+            try:
+                with captured(req.debug):
+                    item = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:  # a bug in the loader: report, go on with the next file
+                if req.debug:
+                    raise
+                self.error(internal_error(exc, path, None))
+                break
+            if isinstance(item, AuditError):
+                self.error(item)
+                continue
+            report = self._model(item, options)
+            if report is not None:
+                reports.append(report)
+            del item
+        if not reports:
+            return
+        self.result.reports.extend(reports)
+        try:
+            found = self._findings(reports, settings)
+        except AuditError as err:
+            self.error(err)
+            return
+        self.result.findings.extend(found)
+        if fails([f for f in found if not f.suppressed], req.fail_on or settings.fail_on or DEFAULT_FAIL_ON):
+            self.result.failed = True
+
+    # ------------------------------------------------------------------ one model
+    def _model(self, loaded: LoadedModel, options: AuditOptions) -> ModelReport | None:
+        """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
+        req = self.request
+        try:
+            with no_network(), captured(req.debug), single_thread():
+                audit = audit_instance(build_instance(loaded, options), options)
+        except AuditError as err:
+            self.error(err, loaded.file, loaded.name)
+            return None
+        except Exception as exc:
+            if req.debug:
+                raise
+            self.error(internal_error(exc, loaded.file, loaded.name))
+            return None
+        report = audit.report
+        if req.identifiability:
+            self._step(loaded, lambda: self._identifiability(audit))
+        if req.verify:
+            self._step(loaded, lambda: self._verify(audit))
+        return report
+
+    def _step(self, loaded: LoadedModel, step: Callable[[], None]) -> None:
+        """A later step of one model: its failure is one more error, the report stays."""
+        req = self.request
+        try:
+            with no_network(), captured(req.debug):
+                step()
+        except AuditError as err:
+            self.error(err, loaded.file, loaded.name)
+        except Exception as exc:
+            if req.debug:
+                raise
+            self.error(internal_error(exc, loaded.file, loaded.name))
+
+    def _identifiability(self, audit: Audit) -> None:
+        """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with
+        --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png."""
+        loaded = audit.instance.loaded
+        plot = None
+        if self.request.save_images:
+            os.makedirs(self.request.save_images, exist_ok=True)
+            plot = os.path.join(self.request.save_images, f"{safe_name(loaded.name)}-spectrum.png")
+        try:
+            res = instance_identifiability(audit.instance, plot=plot)
+        except (ValueError, RuntimeError, MemoryError) as exc:
+            raise AuditError(f"identifiability failed: {type(exc).__name__}: {' '.join(str(exc).split())}", loaded.file, loaded.name) from exc
+        audit.report.identifiability = Identifiability(
+            unknowns=res["unknowns"], gradient_entries=res["gradient_entries"], rank=res["rank"], deficit=res["deficit"],
+            locally_unique=res["locally_unique"], sigma_min_rel=res["sigma_min_rel"], singular_values=res["singular_values"],
+            rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=res["plot"],
+        )
+
+    def _verify(self, audit: Audit) -> None:
+        req = self.request
+        result = verify(audit, input=req.input, weights=req.weights, save_images=req.save_images, debug=req.debug)
+        report = audit.report
+        report.verification = result
+        report.verdict = settle(report.verdict, result, report.batch_size)
+
+    # ------------------------------------------------------------------ rules
+    def _findings(self, reports: list[ModelReport], settings: cfg.Settings) -> list[Finding]:
+        """Rules over one file's reports with that file's selection, then inline suppressions."""
+        req = self.request
+        select = req.select if req.select is not None else settings.select
+        ignore = req.ignore if req.ignore is not None else list(settings.ignore)
+        ignore = [*ignore, *settings.file_ignores]
+        extend = [*settings.extend_select, *req.extend_select]
+        try:
+            found = evaluate(reports, self.result.rules or load_rules(), select=select, ignore=ignore, extend_select=extend)
+        except AuditError as err:  # an unknown code in the configuration (the command line was checked first)
+            err.file = err.file or settings.path
+            raise
+        return list(apply_suppressions(found))
