@@ -300,6 +300,18 @@ class Link:
                 m = m & (d.abs() > SATURATED)
         return m
 
+    def clipped_entries(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Entries of the link's end at a bound of its last clip (a ReLU's zeros), read off the value x
+        itself; only when nothing but reshapes and permutations follows the clip. None otherwise."""
+        steps = list(self.steps)
+        while steps and steps[-1].role in (ops.PASS, ops.REORDER):
+            steps.pop()
+        if not steps or steps[-1].role != ops.CLIP or steps[-1].info.clip is None:
+            return None
+        lo, hi = steps[-1].info.clip
+        tol = ACTIVE_REL_TOL * float(x.abs().max().clamp_min(1e-300))
+        return (x - lo).abs().le(tol) | (x - hi).abs().le(tol)
+
     def pattern(self, z: torch.Tensor) -> bytes:
         """The activation pattern of the link at z (which piece of each piecewise-linear unit is active)."""
         _, derivs = self.forward(z)

@@ -41,6 +41,7 @@ import torch.nn.functional as TF
 
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.convtranspose import ConvTransposeSpec
+from rgap_audit.structure import sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
@@ -80,6 +81,29 @@ class ForwardInfo:
     rows: int | None = None
     """number of forward rows to report (caller's count of known directions of z); None: the
     number of rows of C, min(D - n', N * n_out), which bounds rank(C) from above"""
+    entries: tuple[np.ndarray, np.ndarray | None] | None = None
+    """set when the rows of C are the entries of z scaled one by one (an elementwise link above,
+    reshapes and permutations aside): (indices into N * n_out of the entries that reach x', the
+    directions of those entries left undetermined above, (len, d) orthonormal, or None). Lets the
+    forward rows' own rank be proven on the sparse operator first (forward_full_rank)."""
+    cache: dict | None = None
+    """a dict the caller keeps across calls on the same layer (same weights): factorisations that depend
+    only on the layer and the entries seen are reused (the attack's pattern passes)"""
+    measure: bool = True
+    """measure sigma_min where the forward rows' proof settles the layer (the attack's repeated solves
+    skip it and keep the proven bound; the decision does not depend on it)"""
+
+
+@dataclass
+class SystemRHS:
+    """The right-hand sides of one layer's system, to solve it as well as rank it (the attack).
+
+    dw: dL/dW (the weight's shape, the normalised layer's layout). z: the layer output the forward
+    rows measure, bias removed, (N, *out_shape); the forward rows apply C (ForwardInfo) to it.
+    """
+
+    dw: torch.Tensor
+    z: torch.Tensor | None
 
 
 @dataclass
@@ -99,6 +123,8 @@ class LayerRank:
     sigma_min_rel: float | None  # smallest kept singular value / largest, over the blocks solved
     null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal, flattened x coords (N, *in_shape)
     seconds: float
+    solution: torch.Tensor | None = None  # with a SystemRHS: the minimum-norm solution, flattened (N * n_in,)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what a route that was tried and dropped said
 
 
 # ====================================================================== geometry
@@ -236,6 +262,51 @@ def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> floa
     return float(math.sqrt((1.0 / mu + tau) / ref2))
 
 
+@dataclass
+class _GapRank:
+    """A rank decided from the Gram's eigendecomposition where its spectrum has a clear gap."""
+
+    rank: int
+    rel: float | None  # smallest kept sigma / reference
+    kept: np.ndarray  # (n, rank) orthonormal eigenvectors of the kept part
+    kept_lam: np.ndarray  # their eigenvalues (sigma^2)
+    null: np.ndarray  # (n, n - rank) orthonormal basis of the certified null directions
+
+
+def _gram_gap(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> _GapRank | None:
+    """The SVD rule's rank (_tol_rank) from the eigendecomposition of G = a^T a, when it can be certified.
+
+    G's computed eigenvalues are within delta = 10 (m + n) eps ref^2 of the true sigma^2 (Weyl), so an
+    eigenvalue above 1e4 delta is a singular value far above the rule's tolerance; the eigenvectors V_s of
+    the eigenvalues below 1e2 delta span directions with |a V_s| measured directly (an SVD of a V_s): when
+    it is below the tolerance, at least dim V_s singular values are (minimax). Both together give the
+    rank exactly; any eigenvalue in between, or |a V_s| at or above the tolerance, returns None (the
+    caller takes the SVD of a itself). Costs a Gram, an eigendecomposition and a thin SVD instead of a's SVD.
+    """
+    m, n = a.shape
+    g = a.T @ a
+    lam, vec = sla.eigh(g, driver="evd", check_finite=False)
+    ref2 = max(float(lam[-1]) if lam.size else 0.0, scale * scale)
+    if ref2 <= 0:
+        return None
+    delta = 10.0 * (m + n) * _EPS * ref2
+    big, small = lam > 1e4 * delta, lam <= 1e2 * delta
+    if not bool((big | small).all()):
+        return None
+    vs = vec[:, small]
+    tol = max(m, n) * _EPS * math.sqrt(ref2) * amp
+    if vs.shape[1]:
+        _u, s_small, vt_small = np.linalg.svd(a @ vs, full_matrices=False)
+        if float(s_small[0]) >= tol:
+            return None
+        null = vs @ vt_small.T
+    else:
+        null = np.zeros((n, 0))
+    kept_lam = lam[big]
+    rel = float(math.sqrt(kept_lam[0] / ref2)) if kept_lam.size else None
+    return _GapRank(int(big.sum()), rel, vec[:, big], kept_lam, np.ascontiguousarray(null))
+
+
 def _rank_values(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> tuple[int, float | None]:
     """Numerical rank of a (no vectors); a Gram eigen-decomposition settles clearly full-rank cases."""
     m, n = a.shape
@@ -270,6 +341,9 @@ def _rank_null(
         rel = _gram_full_rank(a, scale, amp)
         if rel is not None:
             return n, rel, np.zeros((n, 0))
+        gap = _gram_gap(a, scale, amp)
+        if gap is not None:
+            return gap.rank, gap.rel, gap.null
     _u, s, vt = np.linalg.svd(a, full_matrices=m < n)
     r, rel = _tol_rank(s, (m, n), scale, amp)
     return r, rel, np.ascontiguousarray(vt[r:].T)
@@ -297,24 +371,149 @@ class _Block:
     rel: float | None
     null: np.ndarray | None  # (len(cols), nullity) orthonormal, None if not computed
     cols: np.ndarray  # columns of the block in (n, t) = n * S + t coordinates
+    pinv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (U_r, s_r, Vt_r) of the scaled block
+    scale: float = 1.0  # the block was divided by this before its factorisation
 
 
-def _solve_block(b: np.ndarray, cols: np.ndarray, need_null: bool, limit: int) -> _Block:
+def _solve_block(b: np.ndarray, cols: np.ndarray, need_null: bool, limit: int, factors: bool = False) -> _Block:
+    """Rank (and null basis) of one residue block; with `factors`, also its rank-r SVD for solving,
+    the rank decided by the same rule (_tol_rank) as the Gram route would (it proves full rank only
+    far above that rule's threshold)."""
     r, c = b.shape
     if c == 0:
-        return _Block(0, 0, 0, None, np.zeros((0, 0)), cols)
+        return _Block(0, 0, 0, None, np.zeros((0, 0)), cols, (np.zeros((r, 0)), np.zeros(0), np.zeros((0, 0))))
     if r == 0 or not np.any(b):
-        return _Block(0, 0, 0, None, np.eye(c) if need_null else None, cols)
-    b = b / np.abs(b).max()
+        return _Block(0, 0, 0, None, np.eye(c) if need_null else None, cols, (np.zeros((r, 0)), np.zeros(0), np.zeros((0, c))))
+    top = float(np.abs(b).max())
+    b = b / top
     hi = min(r, c)
     if r * c > limit:  # too big for a dense factorisation: a submatrix gives a sound lower bound
         lo = _submatrix_rank(r, c, lambda ri, ci: b[np.ix_(ri, ci)], limit)
         return _Block(None, lo, hi, None, None, cols)
+    if factors:
+        u, sv, vt = np.linalg.svd(b, full_matrices=need_null and r < c)
+        rk, rel = _tol_rank(sv, (r, c))
+        null = np.ascontiguousarray(vt[rk:].T) if need_null else None
+        return _Block(rk, rk, rk, rel, null, cols, (u[:, :rk], sv[:rk], vt[:rk]), top)
     if need_null and c * c <= limit:
         rk, rel, null = _rank_null(b, True)
         return _Block(rk, rk, rk, rel, null, cols)
     rk, rel = _rank_values(b)
     return _Block(rk, rk, rk, rel, None, cols)
+
+
+# ====================================================================== the forward rows alone
+@dataclass
+class ForwardProof:
+    """The forward rows alone determine x: F (rows of W at known entries of z, columns of unknown
+    entries of x, carried directions projected out) has full column rank, proven by a factorisation."""
+
+    rel: float  # sigma_min / sigma_max of F (a lower bound where carried directions enter), > 1e-4
+    factor: object  # SuperLU factor of F^T F - tau I (symmetric, no pivoting)
+    operator: object  # F, scipy CSR
+    tau: float
+    carried: np.ndarray | None = None  # Q, the carried directions of the rows
+    woodbury: tuple[np.ndarray, object] | None = None  # ((F^T F - tau I)^{-1} F^T Q, Cholesky of the capacitance)
+
+    def inverse(self, v: np.ndarray) -> np.ndarray:
+        """(F^T P F - tau I)^{-1} v, P = I - Q Q^T (Woodbury through the capacitance)."""
+        out = self.factor.solve(v)
+        if self.woodbury is not None:
+            w, cap = self.woodbury
+            out = out + w @ sla.cho_solve(cap, w.T @ v, check_finite=False)
+        return out
+
+
+def _base_factor(fs, cache: dict | None):
+    """lambda_max of F^T F and the symmetric factor of F^T F - tau I, or why it fails (kept in `cache`)."""
+    import scipy.sparse as sp
+
+    key = ("forward-ldl", fs.shape, fs.nnz, hash(fs.indices.tobytes()), hash(fs.data.tobytes()))
+    if cache is not None and key in cache:
+        return cache[key]
+    m, c = fs.shape
+    a = (fs.T @ fs).tocsc()
+    v0 = np.random.default_rng(0).standard_normal(c)
+    try:
+        lam_max = float(spla.eigsh(a, k=1, which="LA", tol=1e-4, v0=v0, return_eigenvectors=False)[0])
+    except (spla.ArpackNoConvergence, ValueError):
+        lam_max = float(abs(a).sum(axis=0).max())  # an upper bound on lambda_max
+    ref2 = lam_max * (1 + 1e-3)
+    floor = max(_GRAM_SAFE, (100.0 * max(m, c) * _EPS) ** 2)
+    out: tuple | str
+    if ref2 <= 0:
+        out = "the forward rows are zero"
+    else:
+        tau = floor * ref2
+        shifted = (a - tau * sp.identity(c, format="csc")).tocsc()
+        try:
+            lu = spla.splu(shifted, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        except MemoryError:
+            out = "the sparse factorisation of the forward rows does not fit in memory"
+        except RuntimeError as exc:
+            out = f"the forward rows are singular ({exc})"
+        else:
+            if not np.array_equal(lu.perm_r, lu.perm_c) or not bool((lu.U.diagonal() > 0).all()):
+                out = "the forward rows alone are not proven to have full column rank (a pivot <= 0)"
+            else:
+                out = (lu, tau, ref2, floor)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def forward_full_rank(
+    spec: ConvSpec,
+    n: int,
+    rows: np.ndarray,
+    cols: np.ndarray | None = None,
+    carried: np.ndarray | None = None,
+    cache: dict | None = None,
+    measure: bool = True,
+) -> ForwardProof | str:
+    """Prove that the forward rows alone have full column rank, without forming F Z.
+
+    rows: indices (into N * n_out) of the entries of z the rows see; cols: indices (into N * n_in) of the
+    unknown entries of x (None: all); carried: (len(rows), d) orthonormal directions of those entries
+    left undetermined above, projected out of the rows. A = F^T F is factorised as A - tau I with tau =
+    floor * lambda_max (floor = max(GRAM_SAFE, (100 max(m, n) eps)^2), the Gram route's own margin) by
+    SuperLU in symmetric mode with diagonal pivots only: a symmetric LDL^T, so positive pivots prove
+    A - tau I positive definite (Sylvester). The carried directions U = F^T Q lower A to A - U U^T,
+    which stays above tau I exactly when the capacitance matrix I - U^T (A - tau I)^{-1} U is positive
+    definite (a Cholesky). Returns why not when it is not proven (the caller decides with dense algebra).
+    `cache` keeps the factor of A - tau I between calls on the same rows (the attack's pattern passes);
+    `measure` False skips measuring sigma_min (the proven bound sqrt(floor) is kept): the decision is the same.
+    """
+    fs = sparse_forward(spec, n).tocsr()[rows]
+    if cols is not None:
+        fs = fs[:, cols]
+    m, c = fs.shape
+    if c == 0 or m < c:
+        return f"{m} forward rows for {c} unknowns"
+    base = _base_factor(fs, cache)
+    if isinstance(base, str):
+        return base
+    lu, tau, ref2, floor = base
+    proof = ForwardProof(rel=math.sqrt(floor), factor=lu, operator=fs, tau=tau)
+    d = 0 if carried is None else carried.shape[1]
+    if d:
+        u = np.asarray(fs.T @ carried)  # (c, d)
+        w = lu.solve(u)
+        cap = np.eye(u.shape[1]) - u.T @ w
+        try:
+            cap_factor = sla.cho_factor(0.5 * (cap + cap.T), lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            return "the carried directions take the forward rows below full column rank"
+        proof.carried, proof.woodbury = carried, (w, cap_factor)
+    if not measure:
+        return proof
+    op = spla.LinearOperator((c, c), matvec=proof.inverse, dtype=np.float64)
+    try:  # sigma_min: the largest eigenvalue of the inverse, to two digits
+        mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(c), return_eigenvectors=False)[0])
+        proof.rel = math.sqrt((1.0 / mu + tau) / ref2)
+    except spla.ArpackNoConvergence:
+        pass  # proven: sigma_min / sigma_max > sqrt(floor), the value kept
+    return proof
 
 
 # ====================================================================== public: blocks and counts
@@ -516,8 +715,13 @@ def layer_rank(
     want_null: bool = True,
     exact_limit: int = 40_000_000,
     known: torch.Tensor | None = None,
+    rhs: SystemRHS | None = None,
 ) -> LayerRank:
     """Exact numerical rank of [K; F] for one layer, by residue blocks of K and the reduced F Z.
+
+    With `rhs` the system is also solved (the attack): the minimum-norm x = K^+ dW + Z (F Z)^+ r,
+    from the factorisations that decide the rank, so that the attack's nullity is the audit's by
+    construction; LayerRank.solution is None when only bounds are known.
 
     k: dL/dz, (N, *spec.out_shape). known: optional bool mask (N, *spec.in_shape) of input entries
     the attacker already knows (constants, e.g. a ReLU's zeros): they are not unknowns.
@@ -527,8 +731,11 @@ def layer_rank(
     want_null is False, when only bounds are known, or when it would exceed exact_limit entries.
     """
     if isinstance(spec, ConvTransposeSpec):
+        if rhs is not None:
+            raise ValueError("solving a transposed convolution's system is not supported")
         return _transposed_layer_rank(spec, k, fwd, want_null=want_null, exact_limit=exact_limit, known=known)
     t0 = time.perf_counter()
+    solving = rhs is not None
     k_np = k.detach().to(torch.float64).reshape(-1, *spec.out_shape).cpu().numpy()
     n = k_np.shape[0]
     cin, g_cnt = spec.in_channels, spec.groups
@@ -584,7 +791,23 @@ def layer_rank(
             keys.append(key)
         chan_keys.append(tuple(keys))
     d_min = unknowns - upper_k
-    if fwd.none:
+    # ---- the forward rows alone, when they are entries of z and K cannot settle the layer by itself:
+    # a sparse proof that F has full column rank settles rank = unknowns without Z or F Z
+    proof: ForwardProof | None = None
+    notes: list[str] = []
+    if fwd.entries is not None and not fwd.none and d_min > 0:
+        rows_idx, carried = fwd.entries
+        n_carried = 0 if carried is None else carried.shape[1]
+        if rows_idx.size - n_carried >= unknowns:
+            cols_idx = None if known_np is None else np.flatnonzero(~known_np.reshape(-1))
+            got = forward_full_rank(spec, n, rows_idx, cols_idx, carried, cache=fwd.cache, measure=fwd.measure)
+            if isinstance(got, str):
+                notes.append(f"{got}: decided by the dense reduced system")
+            else:
+                proof = got
+    if proof is not None:
+        need_z = False  # the forward rows settle the layer: K only for its rank
+    elif fwd.none:
         need_z = want_null and total_x * d_min <= exact_limit
     else:
         # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
@@ -604,7 +827,7 @@ def layer_rank(
         cols = class_cols[ci]
         if keep is not None:
             b, cols = b[:, keep], cols[keep]
-        blocks[key] = _solve_block(b, cols, need_z, exact_limit)
+        blocks[key] = _solve_block(b, cols, need_z or (solving and proof is None), exact_limit, factors=solving and proof is None)
 
     rank_k_lo = sum(blocks[key].lower for keys in chan_keys for key in keys)
     rank_k_hi = sum(blocks[key].upper for keys in chan_keys for key in keys)
@@ -613,7 +836,9 @@ def layer_rank(
     rels = [b.rel for b in blocks.values() if b.rel is not None]
     z_ok = k_exact and all(b.null is not None for b in blocks.values())
 
-    def result(rank, lo, hi, method, null=None) -> LayerRank:
+    x_k = _gradient_solution(spec, rhs, blocks, chan_keys, classes, n) if solving and k_exact and proof is None else None
+
+    def result(rank, lo, hi, method, null=None, solution=None) -> LayerRank:
         return LayerRank(
             unknowns=unknowns,
             grad_rows=grad_rows,
@@ -628,6 +853,15 @@ def layer_rank(
             sigma_min_rel=min(rels) if rels else None,
             null_basis=null,
             seconds=time.perf_counter() - t0,
+            solution=None if solution is None else torch.from_numpy(solution.reshape(-1)),
+            notes=notes,
+        )
+
+    if proof is not None:  # rank [K; F] = unknowns whatever K is: F alone has full column rank
+        rels.append(proof.rel)
+        solution = _forward_solution(spec, fwd, rhs, proof, known_np, n) if solving else None
+        return result(
+            unknowns, unknowns, unknowns, "sparse-ldl", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, solution
         )
 
     if not k_exact:
@@ -673,10 +907,12 @@ def layer_rank(
                     out[:, c, :, col : col + z.shape[1]] = z.reshape(n, s_sp, -1)
                     col += z.shape[1]
             null = torch.from_numpy(out.reshape(total_x, d_total))
-        return result(rank_k, rank_k, rank_k, "structured-svd", null)
+        return result(rank_k, rank_k, rank_k, "structured-svd", null, x_k)
 
     if d_total == 0:
-        return result(rank_k, rank_k, rank_k, "structured-svd", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
+        return result(
+            rank_k, rank_k, rank_k, "structured-svd", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, x_k
+        )
 
     hi = min(unknowns, rank_k + fwd_rows)
     if not z_ok:
@@ -697,15 +933,135 @@ def layer_rank(
         return result(None, min(hi, rank_k + r_sel), hi, "bounds")
 
     m_mat, colmap = _forward_columns(spec, pieces, fwd, n, d_total, big_d)
-    m_mat = m_mat[np.any(m_mat != 0, axis=1)]
-    r_f, rel_f, null_f = _rank_null(m_mat, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp)
+    rows_kept = np.any(m_mat != 0, axis=1)
+    m_mat = m_mat[rows_kept]
+    scale = _f_scale(spec, fwd, n, big_d, known_np)
+    solution = None
+    if solving:
+        assert x_k is not None and rhs is not None
+        r_f, rel_f, null_f, y = _reduced_solve(m_mat, _forward_residual(spec, fwd, rhs, x_k, big_d)[rows_kept], want_null, scale, z_amp)
+        solution = x_k + null_to_x(colmap, pieces, y[:, None]).numpy().reshape(x_k.shape)
+    else:
+        r_f, rel_f, null_f = _rank_null(m_mat, want_null, scale, z_amp)
     if rel_f is not None:
         rels.append(rel_f)
     rank = rank_k + r_f
     null = None
     if want_null and null_f is not None and total_x * null_f.shape[1] <= exact_limit:
         null = null_to_x(colmap, pieces, null_f)
-    return result(rank, rank, rank, "structured-svd", null)
+    return result(rank, rank, rank, "structured-svd", null, solution)
+
+
+def _forward_solution(
+    spec: ConvSpec, fwd: ForwardInfo, rhs: SystemRHS | None, proof: ForwardProof, known_np: np.ndarray | None, n: int
+) -> np.ndarray:
+    """The least-squares x of the forward rows alone (carried directions projected out), by the proof's
+    factor of F^T P F - tau I with refinement: each step shrinks the error by tau / (lambda_min - tau)."""
+    assert rhs is not None and rhs.z is not None and fwd.entries is not None
+    rows_idx, _ = fwd.entries
+    q = proof.carried
+    zr = rhs.z.detach().to(torch.float64).reshape(-1).cpu().numpy()[rows_idx]
+    if q is not None:
+        zr = zr - q @ (q.T @ zr)
+    fs = proof.operator
+
+    def apply(v: np.ndarray) -> np.ndarray:  # F^T P F v
+        fv = np.asarray(fs @ v).reshape(-1)
+        if q is not None:
+            fv = fv - q @ (q.T @ fv)
+        return np.asarray(fs.T @ fv).reshape(-1)
+
+    b = np.asarray(fs.T @ zr).reshape(-1)
+    x = proof.inverse(b)
+    for _ in range(8):
+        step = proof.inverse(b - apply(x))
+        x = x + step
+        if np.linalg.norm(step) <= 1e-15 * np.linalg.norm(x):
+            break
+    full = np.zeros(n * spec.n_in)
+    if known_np is None:
+        full[:] = x
+    else:
+        full[np.flatnonzero(~known_np.reshape(-1))] = x
+    return full.reshape(n, spec.in_channels, -1)
+
+
+def _gradient_solution(spec: ConvSpec, rhs: SystemRHS, blocks: dict, chan_keys: list, classes: list, n: int) -> np.ndarray:
+    """K^+ dW, block by block (each residue block's rank-r SVD): the part of x the gradient rows fix,
+    as (N, C_in, S) with the entries outside every block's columns (known inputs) at 0."""
+    cin, g_cnt = spec.in_channels, spec.groups
+    cig, cog = cin // g_cnt, spec.out_channels // g_cnt
+    s_sp = int(np.prod(spec.in_spatial, dtype=np.int64))
+    dw = rhs.dw.detach().to(torch.float64).reshape(spec.out_channels, cig, *spec.kernel).cpu().numpy()
+    xc = np.zeros((cin, n * s_sp))
+    for c in range(cin):
+        g, lc = c // cig, c % cig
+        wg = dw[g * cog : (g + 1) * cog, lc]
+        for key, cl in zip(chan_keys[c], classes):
+            b = blocks[key]
+            assert b.pinv is not None
+            u, sv, vt = b.pinv
+            if not sv.size:
+                continue
+            rows = (wg[(slice(None), *np.ix_(*cl.us))] if cl.us else wg).reshape(-1) / b.scale
+            xc[c, b.cols] = vt.T @ ((u.T @ rows) / sv)
+    return xc.reshape(cin, n, s_sp).transpose(1, 0, 2).copy()
+
+
+def _apply_c(fwd: ForwardInfo, v: torch.Tensor, big_d: int) -> np.ndarray:
+    """C v for one z-shaped v: the forward rows' operator (the link's Jacobian, then the unknown
+    directions projected out), flattened to the D entries of x'."""
+    xp = v[None] if fwd.jac is None else fwd.jac(v[None])
+    out = xp.detach().reshape(big_d).cpu().numpy()
+    if fwd.unknown is not None:
+        u = fwd.unknown.detach().to(torch.float64).cpu().numpy().reshape(big_d, -1)
+        out = out - u @ (u.T @ out)
+    return out
+
+
+def _forward_residual(spec: ConvSpec, fwd: ForwardInfo, rhs: SystemRHS, x_k: np.ndarray, big_d: int) -> np.ndarray:
+    """C (z - W x_K): what the forward rows still have to explain once the gradient rows' part is taken."""
+    assert rhs.z is not None
+    n = x_k.shape[0]
+    xk = torch.from_numpy(x_k.reshape(n, *spec.in_shape))
+    with torch.no_grad():
+        dz = rhs.z.detach().to(torch.float64).reshape(n, *spec.out_shape) - spec.forward(xk, with_bias=False)
+    return _apply_c(fwd, dz, big_d)
+
+
+def _reduced_solve(
+    a: np.ndarray, r: np.ndarray, want_null: bool, scale: float, amp: float
+) -> tuple[int, float | None, np.ndarray | None, np.ndarray]:
+    """_rank_null of the reduced block and its minimum-norm solution of a y = r (rank-r SVD, the rank
+    by the same rule; a Cholesky with two refinement steps when the Gram route proved full column rank)."""
+    m, n = a.shape
+    if n == 0:
+        return 0, None, np.zeros((0, 0)), np.zeros(0)
+    if m == 0 or not np.any(a):
+        return 0, None, (np.eye(n) if want_null else None), np.zeros(n)
+    top = float(np.abs(a).max())
+    a_s, r_s, scale = a / top, r / top, scale / top
+    if m >= n >= _GRAM_MIN:
+        rel = _gram_full_rank(a_s, scale, amp)
+        if rel is not None:
+            g = a_s.T @ a_s
+            factor = sla.cho_factor(g, lower=True, check_finite=False)
+            y = sla.cho_solve(factor, a_s.T @ r_s, check_finite=False)
+            for _ in range(2):
+                y = y + sla.cho_solve(factor, a_s.T @ (r_s - a_s @ y), check_finite=False)
+            return n, rel, np.zeros((n, 0)), y
+        gap = _gram_gap(a_s, scale, amp)
+        if gap is not None:
+            vk, lk = gap.kept, gap.kept_lam
+            y = vk @ ((vk.T @ (a_s.T @ r_s)) / lk)
+            for _ in range(2):
+                y = y + vk @ ((vk.T @ (a_s.T @ (r_s - a_s @ y))) / lk)
+            return gap.rank, gap.rel, (gap.null if want_null else None), y
+    u, sv, vt = np.linalg.svd(a_s, full_matrices=want_null and m < n)
+    rk, rel = _tol_rank(sv, (m, n), scale, amp)
+    y = vt[:rk].T @ ((u[:, :rk].T @ r_s) / sv[:rk])
+    null = np.ascontiguousarray(vt[rk:].T) if want_null else None
+    return rk, rel, null, y
 
 
 def _transposed_layer_rank(

@@ -198,7 +198,7 @@ class VerifiedLayer:
     op: str
     static_verdict: str | None
     static_deficit: int | None
-    measured_nullity: int | None  # undetermined directions the attack's own system has (rank code)
+    measured_nullity: int | None  # undetermined directions of the attack's own system given the pattern it ends with (rank code)
     rel_error: float | None  # of the recovered layer input
     method: str
     residual_grad: float | None
@@ -208,6 +208,7 @@ class VerifiedLayer:
     rel_error_projected: float | None = None
     measured_nullity_projected: int | None = None
     carried_in: int | None = None
+    measured_nullity_without_pattern: int | None = None  # before the entries a ReLU below zeroes are taken as known
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,15 +10,9 @@ from hypothesis import strategies as st
 
 from rgap_audit.threads import single_thread
 from rgap_audit.attack.solve import solve_layer
-from rgap_audit.attack.structure import (
-    channels_to_x,
-    forward_on_channel_basis,
-    gradient_blocks,
-    gradient_rhs,
-    sparse_forward,
-    x_to_channels,
-)
 from rgap_audit.convspec import ConvSpec
+from rgap_audit.rank import ForwardInfo, _forward_columns, gradient_blocks
+from rgap_audit.structure import sparse_forward
 
 
 @pytest.fixture(autouse=True)
@@ -51,19 +46,22 @@ def test_index_arithmetic_matches_autograd(nd, g, k, s, p, d, seed):
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
     kk = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
-    # gradient rows: G_g applied per channel == dL/dW by autograd
+    # gradient rows: each group's block G (rows (o, u), columns (n, t)) applied per channel == dL/dW by autograd
     dw = spec.weight_grad(x, kk)
-    xc = x_to_channels(spec, x)
-    cig = spec.in_channels // g
-    for gi, (G, B) in enumerate(zip(gradient_blocks(spec, kk), gradient_rhs(spec, dw))):
-        assert torch.allclose(G @ xc[gi * cig : (gi + 1) * cig].T, B, atol=1e-12)
-    assert torch.equal(channels_to_x(spec, xc, tuple(x.shape)), x)
+    cig, cog = spec.in_channels // g, spec.out_channels // g
+    for gi, (chans, G) in enumerate(gradient_blocks(spec, kk)):
+        assert chans == list(range(gi * cig, (gi + 1) * cig))
+        for c in chans:
+            got = G @ x[:, c].reshape(-1).numpy()
+            want = dw[gi * cog : (gi + 1) * cog, c - gi * cig].reshape(-1).numpy()
+            assert np.allclose(got, want, atol=1e-12)
     # forward rows: the sparse matrix and the channel-basis convolution == the layer
     z = spec.forward(x, with_bias=False).reshape(-1)
     assert torch.allclose(torch.from_numpy(sparse_forward(spec, 1) @ x.reshape(-1).numpy()), z, atol=1e-12)
     n_sp = spec.n_in // spec.in_channels
     Zs = [torch.linalg.qr(torch.randn(n_sp, 2, generator=gen, dtype=torch.float64))[0] for _ in range(g)]
-    FZ = forward_on_channel_basis(spec, 1, Zs)
+    pieces = [(gi, list(range(gi * cig, (gi + 1) * cig)), Zs[gi].numpy()) for gi in range(g)]
+    FZ, _ = _forward_columns(spec, pieces, ForwardInfo(), 1, g * cig * 2, spec.n_out)
     cols = []
     for gi in range(g):
         for c in range(cig):
@@ -71,7 +69,7 @@ def test_index_arithmetic_matches_autograd(nd, g, k, s, p, d, seed):
                 v = torch.zeros(spec.in_channels, n_sp, dtype=torch.float64)
                 v[gi * cig + c] = Zs[gi][:, j]
                 cols.append(spec.forward(v.reshape(1, *spec.in_shape), with_bias=False).reshape(-1))
-    assert torch.allclose(FZ, torch.stack(cols, 1), atol=1e-12)
+    assert torch.allclose(torch.from_numpy(FZ), torch.stack(cols, 1), atol=1e-12)
 
 
 def _dense(spec, k):
@@ -146,8 +144,9 @@ def test_matrix_free_lsqr_fallback(monkeypatch):
     assert float((sol.x - x).norm() / x.norm()) < 1e-8
 
 
-def test_sparse_factorisation_out_of_memory_falls_back_to_lsqr(monkeypatch):
-    """SuperLU's MemoryError (a 224x224 conv's fill-in) is not a crash: the layer goes to LSQR."""
+def test_sparse_factorisation_out_of_memory_falls_back_to_the_exact_reduced_system(monkeypatch):
+    """SuperLU's MemoryError (a 224x224 conv's fill-in) is not a crash: the layer goes to the route the
+    audit takes next (the dense reduced system, which fits here), and the note says why."""
     import rgap_audit.attack.solve as solve_mod
 
     def no_memory(*args, **kwargs):
@@ -159,19 +158,21 @@ def test_sparse_factorisation_out_of_memory_falls_back_to_lsqr(monkeypatch):
     x = torch.randn(1, *spec.in_shape, generator=gen, dtype=torch.float64)
     k = torch.randn(1, *spec.out_shape, generator=gen, dtype=torch.float64)
     sol = solve_layer(spec, tuple(x.shape), k, spec.weight_grad(x, k), spec.forward(x))
-    assert sol.method.startswith("lsqr") and any("memory" in n for n in sol.notes)
-    assert float((sol.x - x).norm() / x.norm()) < 1e-6
+    assert sol.method.startswith("null(K)+forward") and any("memory" in n for n in sol.notes)
+    assert sol.nullity == 0 and float((sol.x - x).norm() / x.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
-def test_gram_least_squares_tall_and_wide(shape):
-    """Minimum-norm solution and null space of a rank-deficient block, through the column or the row Gram."""
-    from rgap_audit.attack.solve import _gram_lstsq
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (200, 120)])
+def test_reduced_least_squares_tall_and_wide(shape):
+    """Minimum-norm solution and null space of a reduced block (rank-deficient, and full rank through the
+    Gram route), as the attack's solve takes them from the rank code."""
+    from rgap_audit.rank import _reduced_solve
 
     gen = torch.Generator().manual_seed(5)
     m, n = shape
-    A = torch.randn(m, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, n, generator=gen, dtype=torch.float64)
+    inner = 8 if m < 100 else n
+    A = torch.randn(m, inner, generator=gen, dtype=torch.float64) @ torch.randn(inner, n, generator=gen, dtype=torch.float64)
     r = torch.randn(m, generator=gen, dtype=torch.float64)
-    y, null, _ = _gram_lstsq(A, r)
-    assert torch.allclose(y, torch.linalg.pinv(A) @ r, atol=1e-9)
-    assert null.shape[1] == n - 8 and float((A @ null).norm()) < 1e-9
+    rank, _rel, null, y = _reduced_solve(A.numpy(), r.numpy(), True, 0.0, 1.0)
+    assert torch.allclose(torch.from_numpy(y), torch.linalg.pinv(A) @ r, atol=1e-9)
+    assert rank == inner and null.shape[1] == n - inner and float(np.linalg.norm(A.numpy() @ null)) < 1e-9

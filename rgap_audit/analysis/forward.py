@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rgap_audit import ops
 from rgap_audit.analysis.bounds import span_text
 from rgap_audit.analysis.state import WalkState
 from rgap_audit.instance import Instance
+from rgap_audit.links import Link
 from rgap_audit.rank import ForwardInfo
 from rgap_audit.records import Chain
 
@@ -74,6 +76,8 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
         rows = max(0, min(rows, end_dims - uncertain[0]))
         why += f": at most {rows} forward rows"
     info = ForwardInfo(jac=link.jvp_batch(z0) if link.steps else None, unknown=unknown, rows=rows)
+    if uncertain is None:
+        info.entries = entry_rows(link, z0, unknown)
     if lossy:
         why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
     if unknown_ops:
@@ -81,6 +85,34 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
     exact_above = d == 0 and (uncertain is None or uncertain[1] == 0)
     chain = Chain.FULL if not lossy and exact_above else Chain.PARTIAL
     return ForwardSide(info, chain, why, uncertain if uncertain is not None and uncertain[1] > 0 else None)
+
+
+ENTRYWISE = (ops.PASS, ops.REORDER, ops.SLICE)  # link roles that move each entry of z to one entry of x'
+
+
+def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """When every op of the link maps entries of z one by one (elementwise ops, reshapes, permutations,
+    a slice of a concatenation), the forward rows are the entries of z that reach x', scaled: their
+    indices, and the directions left undetermined above in z coordinates (J^T S / d^2 for J = P diag(d)),
+    orthonormal. None for any other link (pools, norms over a slice, unknown ops)."""
+    if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
+        return None
+    if link.steps:
+        end = link.fn()(z0)
+        d = link.vjp(z0, torch.ones_like(end)).detach().reshape(-1)
+    else:
+        d = torch.ones(z0.numel(), dtype=z0.dtype)
+    rows = torch.nonzero(d != 0).reshape(-1)
+    if unknown is None:
+        return rows.numpy(), None
+    if link.steps:
+        _, pull = torch.func.vjp(link.fn(), z0)
+        cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
+        t = (cols / (d * d).clamp_min(1e-300)).T
+    else:
+        t = unknown.to(z0.dtype)
+    q, _ = torch.linalg.qr(t[rows].detach())
+    return rows.numpy(), q.numpy()
 
 
 def known_inputs(inst: Instance, state: WalkState, name: str, n_samples: int, in_shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:

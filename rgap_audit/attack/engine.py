@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.layergraph import LayerGraph
+from rgap_audit.rank import _tol_rank as rank_rule
 from rgap_audit.links import Link
 from rgap_audit.losses import loss_value
 from rgap_audit.options import LOSSES
@@ -51,7 +52,8 @@ class LayerStep:
     method: str
     unknowns: int
     grad_rank: int | None = None
-    nullity: int | None = None  # undetermined directions of this layer's input found by the solve
+    nullity: int | None = None  # undetermined directions of this layer's input in the attack's system (rank code)
+    nullity_given_pattern: int | None = None  # the same once entries a clip below sets to its bound are known
     carried_in: int = 0  # directions of z left undetermined above and projected out (projected variant)
     fwd_rows: int = 0  # forward rows used (known entries of z)
     rows_lost: int = 0  # entries of z not known (ReLU off, saturated units)
@@ -136,7 +138,7 @@ class _Context:
         self.lg = graph
         self.gm = graph.gm
         self.env = env
-        self.cache: dict = {}
+        self.cache: dict = {}  # factorisations of a layer's forward rows, reused between solves of that layer
         self.specs: dict[str, ConvSpec] = {}
         self.params: dict[str, tuple[str, str | None]] = {}
         self.grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -258,6 +260,31 @@ class _Descent:
     complete: bool
 
 
+def _count_given_pattern(ctx: _Context, steps: list[LayerStep], states: list[_State], x: torch.Tensor | None) -> None:
+    """Nullity as the audit counts it: entries that a clip below sets to its bound (a ReLU's zeros) are
+    known given the activation pattern, so directions along them are not undetermined. The pattern is
+    the one the attacker ends with: the forward pass of its recovered input."""
+    if x is None:
+        return
+    values = record(ctx.lg, x.reshape(1, *ctx.input_shape), lambda out: out.sum()).values
+    nulls = {st.layer: st.null for st in states}
+    for step in steps:
+        null = nulls.get(step.node)
+        if null is None or not null.shape[1] or step.nullity is None:
+            continue
+        clipped = ctx.link_below(step.node).clipped_entries(values[ctx.lg.data_args(step.node)[0]])
+        if clipped is not None and bool(clipped.any()):
+            step.nullity_given_pattern = step.nullity - _rank_of(null[clipped.reshape(-1)])
+
+
+def _rank_of(a: torch.Tensor) -> int:
+    """Numerical rank by the rank code's rule (rgap_audit.rank)."""
+    if a.numel() == 0:
+        return 0
+    sv = torch.linalg.svdvals(a).numpy()
+    return rank_rule(sv, tuple(a.shape))[0]
+
+
 def _vjp_input(spec: ConvSpec, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """W^T k: dL/dx of a layer from its output gradient."""
     xx = x.detach().requires_grad_(True)
@@ -367,6 +394,7 @@ def _descend(
                     warnings.append(f"{below}: activation pattern did not settle; the projected recovery is approximate")
             step.method = sol.method
             step.grad_rank, step.nullity = sol.grad_rank, sol.nullity
+            step.nullity_given_pattern = sol.nullity
             step.fwd_rows, step.rows_lost = sol.fwd_rows, int(mask.numel() - mask.sum())
             step.residual_grad, step.residual_fwd = sol.residual_grad, sol.residual_fwd
             step.sigma_min_rel = sol.sigma_min_rel
@@ -400,7 +428,7 @@ def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S, gra
     if S is not None and S.shape[1] > 0:
         Sd = S.T.reshape((S.shape[1],) + tuple(x_top.shape))
         T, a_rows = link.pull_directions(derivs, Sd, x_top - vals[-1])
-    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, cache=ctx.cache, cache_key=node, a_rows=a_rows, gradient_rows=gradient_rows)
+    sol = solve_layer(spec, xs, ki, dw, z_t, mask, T, a_rows=a_rows, gradient_rows=gradient_rows, cache=ctx.cache)
     return sol, ki, mask.reshape(-1)
 
 
@@ -630,7 +658,7 @@ def attack_graph(
                 label=cand.label,
                 label_status=label_status,
                 variant="projected",
-                layers=[head_step] + dsc.layers[: j0 + 1] + pd.layers,
+                layers=[head_step] + [replace(st) for st in dsc.layers[: j0 + 1]] + pd.layers,
                 warnings=pd.warnings,
                 seconds=time.perf_counter() - tp,
                 complete=pd.complete,
@@ -646,6 +674,8 @@ def attack_graph(
                 f"{', '.join(str(dsc.layers[j].nullity) for j in deficient)}): plain R-GAP keeps the minimum-norm "
                 "guess there; the projected variant uses only the known directions of z below"
             )
+            _count_given_pattern(ctx, pr.layers, dsc.states[: j0 + 1] + pd.states, pd.input)
+        _count_given_pattern(ctx, rec.layers, dsc.states, dsc.input)
         rec.seconds = time.perf_counter() - t0
     return rec
 

@@ -1,27 +1,24 @@
-"""Per-layer solve of R-GAP's linear system [K; F] x = [vec dL/dW; z], exploiting its structure.
+"""Per-layer solve of R-GAP's linear system [K; F] x = [vec dL/dW; z], on the audit's own decomposition.
 
-Strategy, cheapest first (the method name is reported per layer):
+The system is the one the audit ranks (rgap_audit.rank.layer_rank), with the attacker's data: its
+dL/dz (derived from the layers above), the entries of z it knows, the directions of z it carried down
+as undetermined. layer_rank decides the rank and returns the minimum-norm solution from the same
+factorisations, so the nullity reported here is the audit's by construction (one rule, one tolerance):
 
-* ``gradient-blocks``: K is block-diagonal over input channels with one small block G per group
-  (structure.py). One SVD of G gives the part of x the gradient determines (all of it when G has full
-  column rank: CNN6 conv3..conv6, every bias-free Linear with a non-zero output gradient).
-* ``null(K)+forward (dense reduced)``: the rest of x lies in null(K) = block-diag(Z); the forward rows
-  restricted to it, F Z (built with one grouped convolution), form a small dense least-squares
-  problem, solved through an eigendecomposition of its (column-scaled) Gram matrix. Its null space is
-  the layer's undetermined directions (the numerical deficit).
-* ``forward (sparse normal equations)``: when null(K) is large but the forward rows alone have full
-  column rank (CNN6 conv1), F is built as a sparse matrix by index arithmetic and F^T F is factorised
-  by SuperLU; the gradient rows then serve as a check.
+* ``gradient-blocks``: K alone has full column rank (residue blocks of K, one SVD each).
+* ``forward (sparse LDL^T ...)``: the forward rows alone have full column rank, proven by a sparse
+  factorisation of F^T F - tau I (CNN6 conv1); the solution is their least-squares solution.
+* ``null(K)+forward (dense reduced)``: the rest of x lies in null(K) = block-diag(Z); F Z is a dense
+  block whose SVD gives the rank, the solution and the undetermined directions.
 * ``forward (Fourier-preconditioned CGLS)``: a large ungrouped convolution whose output is fully known
-  (ImageNet-resolution layers, where F has up to ~1e8 non-zeros): CG on the forward rows' normal
-  equations (CGLS form), preconditioned by the inverse of the circulant Gram over the stride phases
-  (fourier.py); a random probe solved alongside measures whether the forward rows determine x. The
-  gradient rows serve as a check; a layer deficient by counting gets a bounded-effort guess, flagged.
-* ``lsqr (matrix-free)``: the general fallback, LSQR on the scaled stacked operator, applied with the
-  layer's own convolution and autograd adjoints.
+  (ImageNet-resolution layers): CG on the forward rows' normal equations, preconditioned by the inverse
+  of the circulant Gram over the stride phases (fourier.py); nullity 0 only when a random probe comes
+  back (the audit's forward probe uses the same solver and threshold).
+* ``lsqr (matrix-free)``: the fallback when the exact decomposition is too large (the audit then has
+  bounds only): LSQR on the scaled stacked operator; no nullity is claimed.
 
-Undetermined directions T of z carried from the layer above (the projected variant) enter as extra
-unknowns a:  F x - T a = z, i.e. only the components of z orthogonal to T constrain x.
+Undetermined directions T of z carried from the layer above (the projected variant) are projected out
+of the forward rows: only the components of z orthogonal to them constrain x.
 """
 
 from __future__ import annotations
@@ -34,22 +31,12 @@ import numpy as np
 import scipy.sparse.linalg as spl
 import torch
 
-from rgap_audit import fourier
-from rgap_audit.attack.structure import (
-    as_numpy,
-    channels_to_x,
-    forward_on_channel_basis,
-    gradient_blocks,
-    gradient_rhs,
-    n_samples,
-    sparse_forward,
-    window_index,
-)
+from rgap_audit import fourier, rank
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.tolerances import G_REL_TOL, PROBE_TOL, SIGMA_REL_TOL
+from rgap_audit.structure import as_numpy, n_samples
+from rgap_audit.tolerances import PROBE_TOL
 
-DENSE_LIMIT = 1600  # largest reduced problem (columns, or rows when it is wide) solved densely
-WIDE_LIMIT = 4000  # most columns of a wide reduced problem (its null basis is formed explicitly)
+EXACT_LIMIT = 40_000_000  # entries of a block or reduced system decomposed exactly (the audit's default)
 MAX_G_COLS = 4096  # per-channel positions above which the channel blocks are not formed
 FOURIER_MAX_BYTES = 3 * 2**30  # largest preconditioner (fourier.memory_bytes) the attack builds
 FOURIER_MIN_NNZ = 2_000_000  # non-zeros of F above which a fully known layer goes to the Fourier solver
@@ -82,6 +69,14 @@ def _orthonormal(cols: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
     if cols.numel() == 0 or cols.shape[1] == 0:
         return cols.new_zeros(cols.shape[0], 0)
     if cols.shape[1] <= cols.shape[0]:
+        # Cholesky of the Gram first (several times cheaper than a QR for tall blocks), when well conditioned
+        g = cols.T @ cols
+        L, info = torch.linalg.cholesky_ex(g)
+        dg = L.diagonal() if int(info) == 0 else None
+        if dg is not None and float(dg.min()) > 1e-4 * float(dg.max()):
+            q = torch.linalg.solve_triangular(L, cols.T, upper=False).T
+            q, _ = torch.linalg.qr(q) if float(dg.min()) < 1e-2 * float(dg.max()) else (q, None)
+            return q
         q, r = torch.linalg.qr(cols)
         dg = r.diagonal().abs()
         if dg.numel() and float(dg.min()) > 1e-8 * float(dg.max()):
@@ -90,69 +85,6 @@ def _orthonormal(cols: torch.Tensor, rel_tol: float = 1e-10) -> torch.Tensor:
     if s.numel() == 0 or s[0] == 0:
         return cols.new_zeros(cols.shape[0], 0)
     return u[:, s > rel_tol * s[0]]
-
-
-def _gram_lstsq(
-    A: torch.Tensor,
-    r: torch.Tensor,
-    blocks: list[int] | None = None,
-    scales: list[float | None] | None = None,
-    rel_tol: float = SIGMA_REL_TOL,
-):
-    """Minimum-norm least squares A y = r through the eigendecomposition of the block-scaled Gram matrix.
-
-    blocks: column counts of the blocks of A (e.g. [F Z, -T]); scales: the natural magnitude of each block
-    (None: its largest column norm). Scaling by the operator's own magnitude, not by the block's columns,
-    keeps a block that is numerically zero (F Z when the forward rows add nothing) at zero.
-    Returns (y, null basis of A (columns), smallest kept singular value / largest). Two steps of
-    iterative refinement recover the accuracy the Gram matrix squares away.
-    """
-    blocks = blocks or [A.shape[1]]
-    scales = scales or [None] * len(blocks)
-    cn = torch.ones(A.shape[1], dtype=A.dtype)
-    off = 0
-    for b, sc in zip(blocks, scales):
-        if b:
-            m = float(A[:, off : off + b].norm(dim=0).max()) if sc is None else float(sc)
-            cn[off : off + b] = m if m > 0 else 1.0
-        off += b
-    As = A / cn
-    if As.shape[0] < As.shape[1]:
-        return _wide_lstsq(As, r, cn, rel_tol)
-    lam, Q = torch.linalg.eigh(As.T @ As)  # ascending
-    # blocks are scaled to unit magnitude: a block that is numerically zero must not set the reference
-    lam_max = max(float(lam[-1]) if lam.numel() else 0.0, 1.0)
-    keep = lam > (rel_tol**2) * lam_max
-    Qk, lk = Q[:, keep], lam[keep]
-    y = Qk @ ((Qk.T @ (As.T @ r)) / lk)
-    for _ in range(2):
-        res = r - As @ y
-        y = y + Qk @ ((Qk.T @ (As.T @ res)) / lk)
-    null = Q[:, ~keep] / cn[:, None]
-    smin = float(torch.sqrt(lk[0] / lam_max)) if lk.numel() else 0.0
-    return y / cn, null, smin
-
-
-def _wide_lstsq(As: torch.Tensor, r: torch.Tensor, cn: torch.Tensor, rel_tol: float):
-    """A wide (scaled) system: eigendecomposition of the row Gram As As^T; null basis by a complete QR."""
-    lam, U = torch.linalg.eigh(As @ As.T)
-    lam_max = max(float(lam[-1]) if lam.numel() else 0.0, 1.0)
-    keep = lam > (rel_tol**2) * lam_max
-    Uk, lk = U[:, keep], lam[keep]
-    Vr = (As.T @ Uk) / torch.sqrt(lk)  # orthonormal basis of the row space
-    y = Vr @ ((Uk.T @ r) / torch.sqrt(lk))
-    for _ in range(2):
-        res = r - As @ y
-        y = y + Vr @ ((Uk.T @ res) / torch.sqrt(lk))
-    Vr, _ = torch.linalg.qr(Vr)
-    Q, _ = torch.linalg.qr(Vr, mode="complete")
-    null = Q[:, Vr.shape[1] :] / cn[:, None]
-    smin = float(torch.sqrt(lk[0] / lam_max)) if lk.numel() else 0.0
-    return y / cn, null, smin
-
-
-def _n_rows(a_rows) -> int:
-    return 0 if a_rows is None else int(a_rows[0].shape[0])
 
 
 def _forward_parts(spec, z_target, mask, T, n):
@@ -168,8 +100,9 @@ def _forward_parts(spec, z_target, mask, T, n):
     return zb, known, Tk
 
 
-def _residuals(spec, x, k, dw, zb, known, Tk):
-    """Relative residuals of the gradient rows and of the forward rows with the carried directions projected out."""
+def _residuals(spec, x, k, dw, zb, known, Tk, Qk=None):
+    """Relative residuals of the gradient rows and of the forward rows with the carried directions projected
+    out (through Qk, an orthonormal basis of Tk's span, when the caller has it)."""
     g = spec.weight_grad(x, k.reshape(x.shape[: x.dim() - len(spec.in_shape)] + spec.out_shape))
     rg = float((g - dw).norm() / dw.norm().clamp_min(1e-300))
     if zb is None or not bool(known.any()):
@@ -178,18 +111,23 @@ def _residuals(spec, x, k, dw, zb, known, Tk):
     d = (fx - zb)[known]
     ref = zb[known]
     if Tk is not None:
-        d, ref = _project_out(Tk, d), _project_out(Tk, ref)
+        both = torch.stack([d, ref], 1)
+        both = both - Qk @ (Qk.T @ both) if Qk is not None else _project_out(Tk, both)
+        d, ref = both[:, 0], both[:, 1]
     return rg, float(d.norm() / ref.norm().clamp_min(1e-300))
 
 
 def _project_out(T: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """v minus its least-squares component in span(T) (Cholesky of T^T T; QR when that fails)."""
+    """v (a vector or columns) minus its least-squares component in span(T) (Cholesky of T^T T; QR when that fails)."""
     G = T.T @ T
     L, info = torch.linalg.cholesky_ex(G + 1e-13 * float(G.diagonal().max()) * torch.eye(G.shape[0], dtype=G.dtype))
+    cols = v if v.dim() == 2 else v[:, None]
     if int(info) == 0:
-        return v - T @ torch.cholesky_solve((T.T @ v)[:, None], L)[:, 0]
-    Q = _orthonormal(T)
-    return v - Q @ (Q.T @ v)
+        out = cols - T @ torch.cholesky_solve(T.T @ cols, L)
+    else:
+        Q = _orthonormal(T)
+        out = cols - Q @ (Q.T @ cols)
+    return out if v.dim() == 2 else out[:, 0]
 
 
 def solve_layer(
@@ -201,11 +139,9 @@ def solve_layer(
     mask: torch.Tensor | None = None,
     T: torch.Tensor | None = None,
     *,
-    dense_limit: int = DENSE_LIMIT,
-    cache: dict | None = None,
-    cache_key: object = None,
     a_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     gradient_rows: str = "use",
+    cache: dict | None = None,
 ) -> LayerSolution:
     """Recover a weighted layer's input x from its gradient dW (given dL/dz = k) and what is known of z.
 
@@ -214,10 +150,10 @@ def solve_layer(
     above (projected variant); only the components of z orthogonal to them are used.
     a_rows: (E, f), constraints E a = f on the carried coordinates alone (ReLU units that are off above:
     there x' + S a must vanish).
-    cache/cache_key: reuse factorisations between calls on the same layer (same weights and mask).
     gradient_rows: "use" (default), or "check": when the forward rows alone have enough rows, solve with
     them and only check the gradient rows (used while k itself is uncertain: it depends on an activation
     pattern that is still being estimated).
+    cache: a dict kept across calls on the same layer (factorisations that depend on the weights only).
     """
     t0 = time.perf_counter()
     dw = dw.to(torch.float64)
@@ -244,83 +180,83 @@ def solve_layer(
         sol.notes.insert(0, f"{n_cols} positions per channel: channel blocks not formed")
         return sol
 
-    # ---- gradient rows: one SVD per group
-    tmap = window_index(spec)
-    blocks = gradient_blocks(spec, k)
-    rhs = gradient_rhs(spec, dw)
-    cig = ci // spec.groups
-    nz_lower = sum(max(0, n_cols - G.shape[0]) for G in blocks) * cig
-    forward_first = nz_lower + d > dense_limit or gradient_rows == "check"
-    def sparse_forward_or_lsqr() -> tuple[torch.Tensor, torch.Tensor] | LayerSolution:
-        """The forward rows carry the layer (SuperLU on the normal equations); LSQR when singular."""
-        try:
-            return _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache, cache_key, a_rows)
-        except _Singular as exc:
-            sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
-            sol.notes.insert(0, str(exc))
-            sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
-            return sol
+    # ---- the system the audit ranks, solved from the factorisations that decide its rank (rgap_audit.rank)
+    fwd, z_rows, q_t = _forward_info(spec, n, zb, known, Tk, a_rows, cache)
+    z_full = None
+    if z_rows is not None:
+        assert known is not None
+        z_full = torch.zeros(known.numel(), dtype=torch.float64)
+        z_full[known] = z_rows
+    res = rank.layer_rank(
+        spec, k.reshape(n, *spec.out_shape), fwd, want_null=True, exact_limit=EXACT_LIMIT,
+        rhs=rank.SystemRHS(dw, None if z_full is None else z_full.reshape(n, *spec.out_shape)),
+    )
+    notes.extend(res.notes)
+    if res.solution is None:  # only bounds: too large for the exact decomposition
+        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
+        sol.grad_rank, sol.fwd_rows, sol.seconds = res.rank_grad, fwd_rows, time.perf_counter() - t0
+        sol.notes.insert(0, f"the exact decomposition is too large (rank {res.rank_lower}..{res.rank_upper} of {res.unknowns})")
+        return sol
+    x = res.solution.reshape(x_shape)
+    null = res.null_basis
+    if res.method == "sparse-ldl":
+        method = "forward (sparse LDL^T, proven full column rank); gradient rows as check"
+    elif fwd.none:
+        method = "gradient-blocks (nothing known of z)"
+        if res.deficit:
+            notes.append(f"{res.deficit} directions of the input are not constrained by the gradient and z is unknown")
+    elif res.rank_grad == res.unknowns:
+        method = "gradient-blocks"
+    else:
+        method = "null(K)+forward (dense reduced)"
+    return _finish(
+        spec, x, k, dw, zb, known, Tk, method, null, res.rank_grad, unknowns, fwd_rows, res.sigma_min_rel, notes, t0, q_t
+    )
 
-    if zb is not None and forward_first and fwd_rows >= unknowns:
-        # null(K) is large: the forward rows carry the layer (CNN6 conv1); the gradient rows check it
-        grad_rank = None
-        if gradient_rows != "check":
-            svs = map(torch.linalg.svdvals, blocks)
-            grad_rank = sum(int((sv > G_REL_TOL * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0 for sv in svs) * cig
-        solved = sparse_forward_or_lsqr()
-        if isinstance(solved, LayerSolution):
-            return solved
-        (x, null), smin = solved, None
-        method = "forward (sparse normal equations, SuperLU); gradient rows as check"
-        return _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0)
 
-    xc = torch.zeros(ci, n_cols, dtype=torch.float64)
-    Zs: list[torch.Tensor] = []
-    grad_rank = 0
-    for gi, (G, B) in enumerate(zip(blocks, rhs)):
-        if G.abs().max() == 0:
-            Zs.append(torch.eye(n_cols, dtype=torch.float64))
-            continue
-        U, S, Vh = torch.linalg.svd(G, full_matrices=G.shape[0] < G.shape[1])
-        r = int((S > G_REL_TOL * S[0]).sum())
-        grad_rank += r * cig
-        X = Vh[:r].T @ ((U[:, :r].T @ B) / S[:r, None])  # (n_cols, cig)
-        xc[gi * cig : (gi + 1) * cig] = X.T
-        Zs.append(Vh[r:].T.contiguous())
-    x_det = channels_to_x(spec, xc, x_shape)
-    nz = sum(Z.shape[1] for Z in Zs) * cig
-
-    if nz == 0:
-        x, null, smin, method = x_det, torch.zeros(unknowns, 0, dtype=torch.float64), None, "gradient-blocks"
-    elif zb is None or fwd_rows == 0:
-        x, smin, method = x_det, None, "gradient-blocks (nothing known of z)"
-        null = _null_from_blocks(spec, Zs, x_shape)
-        notes.append(f"{nz} directions of the input are not constrained by the gradient and z is unknown")
-    elif nz + d <= dense_limit or (fwd_rows + _n_rows(a_rows) <= dense_limit and nz + d <= WIDE_LIMIT):
-        FZ = forward_on_channel_basis(spec, n, Zs)[known]
-        r = zb[known] - spec.forward(x_det, with_bias=False).reshape(-1)[known]
-        A = FZ if Tk is None else torch.cat([FZ, -Tk], dim=1)
+def _forward_info(
+    spec: ConvSpec,
+    n: int,
+    zb: torch.Tensor | None,
+    known: torch.Tensor | None,
+    Tk: torch.Tensor | None,
+    a_rows: tuple[torch.Tensor, torch.Tensor] | None,
+    cache: dict | None = None,
+) -> tuple[rank.ForwardInfo, torch.Tensor | None, torch.Tensor | None]:
+    """The attack's forward rows as the audit's ForwardInfo: the known entries of z (a selection), with
+    the carried directions projected out. Rows E a = f on the carried coordinates restrict them to
+    a_p + null(E): the directions left are T null(E), and z moves by T a_p. Returns (info, z on the rows,
+    an orthonormal basis of span T for the residuals)."""
+    if zb is None or known is None or not bool(known.any()):
+        return rank.ForwardInfo(none=True, rows=0), None, None
+    rows = torch.nonzero(known).reshape(-1)
+    z_rows = zb[known]
+    q = q_t = None
+    if Tk is not None and Tk.shape[1]:
+        t_eff = Tk
+        q_t = _orthonormal(Tk)
         if a_rows is not None:
             E, f = a_rows
-            A = torch.cat([A, torch.cat([torch.zeros(E.shape[0], nz, dtype=torch.float64), E], dim=1)])
-            r = torch.cat([r, f])
-        w_scale = float(spec.weight.transpose(0, 1).reshape(spec.in_channels // spec.groups, -1).norm(dim=1).max())
-        y, null_y, smin = _gram_lstsq(A, r, [nz, d], [w_scale, None])
-        x = x_det + _from_null_coords(spec, Zs, y[:nz], x_shape)
-        null = _orthonormal(_from_null_coords_batch(spec, Zs, null_y[:nz], x_shape))
-        method = "null(K)+forward (dense reduced)"
-    elif fwd_rows >= unknowns:
-        solved = sparse_forward_or_lsqr()
-        if isinstance(solved, LayerSolution):
-            return solved
-        (x, null), smin = solved, None
-        method = "forward (sparse normal equations, SuperLU); gradient rows as check"
-    else:
-        sol = _lsqr(spec, x_shape, k, dw, zb, known, Tk, n, a_rows)
-        sol.grad_rank, sol.fwd_rows, sol.seconds = grad_rank, fwd_rows, time.perf_counter() - t0
-        return sol
+            u, sv, vt = torch.linalg.svd(E, full_matrices=True)
+            r, _ = rank._tol_rank(sv.numpy(), tuple(E.shape))
+            a_p = vt[:r].T @ ((u[:, :r].T @ f) / sv[:r])
+            z_rows = z_rows + Tk @ a_p
+            t_eff = Tk @ vt[r:].T
+        if t_eff is Tk:
+            q = q_t
+        elif t_eff.shape[1]:
+            q = _orthonormal(t_eff)
+    select = known.reshape(-1)
+    unknown = None if q is None or q.shape[1] == 0 else q
 
-    return _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0)
+    def jac(dz: torch.Tensor) -> torch.Tensor:
+        return dz.reshape(dz.shape[0], -1)[:, select]
+
+    info = rank.ForwardInfo(
+        jac=jac, unknown=unknown, rows=int(select.sum()), entries=(rows.numpy(), None if unknown is None else unknown.numpy()),
+        cache=cache, measure=False,
+    )
+    return info, z_rows, q_t
 
 
 def _fourier_eligible(spec, n, zb, known, Tk, a_rows, unknowns, n_grad) -> bool:
@@ -363,9 +299,9 @@ def _fourier_layer(spec, x_shape, k, dw, zb, known, unknowns, fwd_rows, t0) -> L
     return _finish(spec, res.x, k, dw, zb, known, None, method, null, None, unknowns, fwd_rows, None, notes, t0)
 
 
-def _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0) -> LayerSolution:
+def _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fwd_rows, smin, notes, t0, Qk=None) -> LayerSolution:
     """The LayerSolution of a solved layer, with its residuals."""
-    rg, rf = _residuals(spec, x, k, dw, zb, known, Tk)
+    rg, rf = _residuals(spec, x, k, dw, zb, known, Tk, Qk)
     return LayerSolution(
         x=x,
         method=method,
@@ -379,124 +315,6 @@ def _finish(spec, x, k, dw, zb, known, Tk, method, null, grad_rank, unknowns, fw
         notes=notes,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _from_null_coords(spec, Zs, y, x_shape) -> torch.Tensor:
-    """x = Z y for coordinates ordered (group, channel in group, basis vector)."""
-    cig = spec.in_channels // spec.groups
-    n_cols = Zs[0].shape[0]
-    xc = torch.zeros(spec.in_channels, n_cols, dtype=torch.float64)
-    off = 0
-    for gi, Z in enumerate(Zs):
-        m = Z.shape[1]
-        if m:
-            Y = y[off : off + cig * m].reshape(cig, m)
-            xc[gi * cig : (gi + 1) * cig] = (Z @ Y.T).T
-        off += cig * m
-    return channels_to_x(spec, xc, x_shape)
-
-
-def _from_null_coords_batch(spec, Zs, Y, x_shape) -> torch.Tensor:
-    """Columns Z y for every column y of Y: (n_in, m)."""
-    cig = spec.in_channels // spec.groups
-    m = Y.shape[1]
-    n_cols = Zs[0].shape[0]
-    xc = torch.zeros(spec.in_channels, n_cols, m, dtype=torch.float64)
-    off = 0
-    for gi, Z in enumerate(Zs):
-        mz = Z.shape[1]
-        if mz:
-            Yg = Y[off : off + cig * mz].reshape(cig, mz, m)
-            xc[gi * cig : (gi + 1) * cig] = torch.einsum("pj,cjm->cpm", Z, Yg)
-        off += cig * mz
-    cols = xc.permute(2, 0, 1)  # (m, C_in, n_cols)
-    return torch.stack([channels_to_x(spec, c, x_shape).reshape(-1) for c in cols], 1) if m else xc.new_zeros(math.prod(x_shape), 0)
-
-
-def _null_from_blocks(spec, Zs, x_shape) -> torch.Tensor:
-    """Orthonormal basis (n_in, nz) of null(K): each channel's block null vectors, placed in that channel."""
-    nz = sum(Z.shape[1] for Z in Zs) * (spec.in_channels // spec.groups)
-    return _from_null_coords_batch(spec, Zs, torch.eye(nz, dtype=torch.float64), x_shape)
-
-
-class _Singular(Exception):
-    pass
-
-
-def _factor_forward(spec, n, tmap, known):
-    Fs = sparse_forward(spec, n, tmap)[known.numpy().astype(bool)]
-    A = (Fs.T @ Fs).tocsc()
-    try:
-        lu = spl.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-    except RuntimeError as exc:
-        raise _Singular(f"forward rows are singular ({exc}); falling back to LSQR") from exc
-    except MemoryError as exc:  # the factor's fill-in of a large 2-D conv (VGG at 224x224)
-        raise _Singular("the sparse factorisation does not fit in memory; falling back to LSQR (matrix-free)") from exc
-    piv = np.abs(lu.U.diagonal())
-    if piv.min() <= 1e-13 * piv.max():
-        raise _Singular("forward rows are (numerically) rank-deficient; falling back to LSQR")
-    return Fs, lu
-
-
-def _sparse_forward_solve(spec, n, tmap, zb, known, Tk, x_shape, cache=None, cache_key=None, a_rows=None):
-    """min ||F x - T a - (z - b)|| with F sparse; SuperLU on F^T F, Schur complement for a."""
-    if cache is not None:
-        key = ("sparse-forward", cache_key, hash(known.numpy().tobytes()))
-        if key not in cache:
-            cache[key] = _factor_forward(spec, n, tmap, known)
-        Fs, lu = cache[key]
-    else:
-        Fs, lu = _factor_forward(spec, n, tmap, known)
-    r = as_numpy(zb[known])
-
-    def ls(b):
-        x = lu.solve(Fs.T @ b)
-        for _ in range(2):
-            x = x + lu.solve(Fs.T @ (b - Fs @ x))
-        return x
-
-    null = torch.zeros(Fs.shape[1], 0, dtype=torch.float64)
-    if Tk is None:
-        return torch.from_numpy(ls(r)).reshape(x_shape), null
-    # carried directions T: F x = r + T a needs N^T (r + T a) = 0, N an orthonormal basis of range(F)^perp
-    # (computed once per layer and mask); then x = F^+ (r + T a) is one more solve
-    if cache is not None:
-        key = ("left-null", cache_key, hash(known.numpy().tobytes()))
-        if key not in cache:
-            cache[key] = _left_null(Fs, lu)
-        N = cache[key]
-    else:
-        N = _left_null(Fs, lu)
-    Tn = Tk.numpy()
-    NT = torch.from_numpy(N.T @ Tn)  # (q, d)
-    Nr = -torch.from_numpy(N.T @ r)
-    if a_rows is not None:
-        NT = torch.cat([NT, a_rows[0]])
-        Nr = torch.cat([Nr, a_rows[1]])
-    if NT.shape[0]:
-        U, sv, Vh = torch.linalg.svd(NT, full_matrices=True)
-        keep = sv > SIGMA_REL_TOL * max(float(sv[0]) if sv.numel() else 0.0, 1e-300)
-        nk = int(keep.sum())
-        a = Vh[:nk].T @ ((U[:, :nk].T @ Nr) / sv[:nk])
-        a_null = Vh[nk:].T
-    else:
-        a = torch.zeros(Tn.shape[1], dtype=torch.float64)
-        a_null = torch.eye(Tn.shape[1], dtype=torch.float64)
-    x = ls(r + Tn @ a.numpy())
-    if a_null.shape[1]:
-        null = _orthonormal(torch.from_numpy(lu.solve(np.asarray(Fs.T @ (Tn @ a_null.numpy())))))
-    return torch.from_numpy(x).reshape(x_shape), null
-
-
-def _left_null(Fs, lu) -> np.ndarray:
-    """Orthonormal basis of range(F)^perp for a full-column-rank sparse F: (I - F (F^T F)^-1 F^T) R, R random."""
-    m, n = Fs.shape
-    q = m - n
-    if q <= 0:
-        return np.zeros((m, 0))
-    R = np.random.default_rng(0).standard_normal((m, q))
-    W = R - Fs @ lu.solve(np.asarray(Fs.T @ R))
-    return _orthonormal(torch.from_numpy(W)).numpy()
 
 
 def _power_norm(apply, adjoint, shape, iters: int = 12) -> float:

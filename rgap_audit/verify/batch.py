@@ -278,7 +278,8 @@ def verify_batch(
         result.layers = [
             VerifiedLayer(
                 node=s.node, module_path=s.module_path, op=s.op, static_verdict=None, static_deficit=None,
-                measured_nullity=s.nullity, rel_error=None, method=s.method, residual_grad=s.residual_grad,
+                measured_nullity=s.nullity_given_pattern if s.nullity_given_pattern is not None else s.nullity,
+                measured_nullity_without_pattern=s.nullity, rel_error=None, method=s.method, residual_grad=s.residual_grad,
                 residual_fwd=s.residual_fwd,
             )
             for s in rec.layers

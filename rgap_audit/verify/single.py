@@ -101,7 +101,8 @@ def verify_single(
             op=s.op,
             static_verdict=None if r is None else r.verdict.value,
             static_deficit=None if r is None else r.deficit,
-            measured_nullity=s.nullity,
+            measured_nullity=s.nullity_given_pattern if s.nullity_given_pattern is not None else s.nullity,
+            measured_nullity_without_pattern=s.nullity,
             rel_error=s.rel_error,
             method=s.method,
             residual_grad=s.residual_grad,
@@ -112,7 +113,7 @@ def verify_single(
         p = proj_steps.get(s.node)
         if p is not None:
             entry.rel_error_projected = p.rel_error
-            entry.measured_nullity_projected = p.nullity
+            entry.measured_nullity_projected = p.nullity_given_pattern if p.nullity_given_pattern is not None else p.nullity
             entry.carried_in = p.carried_in
         layers.append(entry)
 
