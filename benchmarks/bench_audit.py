@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import paper_nets  # noqa: E402
+import paper_nets
 
-from rgap_audit.analysis import audit, audit_instance  # noqa: E402
-from rgap_audit.instance import build_instance  # noqa: E402
-from rgap_audit.options import AuditOptions, LoadedModel  # noqa: E402
+from rgap_audit.analysis import audit, audit_instance
+from rgap_audit.instance import build_instance
+from rgap_audit.options import AuditOptions, LoadedModel
 
 MODELS = [("CNN6", paper_nets.cnn6, (3, 32, 32)), ("CNN6-d", paper_nets.cnn6_d, (3, 32, 32)), ("FCN3", paper_nets.fcn3, (1, 28, 28))]
 

@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from examples.paper_nets import cnn6, cnn6_d, fcn3
 from rgap_audit.attack import reconstruct
-from rgap_audit.threads import single_thread
 from rgap_audit.attack.dlg import dlg
 from rgap_audit.losses import client_gradient
+from rgap_audit.threads import single_thread
 from rgap_audit.verify.metrics import image_metrics
 
 MODELS = {"CNN6": (cnn6, (3, 32, 32)), "CNN6-d": (cnn6_d, (3, 32, 32)), "FCN3": (fcn3, (1, 28, 28))}

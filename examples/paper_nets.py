@@ -9,7 +9,7 @@ import torch.nn as nn
 
 def cnn6(width2: int = 36) -> nn.Sequential:
     """CNN6 of the paper; width2=20 gives CNN6-d (second conv 12->20, third 20->36)."""
-    act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+    act = lambda: nn.LeakyReLU(0.2)
     return nn.Sequential(
         nn.Conv2d(3, 12, kernel_size=4, stride=2, padding=2, bias=False),
         act(),

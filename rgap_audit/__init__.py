@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "audit", "reconstruct", "identifiability"]
+__all__ = ["__version__", "audit", "identifiability", "reconstruct"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from rgap_audit.analysis import audit

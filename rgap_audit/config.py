@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rgap_audit.choices import LOSSES
 from rgap_audit.errors import AuditError
 from rgap_audit.loader import parse_shape
-from rgap_audit.options import LOSSES
 from rgap_audit.records import SEVERITIES
 
 SECTION = "rgap-audit"

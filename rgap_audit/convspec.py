@@ -106,7 +106,7 @@ class ConvSpec:
 
     # ------------------------------------------------------------------ constructors
     @staticmethod
-    def from_module(module: torch.nn.Module, in_shape: tuple[int, ...]) -> "ConvSpec":
+    def from_module(module: torch.nn.Module, in_shape: tuple[int, ...]) -> ConvSpec:
         """Build from a Linear or convolution module (read through its op-table entry); in_shape is one
         sample's input shape."""
         from rgap_audit.ops import lookup
@@ -120,7 +120,7 @@ class ConvSpec:
         return spec
 
     @staticmethod
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple[int, ...] | None = None) -> "ConvSpec":
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None, in_shape: tuple[int, ...] | None = None) -> ConvSpec:
         w = weight.detach().to(torch.float64)
         return ConvSpec(
             weight=w,
@@ -137,7 +137,7 @@ class ConvSpec:
         padding=0,
         dilation=1,
         groups: int = 1,
-    ) -> "ConvSpec":
+    ) -> ConvSpec:
         w = weight.detach().to(torch.float64)
         nd = w.dim() - 2
 

@@ -151,7 +151,7 @@ class ConvTransposeSpec:
         gp = gp.flip(list(range(2, 2 + self.ndim)))
         return gp.reshape(g, cog, cig, *self.kernel).transpose(1, 2).reshape(g * cig, cog, *self.kernel)
 
-    def embedding(self) -> "ConvTransposeEmbedding":
+    def embedding(self) -> ConvTransposeEmbedding:
         """The equivalent stride-1 convolution and the map from actual to its input coordinates."""
         return ConvTransposeEmbedding(self)
 
@@ -167,7 +167,7 @@ class ConvTransposeSpec:
         groups: int = 1,
         dilation=1,
         output_size=None,
-    ) -> "ConvTransposeSpec":
+    ) -> ConvTransposeSpec:
         """Normalise call arguments (ints or tuples; output_size as in the module's forward).
 
         Raises ValueError for what the layer cannot compute (torch would refuse it too).
@@ -218,7 +218,7 @@ class ConvTransposeSpec:
         return spec
 
     @staticmethod
-    def from_module(module: torch.nn.Module, in_shape: tuple[int, ...], output_size=None) -> "ConvTransposeSpec":
+    def from_module(module: torch.nn.Module, in_shape: tuple[int, ...], output_size=None) -> ConvTransposeSpec:
         """Build from a ConvTranspose module (read through its op-table entry); in_shape is one sample's input shape."""
         from rgap_audit.ops import lookup
 
@@ -241,7 +241,7 @@ class ConvTransposeEmbedding:
         self.source = spec
         sizes, per_dim = [], []
         pads = []
-        for h, k, s, p, op, d, o in zip(
+        for h, k, s, p, _op, d, o in zip(
             spec.in_spatial, spec.kernel, spec.stride, spec.padding, spec.output_padding, spec.dilation, spec.out_spatial
         ):
             lead = d * (k - 1) - p

@@ -30,7 +30,7 @@ import torch
 import torch.nn.grad as nng
 
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.tolerances import CG_TOL, PROBE_TOL
+from rgap_audit.tolerances import CG_TOL
 
 TIKHONOV_REL = 1e-6  # per-frequency regularisation of the circulant Gram, relative to the largest |W(w)|
 MAX_ITERS = 1500  # in all passes together; a layer that needs more is reported as not converged
@@ -92,7 +92,7 @@ def _symbol(spec: ConvSpec, grid: tuple[int, ...]) -> torch.Tensor:
             r = a % ph[j]
             r_idx.append(r)
             m_idx.append((-(a - r) // ph[j]) % grid[j])
-        h[(slice(None), slice(None), *r_idx, *m_idx)] += w[(slice(None), slice(None), *u)]
+        h[(slice(None), slice(None), *r_idx, *m_idx)] += w[(slice(None), slice(None), *u)]  # type: ignore[index]
     hf = torch.fft.rfftn(h, dim=tuple(range(-nd, 0)))  # (co, ci, *ph, *freq)
     hf = hf.reshape(co, ci * math.prod(ph), -1)
     return hf.permute(2, 0, 1).contiguous()

@@ -130,7 +130,7 @@ def instance_identifiability(
         tol = max(n_grad, n) * _EPS * smax
         floor = tol
     else:
-        _, vjp_fn = vjp(g, x)
+        vjp_fn = vjp(g, x)[1]
 
         def gram_col(v: torch.Tensor) -> torch.Tensor:
             return vjp_fn(jv(v))[0]

@@ -81,7 +81,7 @@ class Instance:
     def with_weights(self, state: Mapping[str, torch.Tensor]) -> Instance:
         """The same graph with other weights (a checkpoint already matched against the user's model)."""
         gm = copy.deepcopy(self.gm)
-        own = dict(gm.named_parameters())
+        own: dict[str, torch.Tensor] = dict(gm.named_parameters())
         own.update(dict(gm.named_buffers()))
         missing = [k for k in own if k not in state]
         if missing:
@@ -106,7 +106,7 @@ class Instance:
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(x1.to(torch.float64) if x1.is_floating_point() else x1)
-        except Exception as exc:  # noqa: BLE001  (a graph fixed to its traced batch size by torch.export)
+        except Exception as exc:
             raise AuditError(
                 f"the traced graph does not run on one sample ({type(exc).__name__}): it is specialised to batch {self.batch}",
                 self.loaded.file, self.loaded.name,

@@ -50,7 +50,7 @@ def node_call(lg: LayerGraph, name: str, source: str, env: dict[str, Any]) -> Ca
     fxn: fx.Node = gn.fx
 
     def sub(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: _DATA if n.name == source else env[n.name])
+        return fx.node.map_arg(a, lambda n: _DATA if n.name == source else env[n.name])  # type: ignore[arg-type, return-value]
 
     args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
     if fxn.op == "call_module":
@@ -71,9 +71,12 @@ def _call_kwargs(fxn: fx.Node) -> dict:
         return dict(fxn.kwargs)
     from torch.fx.operator_schemas import normalize_function
 
+    target = fxn.target
+    if not callable(target):
+        return dict(fxn.kwargs)
     try:
-        pair = normalize_function(fxn.target, tuple(fxn.args), dict(fxn.kwargs), normalize_to_only_use_kwargs=True)
-    except Exception:  # noqa: BLE001  (no schema known: keep what the call site spelt out)
+        pair = normalize_function(target, tuple(fxn.args), dict(fxn.kwargs), normalize_to_only_use_kwargs=True)
+    except Exception:
         pair = None
     return dict(pair.kwargs) if pair is not None else dict(fxn.kwargs)
 
@@ -145,11 +148,11 @@ def make_step(lg: LayerGraph, name: str, source: str, env: dict[str, Any]) -> St
 class Link:
     """The ops from `lower`'s output up to `upper`'s input (data-flow order).
 
-    lower: a weighted layer or the input placeholder; upper: the weighted layer above, the output
-    node, or None when the path is cut (`cut` says why).
+    lower: a weighted layer or the input placeholder (None where the walk down found none); upper: the
+    weighted layer above, the output node, or None when the path is cut (`cut` says why).
     """
 
-    lower: str
+    lower: str | None
     upper: str | None
     steps: list[Step] = field(default_factory=list)
     cut: str | None = None
@@ -195,7 +198,7 @@ class Link:
 
     def vjp(self, z0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """v^T J at z0: a row on the end of the link pulled back to z."""
-        _, pull = torch.func.vjp(self.fn(), z0)
+        pull = torch.func.vjp(self.fn(), z0)[1]
         (back,) = pull(v)
         return back
 
@@ -379,7 +382,7 @@ def below(lg: LayerGraph, upper: str, env: dict[str, Any]) -> Link:
     """
     ins = lg.data_args(upper)
     if len(ins) != 1:
-        return Link("", upper, cut=f"{upper} has {len(ins)} data inputs")
+        return Link(None, upper, cut=f"{upper} has {len(ins)} data inputs")
     node = ins[0]
     steps: list[Step] = []
     while True:
@@ -389,7 +392,7 @@ def below(lg: LayerGraph, upper: str, env: dict[str, Any]) -> Link:
                 return Link(node, upper, steps[::-1], f"{node} feeds {lg.graph.out_degree(node)} consumers (not a chain)")
             return Link(node, upper, steps[::-1])
         if lg.graph.in_degree(node) != 1 or lg.graph.out_degree(node) != 1:
-            return Link("", upper, steps[::-1], f"{node} ({gn.info.name}) joins or splits branches: not a chain")
+            return Link(None, upper, steps[::-1], f"{node} ({gn.info.name}) joins or splits branches: not a chain")
         source = lg.data_args(node)[0]
         steps.append(make_step(lg, node, source, env))
         node = source

@@ -46,8 +46,9 @@ import torch.fx as fx
 from torch import nn
 
 from rgap_audit import ops
+from rgap_audit.choices import LOSSES
 from rgap_audit.errors import AuditError
-from rgap_audit.options import LOSSES, AuditOptions, LoadedModel
+from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import Location
 
 DECLARATION = "RGAP_MODELS"
@@ -129,12 +130,12 @@ def no_network() -> Iterator[None]:
     saved = (socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo)
     socket.socket.connect = refuse  # type: ignore[method-assign]
     socket.socket.connect_ex = refuse  # type: ignore[method-assign]
-    socket.create_connection = refuse  # type: ignore[assignment]
-    socket.getaddrinfo = refuse  # type: ignore[assignment]
+    socket.create_connection = refuse
+    socket.getaddrinfo = refuse
     try:
         yield
     finally:
-        socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = saved  # type: ignore[method-assign,assignment]
+        socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = saved  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -175,7 +176,7 @@ def _record_construction(file: str, sites: dict[int, tuple[nn.Module, Location]]
     original = nn.Module.__init__
 
     def watching_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None and _constructing(frame, self):
             frame = frame.f_back  # the object's own constructor chain
         while frame is not None and frame.f_code.co_filename != file:
@@ -367,7 +368,7 @@ class _FileLoader:
         return _Candidate(str(name), factory, loc or where, True, shape, loss, batch)
 
     def declared(self) -> list[_Candidate] | None:
-        decl = self.module.__dict__.get(DECLARATION)  # type: ignore[union-attr]
+        decl = self.module.__dict__.get(DECLARATION)
         if decl is None:
             return None
         where = self.src.decl or Location(self.file, 1)  # type: ignore[union-attr]
@@ -397,12 +398,10 @@ class _FileLoader:
         out: list[_Candidate] = []
         needs: list[tuple[str, Location | None]] = []
         seen: set[int] = set()
-        for name, obj in list(self.module.__dict__.items()):  # type: ignore[union-attr]
+        for name, obj in list(self.module.__dict__.items()):
             if name.startswith("_") or id(obj) in seen or not self._defined_here(obj):
                 continue
-            if isinstance(obj, type) and issubclass(obj, nn.Module) and not inspect.isabstract(obj):
-                pass
-            elif inspect.isfunction(obj) and _returns_module(obj):
+            if (isinstance(obj, type) and issubclass(obj, nn.Module) and not inspect.isabstract(obj)) or (inspect.isfunction(obj) and _returns_module(obj)):
                 pass
             else:
                 continue
@@ -418,8 +417,8 @@ class _FileLoader:
         for c in declared or []:
             if c.name == name:
                 return c
-        obj = self.module.__dict__.get(name)  # type: ignore[union-attr]
-        if obj is None or not (isinstance(obj, type) and issubclass(obj, nn.Module) or inspect.isfunction(obj)):
+        obj = self.module.__dict__.get(name)
+        if obj is None or not ((isinstance(obj, type) and issubclass(obj, nn.Module)) or inspect.isfunction(obj)):
             if declared is not None:
                 available = [c.name for c in declared]
             else:
@@ -493,7 +492,7 @@ class _FileLoader:
             info = ops.lookup(target)
         hint: tuple[int, ...] | str = ""
         if info is not None and info.shape_hint is not None:
-            hint = info.shape_hint(first)
+            hint = info.shape_hint(first)  # a module-less hint (a reshape function) ignores its argument
         if isinstance(hint, tuple):
             return hint
         raise self.error(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rgap_audit.options import LOSSES
+from rgap_audit.choices import LOSSES
 
 
 def choose_loss(loss: str | None, out_features: int) -> str:

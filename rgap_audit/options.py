@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rgap_audit.choices import LOSSES
 from rgap_audit.records import Location
 
 

@@ -32,7 +32,6 @@ from rgap_audit.verify import settle, verify
 from rgap_audit.verify.images import safe_name
 
 
-
 @dataclass
 class Request:
     """What the command line (or a caller) asks for."""

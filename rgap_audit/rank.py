@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
@@ -409,8 +410,8 @@ class ForwardProof:
     entries of x, carried directions projected out) has full column rank, proven by a factorisation."""
 
     rel: float  # sigma_min / sigma_max of F (a lower bound where carried directions enter), > 1e-4
-    factor: object  # SuperLU factor of F^T F - tau I (symmetric, no pivoting)
-    operator: object  # F, scipy CSR
+    factor: Any  # SuperLU factor of F^T F - tau I (symmetric, no pivoting)
+    operator: Any  # F, scipy CSR
     tau: float
     carried: np.ndarray | None = None  # Q, the carried directions of the rows
     woodbury: tuple[np.ndarray, object] | None = None  # ((F^T F - tau I)^{-1} F^T Q, Cholesky of the capacitance)
@@ -549,7 +550,7 @@ def _class_counts(spec: ConvSpec) -> list[tuple[int, int]]:
     return out
 
 
-def gradient_rank_counting(spec: ConvSpec, n_samples: int = 1) -> int:
+def gradient_rank_counting(spec: ConvSpec | ConvTransposeSpec, n_samples: int = 1) -> int:
     """Closed form of rank(K) (rgap-notes section 3), generalised to N-d, dilation, groups and N samples.
 
     rank(K) = C_in * sum over stride residue classes of min(C_out/groups * a, n_samples * c), with a the
@@ -771,12 +772,14 @@ def layer_rank(
     nn_idx = np.arange(n)[:, None] * s_sp
     class_cols = [(nn_idx + cl.tflat[None, :]).ravel() for cl in classes]  # (n, t) coords
     chan_keys: list[tuple] = []  # per channel: tuple of block keys
-    plan: dict[tuple, tuple[int, int, np.ndarray]] = {}  # key -> (group, class, kept column positions)
+    plan: dict[tuple, tuple[int, int, np.ndarray | None]] = {}  # key -> (group, class, kept column positions)
     upper_k = 0
     for c in range(cin):
         g = c // cig
-        keys = []
+        keys: list[tuple] = []
         for ci, cl in enumerate(classes):
+            keep: np.ndarray | None
+            key: tuple
             if known_np is None:
                 keep = None
                 key = (g, ci, None)
@@ -836,7 +839,7 @@ def layer_rank(
     rels = [b.rel for b in blocks.values() if b.rel is not None]
     z_ok = k_exact and all(b.null is not None for b in blocks.values())
 
-    x_k = _gradient_solution(spec, rhs, blocks, chan_keys, classes, n) if solving and k_exact and proof is None else None
+    x_k = _gradient_solution(spec, rhs, blocks, chan_keys, classes, n) if rhs is not None and k_exact and proof is None else None
 
     def result(rank, lo, hi, method, null=None, solution=None) -> LayerRank:
         return LayerRank(
@@ -864,7 +867,7 @@ def layer_rank(
             unknowns, unknowns, unknowns, "sparse-ldl", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, solution
         )
 
-    if not k_exact:
+    if not k_exact or rank_k is None:
         hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)
         return result(None, rank_k_lo, hi, "bounds")
 
@@ -873,18 +876,19 @@ def layer_rank(
     if z_ok:
         by_key: dict[tuple, int] = {}
         for c in range(cin):
-            keys = chan_keys[c]
-            if keys not in by_key:
-                d_c = sum(blocks[key].null.shape[1] for key in keys)
+            ckeys = chan_keys[c]
+            if ckeys not in by_key:
+                nulls = [(blocks[key].cols, blocks[key].null) for key in ckeys]
+                d_c = sum(nb.shape[1] for _, nb in nulls if nb is not None)
                 z = np.zeros((n * s_sp, d_c))
                 off = 0
-                for key in keys:
-                    b = blocks[key]
-                    z[b.cols, off : off + b.null.shape[1]] = b.null
-                    off += b.null.shape[1]
-                by_key[keys] = len(pieces)
+                for cols_b, nb in nulls:
+                    assert nb is not None
+                    z[cols_b, off : off + nb.shape[1]] = nb
+                    off += nb.shape[1]
+                by_key[ckeys] = len(pieces)
                 pieces.append((c // cig, [], z))
-            pieces[by_key[keys]][1].append(c)
+            pieces[by_key[ckeys]][1].append(c)
     d_total = unknowns - rank_k
     # null vectors of a block with relative gap g are accurate to ~eps / g: widen F Z's tolerance by that
     z_rels = [b.rel for b in blocks.values() if b.rel is not None and b.null is not None and b.null.shape[1] > 0]

@@ -8,13 +8,13 @@ field is declared here with its type: rules are checked against these hints when
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 SCHEMA_VERSION = "2.0"
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """Per-row verdict of the walk."""
 
     LEAKS_EXACTLY = "leaks-exactly"  # a Linear with bias: x = dL/dW[j] / dL/db[j]
@@ -25,7 +25,7 @@ class Verdict(str, Enum):
     NOT_UNDERSTOOD = "not-understood"  # the analysis has no entry for this op: never counted as safe
 
 
-class Basis(str, Enum):
+class Basis(StrEnum):
     """What a verdict rests on."""
 
     COUNTING = "counting"  # closed-form counts of constraints and unknowns
@@ -35,7 +35,7 @@ class Basis(str, Enum):
     STRUCTURE = "structure"  # a fact of the operation (invertibility, bias leak)
 
 
-class Chain(str, Enum):
+class Chain(StrEnum):
     """How much of a layer's output z the attacker knows when it reaches this layer."""
 
     FULL = "full"  # z known exactly (layer above recovered, invertible ops between)
@@ -43,7 +43,7 @@ class Chain(str, Enum):
     NONE = "none"  # nothing known about z
 
 
-class ModelStatus(str, Enum):
+class ModelStatus(StrEnum):
     """The model verdict: can the client's input be recovered in closed form?"""
 
     LEAKS_EXACTLY = "leaks-exactly"  # the first layer gives its input away with no solve

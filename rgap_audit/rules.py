@@ -95,8 +95,8 @@ def _type_of(hint: Any) -> FieldType:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _type_of(args[0]) if len(args) == 1 else _ANY
     if origin in (list, tuple, Sequence):
-        args = typing.get_args(hint)
-        return FieldType("list", item=_type_of(args[0]) if args else _ANY)
+        items = typing.get_args(hint)
+        return FieldType("list", item=_type_of(items[0]) if items else _ANY)
     if origin in (dict, Mapping):
         return FieldType("dict")
     if isinstance(hint, type):
@@ -446,7 +446,7 @@ def parse_template(text: Any, scope: str, where: str = "message") -> Template:
     """Check a message template: every placeholder a known field path, no conversions or indexing."""
     if not isinstance(text, str) or not text.strip():
         raise RuleError(f"{where} must be a non-empty string")
-    parts = []
+    parts: list[tuple[str, str | None, str]] = []
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:

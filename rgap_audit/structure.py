@@ -40,6 +40,7 @@ def window_index(spec: ConvSpec) -> torch.Tensor:
         v = (t >= 0) & (t < h)
         flat = t if flat is None else flat * h + t
         valid = v if valid is None else valid & v
+    assert flat is not None and valid is not None
     idx = torch.where(valid, flat, torch.full_like(flat, -1))
     return idx.reshape(math.prod(spec.kernel), math.prod(out_sp))
 

@@ -32,9 +32,9 @@ def _merge(directives: Directives, line: int, codes: frozenset[str] | None) -> N
         directives[line] = codes
 
 
-def parse_comment(comment: str) -> frozenset[str] | None | bool:
+def parse_comment(comment: str) -> frozenset[str] | bool | None:
     """Codes suppressed by one comment: a set, None for all codes, False when it has no directive."""
-    found: frozenset[str] | None | bool = False
+    found: frozenset[str] | bool | None = False
     for m in DIRECTIVE_RE.finditer(comment):
         raw = m.group("codes")
         if raw is None:

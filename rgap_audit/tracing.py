@@ -26,15 +26,16 @@ model input (False for parameters and arithmetic on them).
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import inspect
 import io
 import logging
 import os
 import re
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -56,12 +57,12 @@ def _user_frame(exc: BaseException, file: str | None) -> tuple[str, int] | None:
     if file:
         hit = [f for f in frames if f.filename == file]
         if hit:
-            return hit[-1].filename, hit[-1].lineno
+            return hit[-1].filename, hit[-1].lineno or 0
     for f in reversed(frames):
         name = os.path.abspath(f.filename) if not f.filename.startswith("<") else f.filename
         if name.startswith((_TORCH_DIR, _OUR_DIR, _STDLIB_DIR)) or "site-packages" in name:
             continue
-        return f.filename, f.lineno
+        return f.filename, f.lineno or 0
     # torch.export names the user frame only in its message
     m = re.search(r'File "([^"]+)", line (\d+), in \w+', str(exc))
     if m and not m.group(1).startswith(_TORCH_DIR):
@@ -333,7 +334,7 @@ def _transposed_param(gm: fx.GraphModule, node: Any) -> fx.Node | None:
     if not isinstance(node, fx.Node) or len(node.args) < 1:
         return None
     src = node.args[0]
-    if not _trainable_param(gm, src) or _fetch(gm, src).dim() != 2:
+    if not isinstance(src, fx.Node) or not _trainable_param(gm, src) or _fetch(gm, src).dim() != 2:
         return None
     if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
         return src
@@ -390,7 +391,7 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
         if len(n.args) != 2:
             continue
         a, b = n.args
-        new = None
+        new: tuple[Callable[..., Any], tuple[Any, Any]] | None = None
         family = _family(t)
         if family == ops.MATMUL and not n.kwargs:
             if is_data(a) and not is_data(b):

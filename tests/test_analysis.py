@@ -11,111 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn as nn
 
+from oracles import dense_chain_deficits
 from rgap_audit.analysis import audit
-from rgap_audit.losses import loss_value, make_labels
 from rgap_audit.records import Verdict
-
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _jac(f, x: torch.Tensor) -> np.ndarray:
-    j = torch.autograd.functional.jacobian(f, x)
-    return j.reshape(-1, x.numel()).numpy()
-
-
-def _normalise(a: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(a)
-    return a / n if n > 0 else a
-
-
-def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int = 0, batch: int = 1) -> list[int]:
-    """Per weighted layer (input first): directions of its input left free by the layers at and above it."""
-    model = model.double().eval()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((batch, *input_shape), generator=gen, dtype=torch.float64)
-    out_features = None
-    with torch.no_grad():
-        out_features = model(x).reshape(batch, -1).shape[1]
-    labels = make_labels(loss, batch, out_features, gen)
-
-    layers = list(model)
-    idx = [i for i, m in enumerate(layers) if isinstance(m, WEIGHTED)]
-    # forward with retained grads at every weighted layer's output
-    inputs, outputs = [], []
-    h = x
-    for i, m in enumerate(layers):
-        if i in idx:
-            inputs.append(h.detach())
-            h = m(h)
-            h.retain_grad()
-            outputs.append(h)
-        else:
-            h = m(h)
-    loss_value(loss, h, labels).backward()
-    ks = [o.grad.detach() for o in outputs]
-    zs = [o.detach() for o in outputs]
-
-    def segment(a: int, b: int):
-        mods = layers[a:b]
-
-        def g(t):
-            for m in mods:
-                t = m(t)
-            return t
-
-        return g
-
-    L = len(idx)
-    sizes = [inp.numel() for inp in inputs]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    deficits = []
-    for i in range(L):
-        blocks = []
-        ncols = int(offsets[-1] - offsets[i])
-
-        def place(mat: np.ndarray, j: int) -> np.ndarray:
-            row = np.zeros((mat.shape[0], ncols))
-            row[:, offsets[j] - offsets[i] : offsets[j + 1] - offsets[i]] = mat
-            return row
-
-        for j in range(i, L):
-            m = layers[idx[j]]
-            kj = ks[j]
-
-            def grad_of(xx, m=m, kj=kj):
-                w = m.weight
-                fwd = (lambda t: nn.functional.linear(t, w)) if isinstance(m, nn.Linear) else (lambda t: m._conv_forward(t, w, None))
-                return torch.autograd.grad((fwd(xx) * kj).sum(), w, create_graph=True)[0]
-
-            K = _jac(grad_of, inputs[j].clone().requires_grad_(True))
-            blocks.append(place(_normalise(K), j))
-            Wj = _jac(lambda t, m=m: m(t) - (0 if m.bias is None else m(torch.zeros_like(t))), inputs[j])
-            end = idx[j + 1] if j + 1 < L else len(layers)
-            G = _jac(segment(idx[j] + 1, end), zs[j])
-            link = G @ Wj
-            if j + 1 < L:
-                # x_{j+1} = G W x_j: link rows, plus rows on x_{j+1} alone where G is zero (known zeros)
-                row = place(link, j)
-                row[:, offsets[j + 1] - offsets[i] : offsets[j + 2] - offsets[i]] -= np.eye(sizes[j + 1])
-                blocks.append(_normalise(row))
-            else:
-                if batch > 1:
-                    continue  # the loss of a batch reveals no single output
-                if loss == "cross-entropy":
-                    c = link.shape[0]
-                    link = (np.eye(c) - np.ones((c, c)) / c) @ link
-                blocks.append(place(_normalise(link), j))
-        A = np.vstack(blocks)
-        N = scipy.linalg.null_space(A)
-        if N.size == 0:
-            deficits.append(0)
-        else:
-            deficits.append(int(np.linalg.matrix_rank(N[: sizes[i]], tol=1e-8)))
-    return deficits
 
 
 def _walk_deficits(model: nn.Module, input_shape, loss: str, batch: int = 1) -> list[int]:
@@ -247,8 +148,8 @@ def _gram_rank(spec, k: torch.Tensor, forward_rows: bool) -> tuple[int, float]:
     return r, gap
 
 
-from rgap_audit.convspec import ConvSpec  # noqa: E402
 from rgap_audit.analysis import audit_instance  # noqa: E402
+from rgap_audit.convspec import ConvSpec  # noqa: E402
 from rgap_audit.instance import build_instance  # noqa: E402
 from rgap_audit.options import AuditOptions, LoadedModel  # noqa: E402
 

@@ -10,6 +10,7 @@ from rgap_audit import fourier
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.threads import single_thread
+from rgap_audit.tolerances import PROBE_TOL
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def test_full_rank_layer_matches_dense_lstsq(cfg):
     zn = z + 1e-3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = torch.linalg.lstsq(Fm, zn.reshape(-1, 1)).solution[:, 0]
     res = fourier.solve(spec, zn, tuple(x.shape))
-    assert res.converged and res.probe_error < fourier.PROBE_TOL
+    assert res.converged and res.probe_error < PROBE_TOL
     assert float((res.x.reshape(-1) - ref).norm() / ref.norm()) < 1e-8
     exact = fourier.solve(spec, z, tuple(x.shape))
     assert float((exact.x - x).norm() / x.norm()) < 1e-8
@@ -110,7 +111,7 @@ def test_ill_conditioned_square_layer_is_not_claimed():
     sv = torch.linalg.svdvals(_dense_forward(spec))
     assert float(sv[-1] / sv[0]) < 1e-10  # the dense algebra's verdict
     res = fourier.solve(spec, z, tuple(x.shape), max_iters=100)
-    assert not (res.converged and res.probe_error < fourier.PROBE_TOL)
+    assert not (res.converged and res.probe_error < PROBE_TOL)
 
 
 def test_solve_layer_routes_large_layers_and_reports_honestly(monkeypatch):
@@ -142,10 +143,10 @@ def test_probe_alone_tests_the_rank_like_the_batched_solve():
     torch.manual_seed(0)
     tall = ConvSpec.from_module(torch.nn.Conv2d(2, 10, 3, stride=2, padding=1, bias=False).double(), (2, 12, 12))
     alone = fourier.solve(tall, None, (2, 12, 12))
-    assert alone.converged and alone.probe_error <= fourier.PROBE_TOL and alone.residual <= 1e-8
+    assert alone.converged and alone.probe_error <= PROBE_TOL and alone.residual <= 1e-8
     z = tall.forward(torch.rand(1, 2, 12, 12, dtype=torch.float64), with_bias=False)
     both = fourier.solve(tall, z, (2, 12, 12))
-    assert both.probe_error <= fourier.PROBE_TOL  # the same verdict from the batched solve
+    assert both.probe_error <= PROBE_TOL  # the same verdict from the batched solve
     # a 1x1 stride-2 conv never sees three quarters of its input: the probe cannot come back
     sparse = ConvSpec.from_module(torch.nn.Conv2d(1, 8, 1, stride=2, bias=False).double(), (1, 8, 8))
     assert fourier.solve(sparse, None, (1, 8, 8)).probe_error > 0.1

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rgap_audit.threads import single_thread
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.rank import ForwardInfo, _forward_columns, gradient_blocks
 from rgap_audit.structure import sparse_forward
+from rgap_audit.threads import single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from rgap_audit.analysis import audit_loaded
 from rgap_audit.options import AuditOptions, LoadedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from paper_nets import cnn6_d  # noqa: E402
+from paper_nets import cnn6_d
 
 
 def _chain(cfg: list[tuple[int, int, int]], side: int) -> nn.Sequential:
@@ -106,7 +106,7 @@ def _probe_chain(cfg: list[tuple[int, int, int, int]], side: int) -> nn.Sequenti
 def test_forward_probe_settles_layers_too_large_for_an_exact_rank():
     """Tall layers (more forward rows than unknowns) with z fully known: the probe finds full column rank,
     as the exact audit of the same instance does."""
-    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)  # noqa: E731
+    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)
     exact, bounded = _audits(make, (2, 12, 12), 2_000)
     probed = [b for b in bounded.layers if b.rank_method == "fourier-probe"]
     assert probed, "the small limit must send some layer to the probe"
@@ -120,7 +120,7 @@ def test_forward_probe_settles_layers_too_large_for_an_exact_rank():
 def test_forward_probe_does_not_certify_a_rank_deficient_layer():
     """A 1x1 stride-2 conv sees a quarter of its input: more rows than unknowns, yet rank-deficient.
     The probe must fail and the layer must stay bounded (the exact audit: deficient)."""
-    make = lambda: _probe_chain([(1, 8, 1, 2)], 8)  # noqa: E731
+    make = lambda: _probe_chain([(1, 8, 1, 2)], 8)
     exact, bounded = _audits(make, (1, 8, 8), 200)
     e = next(r for r in exact.layers if r.op == "Conv2d")
     b = next(r for r in bounded.layers if r.op == "Conv2d")
@@ -140,7 +140,7 @@ def test_probe_memory_estimate_bounds_the_tensors_it_builds_and_the_budget_is_ke
         held = pre.inv.numel() * pre.inv.element_size() + sym.numel() * sym.element_size()
         assert held <= fourier.memory_bytes(spec) <= 6 * held
     # an audit whose memory budget cannot hold the preconditioner keeps the layer bounded, and says why
-    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)  # noqa: E731
+    make = lambda: _probe_chain([(2, 10, 3, 2), (10, 12, 3, 1)], 12)
     torch.manual_seed(0)
     loaded = LoadedModel(file="<test>", name="m", module=make(), input_shape=(2, 12, 12), loss="logistic")
     tight = audit_loaded(loaded, AuditOptions(exact_rank_limit=2_000, memory_budget_mb=1e-3))

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from rgap_audit import cli, formats, pipeline
-from rgap_audit.pipeline import split_target
 from rgap_audit.errors import AuditError
+from rgap_audit.pipeline import split_target
 from rgap_audit.records import SEVERITIES, Finding
 
 ROOT = Path(__file__).resolve().parent.parent

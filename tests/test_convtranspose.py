@@ -15,22 +15,22 @@ import math
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oracles import dense_chain_deficits, dense_k
 from rgap_audit.analysis import audit
 from rgap_audit.attack import reconstruct
 from rgap_audit.convtranspose import ConvTransposeSpec
 from rgap_audit.errors import AttackUnsupported
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.losses import loss_value, make_labels
+from rgap_audit.ops import LAYER, lookup
 from rgap_audit.rank import ForwardInfo, layer_rank
 from rgap_audit.records import Verdict
-from rgap_audit.ops import LAYER, lookup
 from rgap_audit.tracing import trace
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -42,18 +42,6 @@ def _module(nd: int, cin: int, cout: int, k, s, p, op=0, g: int = 1, d=1, seed: 
     torch.manual_seed(seed)
     cls = CONVT[nd - 1]
     return cls(cin, cout, k, stride=s, padding=p, output_padding=op, groups=g, dilation=d, bias=False).double()
-
-
-def dense_k(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> np.ndarray:
-    """K: Jacobian of x -> dL/dW for the fixed output gradient k, (n_weight, N * n_in)."""
-    w = m.weight.detach().clone().requires_grad_(True)
-
-    def grad_w(xx: torch.Tensor) -> torch.Tensor:
-        z = torch.func.functional_call(m, {"weight": w}, (xx,))
-        return torch.autograd.grad((z * k).sum(), w, create_graph=True)[0]
-
-    j = torch.autograd.functional.jacobian(grad_w, x.detach(), vectorize=True)
-    return j.reshape(w.numel(), x.numel()).detach().numpy()
 
 
 def dense_f(m: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -229,79 +217,6 @@ def test_random_configs_match_dense_svd(cfg):
 
 
 # ----------------------------------------------------------------------------- end to end
-def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int = 0, batch: int = 1) -> list[int]:
-    """Per weighted layer (input first): directions of its input left free by the layers at and above it.
-
-    One dense system over all layer inputs (test_analysis.dense_chain_deficits' construction): each
-    layer's gradient rows, the links x_{j+1} = G_j(W_j x_j) linearised at the instance, and what the
-    loss reveals of the output (one sample; nothing for a batch). Any weighted module with a `.weight` works.
-    """
-    model = model.double().eval()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((batch, *input_shape), generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        out_features = model(x).reshape(batch, -1).shape[1]
-    labels = make_labels(loss, batch, out_features, gen)
-    layers = list(model)
-    idx = [i for i, m in enumerate(layers) if isinstance(m, (nn.Linear, *CONVT))]
-    inputs, outputs, h = [], [], x
-    for i, m in enumerate(layers):
-        if i in idx:
-            inputs.append(h.detach())
-            h = m(h)
-            h.retain_grad()
-            outputs.append(h)
-        else:
-            h = m(h)
-    loss_value(loss, h, labels).backward()
-    ks, zs = [o.grad.detach() for o in outputs], [o.detach() for o in outputs]
-
-    def segment(a: int, b: int):
-        def g(t):
-            for mod in layers[a:b]:
-                t = mod(t)
-            return t
-
-        return g
-
-    def jac(f, t: torch.Tensor) -> np.ndarray:
-        return torch.autograd.functional.jacobian(f, t.detach(), vectorize=True).reshape(-1, t.numel()).detach().numpy()
-
-    def unit(a: np.ndarray) -> np.ndarray:
-        nrm = np.linalg.norm(a)
-        return a / nrm if nrm > 0 else a
-
-    sizes = [t.numel() for t in inputs]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    n_layers, deficits = len(idx), []
-    for i in range(n_layers):
-        ncols = int(offsets[-1] - offsets[i])
-        blocks = []
-
-        def place(mat: np.ndarray, j: int) -> np.ndarray:
-            row = np.zeros((mat.shape[0], ncols))
-            row[:, offsets[j] - offsets[i] : offsets[j + 1] - offsets[i]] = mat
-            return row
-
-        for j in range(i, n_layers):
-            m = layers[idx[j]]
-            blocks.append(place(unit(dense_k(m, inputs[j], ks[j])), j))
-            end = idx[j + 1] if j + 1 < n_layers else len(layers)
-            link = jac(segment(idx[j] + 1, end), zs[j]) @ jac(lambda t, m=m: torch.func.functional_call(m, {"weight": m.weight}, (t,)), inputs[j])
-            if j + 1 < n_layers:
-                row = place(link, j)
-                row[:, offsets[j + 1] - offsets[i] : offsets[j + 2] - offsets[i]] -= np.eye(sizes[j + 1])
-                blocks.append(unit(row))
-            elif batch == 1:
-                if loss == "cross-entropy":
-                    c = link.shape[0]
-                    link = (np.eye(c) - np.ones((c, c)) / c) @ link
-                blocks.append(place(unit(link), j))
-        null = scipy.linalg.null_space(np.vstack(blocks))
-        deficits.append(0 if null.size == 0 else int(np.linalg.matrix_rank(null[: sizes[i]], tol=1e-8)))
-    return deficits
-
-
 def _decoder(width: int = 4, last: int = 2, relu: bool = False) -> nn.Sequential:
     act = nn.ReLU if relu else (lambda: nn.LeakyReLU(0.2))
     return nn.Sequential(

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from rgap_audit.instance import record
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.losses import choose_loss, loss_value, make_labels
-from rgap_audit.options import AuditOptions
 from rgap_audit.ops import LAYER, MERGE, NORM, UNKNOWN, numel
+from rgap_audit.options import AuditOptions
 from rgap_audit.tracing import trace
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -277,7 +277,7 @@ def test_github_escapes_properties_and_messages():
 def _analysis_missing() -> str | None:
     try:
         import rgap_audit.analysis  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - the analysis is optional while it is being written
+    except Exception as exc:
         return f"rgap_audit.analysis not importable ({type(exc).__name__}: {exc})"
     return None
 

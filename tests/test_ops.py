@@ -16,7 +16,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.ops import wrappers
 from rgap_audit.layergraph import build_layer_graph
 from rgap_audit.ops import (
     ACTIVATION,
@@ -34,6 +33,7 @@ from rgap_audit.ops import (
     UNKNOWN,
     check_model,
     lookup,
+    wrappers,
 )
 from rgap_audit.tracing import trace
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_analysis import dense_chain_deficits
 
+from oracles import dense_chain_deficits
 from rgap_audit.analysis import audit
 from rgap_audit.attack import reconstruct
 from rgap_audit.losses import loss_value, make_labels

@@ -38,7 +38,7 @@ def test_catalogue_covers_the_required_rules_with_their_severities():
     assert table["RGAP203"] == ("layer-deficient", "info", "layer")
     assert table["RGAP301"] == ("chain-broken", "info", "layer")
     assert table["RGAP401"] == ("op-not-understood", "warning", "layer")
-    assert CODES == sorted(CODES) and len(set(CODES)) == len(CODES)
+    assert sorted(CODES) == CODES and len(set(CODES)) == len(CODES)
     assert len({r.name for r in RULES}) == len(RULES)
     for r in RULES:
         assert r.summary and len(r.why) > 200 and len(r.fix) > 50, r.code

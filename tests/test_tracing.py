@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.ops import wrappers
 from rgap_audit.errors import AuditError
 from rgap_audit.layergraph import build_layer_graph
-from rgap_audit.ops import AFFINE, EMBEDDING, LAYER, MERGE, UNKNOWN
+from rgap_audit.ops import AFFINE, EMBEDDING, LAYER, MERGE, UNKNOWN, wrappers
 from rgap_audit.tracing import trace, trace_method
 
 HERE = __file__

@@ -106,7 +106,7 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     if unknown is None:
         return rows.numpy(), None
     if link.steps:
-        _, pull = torch.func.vjp(link.fn(), z0)
+        pull = torch.func.vjp(link.fn(), z0)[1]
         cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
         t = (cols / (d * d).clamp_min(1e-300)).T
     else:
@@ -119,7 +119,7 @@ def known_inputs(inst: Instance, state: WalkState, name: str, n_samples: int, in
     """Entries of this layer's input that do not depend on the layer below (a ReLU's zeros, given the
     activation pattern): known constants to the attacker, so not unknowns."""
     link = state.below.get(name)
-    if link is None or not link.steps:
+    if link is None or not link.steps or link.lower is None:
         return None
     if link.joins:
         # other branches feed this input too: entries this branch leaves constant are not known

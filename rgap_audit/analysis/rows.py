@@ -3,8 +3,6 @@ weighted layer below: redundant when they are per-channel multiples of that laye
 
 from __future__ import annotations
 
-import torch
-
 from rgap_audit import ops
 from rgap_audit.instance import Instance
 from rgap_audit.links import Link, make_step
@@ -52,6 +50,7 @@ def measure_param_rows(inst: Instance, name: str, rec: LayerRecord, warnings: li
         f"(the attacker may have up to {channels} more constraints than counted)"
     )
     link = _elementwise_link(inst, name)
+    assert link.lower is not None
     layer = lg.node(link.lower)
     below = layer.module
     frozen = below is not None and getattr(below, "weight", None) is not None and not below.weight.requires_grad
@@ -62,15 +61,15 @@ def measure_param_rows(inst: Instance, name: str, rec: LayerRecord, warnings: li
         warnings.append(f"{name} ({info.name}): {channels} {what}-gradient rows not used as constraints ({why})")
         return
     e = got.rows
-    z0 = inst.values[link.lower]
+    cur = link.lower
+    z0 = inst.values[cur]
     u = link.vjp(z0, e) if link.steps else e
-    k_z = inst.grads[link.lower].detach().reshape(u.shape)
+    k_z = inst.grads[cur].detach().reshape(u.shape)
     u_c = u.transpose(0, 1).reshape(u.shape[1], -1)
     k_c = k_z.transpose(0, 1).reshape(u.shape[1], -1)
     alpha = (u_c * k_c).sum(1, keepdim=True) / (k_c * k_c).sum(1, keepdim=True).clamp_min(1e-300)
     resid = float(((u_c - alpha * k_c).norm(dim=1) / u_c.norm(dim=1).clamp_min(1e-300)).max()) if u_c.numel() else 0.0
     rec.param_rows.residual = resid
-    cur = link.lower
     if resid <= REDUNDANT_TOL:
         rec.param_rows.redundant = True
         rec.reason += (

@@ -46,6 +46,12 @@ class InputFacts:
     batch: int
 
 
+def _r(f: InputFacts) -> LayerRecord:
+    """The input layer's record; the table's first row handles a model without one."""
+    assert f.rec is not None
+    return f.rec
+
+
 def _bounded_deficient(f: InputFacts) -> bool:
     r = f.rec
     return r is not None and r.deficit is None and r.rank_upper is not None and r.unknowns is not None and r.rank_upper < r.unknowns
@@ -82,46 +88,46 @@ DECISIONS: tuple[Decision, ...] = (
         lambda f: f"the input cannot be traced to a weighted layer: {f.why_path}",
     ),
     Decision(
-        lambda f: f.rec.verdict == Verdict.LEAKS_EXACTLY and f.path_ok, ModelStatus.LEAKS_EXACTLY, Basis.STRUCTURE,
+        lambda f: _r(f).verdict == Verdict.LEAKS_EXACTLY and f.path_ok, ModelStatus.LEAKS_EXACTLY, Basis.STRUCTURE,
         lambda f: f"the input leaks exactly through {f.layer}: x = dL/dW[j] / dL/db[j]",
     ),
     Decision(
-        lambda f: f.rec.unknowns is None, ModelStatus.UNKNOWN, Basis.STRUCTURE,
-        lambda f: f"the input {f.layer} could not be analysed: {f.rec.reason}",
+        lambda f: _r(f).unknowns is None, ModelStatus.UNKNOWN, Basis.STRUCTURE,
+        lambda f: f"the input {f.layer} could not be analysed: {_r(f).reason}",
     ),
     Decision(
         _bounded_deficient, ModelStatus.DEFICIENT, Basis.BOUNDS,
         lambda f: (
-            f"input not recoverable in closed form: at least {f.rec.unknowns - f.rec.rank_upper} of {f.rec.unknowns} "
-            f"input directions undetermined (proven bounds: rank {f.rec.rank_lower}..{f.rec.rank_upper} at {f.layer})"
+            f"input not recoverable in closed form: at least {(_r(f).unknowns or 0) - (_r(f).rank_upper or 0)} of {_r(f).unknowns} "
+            f"input directions undetermined (proven bounds: rank {_r(f).rank_lower}..{_r(f).rank_upper} at {f.layer})"
         ),
     ),
     Decision(
-        lambda f: f.rec.deficit is None, ModelStatus.UNKNOWN, Basis.BOUNDS,
-        lambda f: f"input {f.layer} only bounded: rank {f.rec.rank_lower}..{f.rec.rank_upper} of {f.rec.unknowns}",
+        lambda f: _r(f).deficit is None, ModelStatus.UNKNOWN, Basis.BOUNDS,
+        lambda f: f"input {f.layer} only bounded: rank {_r(f).rank_lower}..{_r(f).rank_upper} of {_r(f).unknowns}",
     ),
     Decision(
-        lambda f: f.rec.deficit == 0 and f.path_ok and not f.value_known,
+        lambda f: _r(f).deficit == 0 and f.path_ok and not f.value_known,
         ModelStatus.RECOVERABLE_GIVEN_PATTERN, Basis.NUMERICAL, _given_pattern_summary,
     ),
     Decision(
-        lambda f: f.rec.deficit == 0 and f.path_ok and f.deficient > 0, ModelStatus.RECOVERABLE_JOINT, Basis.NUMERICAL,
+        lambda f: _r(f).deficit == 0 and f.path_ok and f.deficient > 0, ModelStatus.RECOVERABLE_JOINT, Basis.NUMERICAL,
         lambda f: (
             f"input recoverable in closed form, though {f.deficient} layer(s) are deficient "
             f"(total {f.total_deficit}): a solve that keeps only the known directions of each z pins it down"
         ),
     ),
     Decision(
-        lambda f: f.rec.deficit == 0 and f.path_ok, ModelStatus.RECOVERABLE_LAYERWISE, Basis.NUMERICAL,
+        lambda f: _r(f).deficit == 0 and f.path_ok, ModelStatus.RECOVERABLE_LAYERWISE, Basis.NUMERICAL,
         lambda f: "input recoverable in closed form, layer by layer (R-GAP)",
     ),
     Decision(
-        lambda f: f.rec.deficit == 0, ModelStatus.DEFICIENT, Basis.NUMERICAL,
+        lambda f: _r(f).deficit == 0, ModelStatus.DEFICIENT, Basis.NUMERICAL,
         lambda f: f"the first layer's input is recoverable, but {f.why_path}",
     ),
     Decision(
         lambda f: True, ModelStatus.DEFICIENT, Basis.NUMERICAL,
-        lambda f: f"input not recoverable in closed form: {f.rec.deficit} input directions undetermined",
+        lambda f: f"input not recoverable in closed form: {_r(f).deficit} input directions undetermined",
     ),
 )
 
@@ -178,7 +184,8 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
     first, path_ok, why_path = input_layer(inst)
     rec = next((r for r in records if r.node == first), None) if first is not None else None
     if rec is not None and path_ok and inst.batch > 1:
-        span = batch_span(inst, first, rec)  # type: ignore[arg-type]
+        assert first is not None
+        span = batch_span(inst, first, rec)
         if span is not None and span.rank == inst.batch and span.distance <= SPAN_IN_TOL:
             caveats.append(
                 f"With {inst.batch} samples, the weight gradient of {first} spans a {span.rank}-dimensional "

@@ -152,11 +152,11 @@ class Walker:
             rec.frozen = True
         side = forward_side(inst, state, name, self.gen)
         known = known_inputs(inst, state, name, n_samples, tuple(spec.in_shape), self.gen)
-        res = layer_rank(spec, k, side.info, known=known, want_null=True, exact_limit=self.options.exact_rank_limit)
+        res = layer_rank(spec, k, side.info, known=known, want_null=True, exact_limit=self.options.exact_rank_limit)  # type: ignore[arg-type]
         if side.uncertain is not None:
             res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
         elif res.rank is None and side.chain == Chain.FULL and n_samples == 1:
-            settled, rec.probe = forward_probe(spec, res, self.options.memory_budget_mb, self.options.seed)
+            settled, rec.probe = forward_probe(spec, res, self.options.memory_budget_mb, self.options.seed)  # type: ignore[arg-type]
             res = settled or res
         if known is not None:
             rec.known_inputs = int(known.sum())

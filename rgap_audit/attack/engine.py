@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -26,15 +26,15 @@ from rgap_audit.attack.heads import (
     logistic_head,
 )
 from rgap_audit.attack.solve import solve_layer
+from rgap_audit.choices import LOSSES
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.errors import AttackUnsupported, AuditError
+from rgap_audit.instance import bare_instance, record
 from rgap_audit.layergraph import LayerGraph
-from rgap_audit.rank import _tol_rank as rank_rule
 from rgap_audit.links import Link
 from rgap_audit.losses import loss_value
-from rgap_audit.options import LOSSES
-from rgap_audit.instance import bare_instance, record
 from rgap_audit.ops import IDENTITY, LAYER, RESHAPE
+from rgap_audit.rank import _tol_rank as rank_rule
 from rgap_audit.threads import single_thread
 from rgap_audit.tolerances import PRUNE_FACTOR
 
@@ -163,13 +163,13 @@ class _Context:
             raise AuditError(f"layer {name}: its weight is not a parameter of the model; cannot match its gradient")
         return wn, bn
 
-    def _gradient(self, name: str, gradients: dict[str, torch.Tensor]):
+    def _gradient(self, name: str, gradients: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.specs[name]
         wn, bn = self.params[name]
         transposed = self.lg.node(name).info.param_transposed  # x @ W: the layer's weight is W^T
-        out = []
+        out: list[torch.Tensor | None] = []
         for pname, ref in ((wn, spec.weight), (bn, spec.bias)):
-            if pname is None:
+            if pname is None or ref is None:
                 out.append(None)
                 continue
             if pname not in gradients:
@@ -185,6 +185,7 @@ class _Context:
             if not torch.isfinite(g).all():
                 raise AuditError(f"gradient of {pname!r} contains NaN or Inf")
             out.append(g)
+        assert out[0] is not None
         return out[0], out[1]
 
     # ------------------------------------------------------------------ graph helpers
@@ -222,10 +223,10 @@ class _Context:
 
     def head_node(self) -> tuple[str, list[str]]:
         """The weighted layer producing the output, through reshapes/identities only."""
-        node = self.lg.data_args(self.lg.output_node)
-        if len(node) != 1:
+        srcs = self.lg.data_args(self.lg.output_node)
+        if len(srcs) != 1:
             raise AuditError("the model returns several tensors; R-GAP needs one output")
-        node, passed = node[0], []
+        node, passed = srcs[0], list[str]()
         while True:
             info = self.lg.node(node).info
             if info.kind == LAYER:
@@ -282,7 +283,7 @@ def _rank_of(a: torch.Tensor) -> int:
     if a.numel() == 0:
         return 0
     sv = torch.linalg.svdvals(a).numpy()
-    return rank_rule(sv, tuple(a.shape))[0]
+    return rank_rule(sv, (int(a.shape[0]), int(a.shape[1])))[0]
 
 
 def _vjp_input(spec: ConvSpec, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -302,7 +303,7 @@ def _bias_check(spec: ConvSpec, k: torch.Tensor, db: torch.Tensor | None) -> flo
 
 def _descend(
     ctx: _Context, start: _State, projected: bool, truth: dict | None
-) -> Iterator[LayerStep]:
+) -> Generator[LayerStep, None, _Descent]:
     """Walk from `start` (a solved layer) down; yields a LayerStep per layer, returns a _Descent."""
     warnings: list[str] = []
     layers: list[LayerStep] = []
@@ -596,9 +597,9 @@ def attack_graph(
 
         scored = []
         for i, dsc in done.items():
-            gr = _gradient_residual(ctx, dsc.input, cands[i].label) if dsc.complete else math.inf
+            gr = _gradient_residual(ctx, dsc.input, cands[i].label) if dsc.complete and dsc.input is not None else math.inf
             scored.append((gr, i, dsc.input))
-        scored.sort(key=lambda t: (t[0], t[1]))
+        scored.sort(key=lambda t: (t[0], t[1]))  # (gradient residual, candidate, input or None)
         gres, ci, _ = scored[0]
         cand, dsc = cands[ci], done[ci]
         label_status = "given" if label is not None else "recovered"
@@ -610,7 +611,7 @@ def attack_graph(
         alt_inputs = [] if dsc.input is None else [c * dsc.input for c in alt_scales]
         for gr, j, inp in scored[1:]:
             tie = inp is not None and dsc.input is not None and gr <= max(10 * gres, 1e-9) and gres < 1e-6
-            if tie and _rel(inp, dsc.input) > 1e-6:
+            if tie and inp is not None and dsc.input is not None and _rel(inp, dsc.input) > 1e-6:
                 alt_inputs.append(inp)
                 alt_notes.append(cands[j].note)
                 if label is None and cands[j].label != cand.label:
@@ -630,8 +631,8 @@ def attack_graph(
         head_info.update(
             {"node": head, "candidates": len(cands), "pruned": pruned, "scaled_twins": len(twins), "chosen": cand.note}
         )
-        if truth is not None:
-            th = truth.get(head)
+        th = None if truth is None else truth.get(head)
+        if th is not None:
             head_step.rel_error = float((cand.x - th).norm() / th.norm().clamp_min(1e-300))
         rec = Reconstruction(
             input=dsc.input,
@@ -662,7 +663,7 @@ def attack_graph(
                 warnings=pd.warnings,
                 seconds=time.perf_counter() - tp,
                 complete=pd.complete,
-                gradient_residual=_gradient_residual(ctx, pd.input, cand.label) if pd.complete else None,
+                gradient_residual=_gradient_residual(ctx, pd.input, cand.label) if pd.complete and pd.input is not None else None,
                 head=head_info,
                 alternatives=[] if pd.input is None else [c * pd.input for c in alt_scales],
             )

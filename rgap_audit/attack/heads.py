@@ -134,7 +134,7 @@ def ce_bias_head(dw: torch.Tensor, db: torch.Tensor, x_shape, k_shape, label=Non
     warn = []
     if len(neg) == 1:
         y = int(neg[0])
-        info = {"label_from": "the only negative entry of dL/db"}
+        info: dict[str, object] = {"label_from": "the only negative entry of dL/db"}
     else:
         y = None
         info = {"label_from": None}
@@ -210,7 +210,7 @@ def ce_nobias_head(w: torch.Tensor, dw: torch.Tensor, x_shape, k_shape, label=No
         for rho in roots:
             s = sgn * rho
             ktrue = softmax(s * v) - np.eye(C)[y]
-            mism = np.linalg.norm(ktn / s - ktrue) / max(np.linalg.norm(ktn / s), 1e-300)
+            mism = float(np.linalg.norm(ktn / s - ktrue)) / max(float(np.linalg.norm(ktn / s)), 1e-300)
             if mism < 1e-6:
                 cands.append(
                     HeadCandidate(

@@ -166,7 +166,6 @@ def solve_layer(
     if z_target is not None:
         zb, known, Tk = _forward_parts(spec, z_target, mask, T, n)
     fwd_rows = int(known.sum()) if known is not None else 0
-    d = 0 if Tk is None else Tk.shape[1]
     if Tk is None or a_rows is None or a_rows[0].numel() == 0:
         a_rows = None
     notes: list[str] = []
@@ -238,7 +237,7 @@ def _forward_info(
         if a_rows is not None:
             E, f = a_rows
             u, sv, vt = torch.linalg.svd(E, full_matrices=True)
-            r, _ = rank._tol_rank(sv.numpy(), tuple(E.shape))
+            r, _ = rank._tol_rank(sv.numpy(), (int(E.shape[0]), int(E.shape[1])))
             a_p = vt[:r].T @ ((u[:, :r].T @ f) / sv[:r])
             z_rows = z_rows + Tk @ a_p
             t_eff = Tk @ vt[r:].T

@@ -47,7 +47,7 @@ def render(
     if fmt == "sarif":
         from rgap_audit.formats.sarif import render_sarif
 
-        return render_sarif(reports, findings, rules=rules, cwd=cwd)  # type: ignore[arg-type]
+        return render_sarif(reports, findings, rules=rules, cwd=cwd)
     if fmt == "github":
         from rgap_audit.formats.github import render_github
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,42 +39,42 @@ _SOFTMAX_WHY = (
 
 
 # ----------------------------------------------------------------------------- inverses
-def _leaky_slope(module: nn.Module | None, kwargs: dict) -> float:
+def _leaky_slope(module: Any, kwargs: dict) -> float:
     if module is not None:
         return float(module.negative_slope)
     return float(kwargs.get("negative_slope", 0.01))
 
 
-def _inv_leaky(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_leaky(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     slope = _leaky_slope(module, kwargs)
     return torch.where(y >= 0, y, y / slope)
 
 
-def _inv_sigmoid(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_sigmoid(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     y = y.clamp(1e-15, 1 - 1e-15)
     return torch.log(y) - torch.log1p(-y)
 
 
-def _inv_tanh(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_tanh(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     return torch.atanh(y.clamp(-1 + 1e-15, 1 - 1e-15))
 
 
-def _inv_elu(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_elu(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     alpha = float(module.alpha) if module is not None else float(kwargs.get("alpha", 1.0))
     return torch.where(y > 0, y, torch.log1p((y / alpha).clamp(min=-1 + 1e-15)))
 
 
-def _inv_softplus(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_softplus(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     beta = float(module.beta) if module is not None else float(kwargs.get("beta", 1.0))
     return torch.log(torch.expm1(beta * y)) / beta
 
 
-def _inv_softsign(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_softsign(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     y = y.clamp(-1 + 1e-15, 1 - 1e-15)
     return y / (1 - y.abs())
 
 
-def _inv_logsigmoid(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_logsigmoid(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     # y = -softplus(-z)  =>  z = -log(expm1(-y))
     return -torch.log(torch.expm1(-y.clamp(max=-1e-300)))
 
@@ -86,14 +87,14 @@ def channel_view(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (y.dim() - 2)))
 
 
-def _inv_prelu(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_prelu(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     assert module is not None
     a = module.weight.detach()
     a = a if a.numel() == 1 else channel_view(a, y)
     return torch.where(y >= 0, y, y / a.to(y.dtype))
 
 
-def _prelu_instance(m: nn.Module, base: OpInfo) -> OpInfo:
+def _prelu_instance(m: Any, base: OpInfo) -> OpInfo:
     a = m.weight.detach()
     if bool((a > 0).all()):
         return base

@@ -119,7 +119,7 @@ class OpInfo:
     rewrite: str | None = None  # call-site family tracing.py rewrites (MATMUL, ADD, SUB, MUL, DIV)
     kwarg_names: tuple[str, ...] = ()  # positional arguments the inverse reads, moved to keywords by tracing.py
     # the input shape (one sample) a first op of this type fixes, or a hint of what to pass (str)
-    shape_hint: Callable[[nn.Module], tuple[int, ...] | str] | None = None
+    shape_hint: Callable[[nn.Module | None], tuple[int, ...] | str] | None = None
     tokens: Callable[[nn.Module], int] | None = None  # token-id inputs: how many ids the module accepts
     # transposes of a matrix (W.t(), W.transpose(0, 1)): given the call's arguments after the tensor, whether
     # this call swaps a 2-d tensor's two dimensions (tracing.py reads x @ W.t() as a Linear with weight W)

@@ -5,6 +5,8 @@ used, so the set of tokens leaks from the gradient alone (measured on the instan
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ _EMBEDDING_WHY = (
 
 def token_leak(ctx: LeakContext) -> Leak | None:
     """dL/dW[t] = sum of k over the positions holding token t: compare its non-zero rows with the tokens used."""
-    m = ctx.module
+    m: Any = ctx.module
     if m is None or not m.weight.requires_grad:
         return None
     k = ctx.k
@@ -38,7 +40,7 @@ def token_leak(ctx: LeakContext) -> Leak | None:
     )
 
 
-def _vocabulary(m: nn.Module) -> int:
+def _vocabulary(m: Any) -> int:
     return int(m.num_embeddings)
 
 

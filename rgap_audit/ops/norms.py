@@ -6,6 +6,7 @@ gamma != 0) whose own gamma gradient gives one row per channel on its input; the
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ _GN_WHY = (
 _IN_WHY = "normalises each sample per channel: every channel's mean and scale are lost (not invertible)"
 
 
-def bn_affine(module: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(module: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as y = scale * x + shift, per channel."""
     var = module.running_var.detach().to(y.dtype)
     mean = module.running_mean.detach().to(y.dtype)
@@ -42,17 +43,17 @@ def bn_affine(module: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return scale, shift
 
 
-def _inv_batchnorm(module: nn.Module | None, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+def _inv_batchnorm(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     assert module is not None
     scale, shift = bn_affine(module, y)
     return (y - channel_view(shift, y)) / channel_view(scale, y)
 
 
-def _bn_uses_batch_stats(m: nn.Module) -> bool:
+def _bn_uses_batch_stats(m: Any) -> bool:
     return (not getattr(m, "track_running_stats", True)) or getattr(m, "running_mean", None) is None
 
 
-def _bn_instance(m: nn.Module, base: OpInfo) -> OpInfo:
+def _bn_instance(m: Any, base: OpInfo) -> OpInfo:
     if _bn_uses_batch_stats(m):
         return replace(
             base,
@@ -78,7 +79,7 @@ def _bn_instance(m: nn.Module, base: OpInfo) -> OpInfo:
     return base
 
 
-def _bn_check(m: nn.Module) -> str | None:
+def _bn_check(m: Any) -> str | None:
     if _bn_uses_batch_stats(m):
         return (
             f"{type(m).__name__} has track_running_stats=False: it normalises by batch statistics in every mode; "
@@ -93,7 +94,7 @@ def _bn_check(m: nn.Module) -> str | None:
     return None
 
 
-def bn_gamma_rows(m: nn.Module, k_y: torch.Tensor) -> ParamRows | None:
+def bn_gamma_rows(m: Any, k_y: torch.Tensor) -> ParamRows | None:
     """dL/dgamma_c = sum_p k_y[c,p] (a[c,p] - mu_c) / sigma_c: one row per channel on the input a, with
     coefficients k_y / sigma on channel c (affine in a). None when gamma is not trained or there are
     no running statistics."""

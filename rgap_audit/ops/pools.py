@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ _MAXPOOL_WHY = "not invertible: only the arg-max entries of its input are known;
 _MEAN_WHY = "a reduction (mean/sum over dimensions): linear, only the reduced values are known (not invertible)"
 
 
-def _avgpool_instance(m: nn.Module, base: OpInfo) -> OpInfo:
+def _avgpool_instance(m: Any, base: OpInfo) -> OpInfo:
     def ones(v) -> bool:
         return all(int(a) == 1 for a in (v if isinstance(v, (tuple, list)) else (v,)))
 

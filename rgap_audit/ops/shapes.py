@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.ops.base import CONSTANT, IDENTITY, PASS, PERMUTE, RESHAPE, REORDER, OpInfo, aten, register
+from rgap_audit.ops.base import CONSTANT, IDENTITY, PASS, PERMUTE, REORDER, RESHAPE, OpInfo, aten, register
 
 _RESHAPE_WHY = "a permutation of entries: passes the chain unchanged"
 _IDENTITY_WHY = "identity in eval mode: passes the chain unchanged"

@@ -5,6 +5,8 @@ analysis and the attack share; a Linear with a bias on one sample gives its inpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,12 +41,12 @@ BIAS_LEAK = "Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] !
 
 
 # ----------------------------------------------------------------------------- normalisation
-def _linear_module_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _linear_module_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     assert module is not None
     return ConvSpec.linear(module.weight, module.bias, in_shape)
 
 
-def _conv_module_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _conv_module_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     assert module is not None
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         raise ValueError(
@@ -54,7 +56,7 @@ def _conv_module_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_sh
     return ConvSpec.conv(module.weight, module.bias, in_shape, module.stride, module.padding, module.dilation, module.groups)
 
 
-def _functional_linear_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _functional_linear_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
     bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
     if not isinstance(weight, torch.Tensor):
@@ -62,7 +64,7 @@ def _functional_linear_spec(module: nn.Module | None, args: tuple, kwargs: dict,
     return ConvSpec.linear(weight, bias if isinstance(bias, torch.Tensor) else None, in_shape)
 
 
-def _functional_conv_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _functional_conv_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     vals = {**defaults, **dict(zip(names, args)), **kwargs}
@@ -75,7 +77,7 @@ def _functional_conv_spec(module: nn.Module | None, args: tuple, kwargs: dict, i
 
 
 def _module_conv_transpose_spec(
-    module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]
+    module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]
 ) -> ConvTransposeSpec:
     """nn.ConvTranspose{1,2,3}d called as module(x) or module(x, output_size)."""
     assert module is not None
@@ -89,7 +91,7 @@ def _module_conv_transpose_spec(
 
 
 def _functional_conv_transpose_spec(
-    module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]
+    module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]
 ) -> ConvTransposeSpec:
     """F.conv_transpose{1,2,3}d and aten.conv_transpose{1,2,3}d (note: groups comes before dilation)."""
     names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -113,13 +115,13 @@ def _matmul_weight(args: tuple) -> torch.Tensor:
     return w
 
 
-def _matmul_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _matmul_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     w = _matmul_weight(args)
     weight = w[None, :] if w.dim() == 1 else w.t()  # x @ W = linear(x, W^T)
     return ConvSpec.linear(weight, None, in_shape)
 
 
-def _matmul_t_spec(module: nn.Module | None, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
+def _matmul_t_spec(module: Any, args: tuple, kwargs: dict, in_shape: tuple[int, ...]) -> ConvSpec:
     w = _matmul_weight(args)
     return ConvSpec.linear(w[None, :] if w.dim() == 1 else w, None, in_shape)
 
@@ -136,12 +138,12 @@ def bias_leak(ctx: LeakContext) -> Leak | None:
     return Leak(BIAS_LEAK)
 
 
-def _linear_hint(module: nn.Module | None) -> tuple[int, ...] | str:
+def _linear_hint(module: Any) -> tuple[int, ...] | str:
     assert module is not None
     return (int(module.in_features),)
 
 
-def _conv_hint(module: nn.Module | None) -> tuple[int, ...] | str:
+def _conv_hint(module: Any) -> tuple[int, ...] | str:
     assert module is not None
     dims = {1: "L", 2: "H,W", 3: "D,H,W"}[module.weight.dim() - 2]
     return f" (its first layer is {type(module).__name__} with {module.in_channels} input channels: {module.in_channels},{dims})"
@@ -154,20 +156,22 @@ def _layer(name: str, conv_spec, **kw) -> OpInfo:
 # ----------------------------------------------------------------------------- the entries
 LINEAR = register(_layer("Linear", _linear_module_spec, leak=bias_leak, shape_hint=_linear_hint), nn.Linear)
 _LINEAR_F = register(_layer("linear", _functional_linear_spec, leak=bias_leak), F.linear, aten.linear.default)
-for _dim, _mod, _f, _aten in (
+_CONV_TARGETS: tuple[tuple[int, Any, Any, Any], ...] = (
     (1, nn.Conv1d, F.conv1d, aten.conv1d.default),
     (2, nn.Conv2d, F.conv2d, aten.conv2d.default),
     (3, nn.Conv3d, F.conv3d, aten.conv3d.default),
-):
+)
+for _dim, _mod, _f, _aten in _CONV_TARGETS:
     register(_layer(f"Conv{_dim}d", _conv_module_spec, shape_hint=_conv_hint), _mod)
     register(_layer(f"conv{_dim}d", _functional_conv_spec), _f, _aten)
 _CONVT = _layer("ConvTranspose", _module_conv_transpose_spec, why=_CONVT_WHY)
 _CONVT_F = _layer("conv_transpose", _functional_conv_transpose_spec, why=_CONVT_WHY)
-for _dim, _mod, _f, _aten in (
+_CONVT_TARGETS: tuple[tuple[int, Any, Any, Any], ...] = (
     (1, nn.ConvTranspose1d, F.conv_transpose1d, aten.conv_transpose1d.default),
     (2, nn.ConvTranspose2d, F.conv_transpose2d, aten.conv_transpose2d.input),
     (3, nn.ConvTranspose3d, F.conv_transpose3d, aten.conv_transpose3d.input),
-):
+)
+for _dim, _mod, _f, _aten in _CONVT_TARGETS:
     register(renamed(_CONVT, f"ConvTranspose{_dim}d"), _mod)
     register(renamed(_CONVT_F, f"conv_transpose{_dim}d"), _f, _aten)
 

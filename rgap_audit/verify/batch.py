@@ -181,7 +181,7 @@ def verify_batch(
         status, reason = "refused", str(err.cause)
     except (KeyboardInterrupt, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001  (any engine crash on a summed gradient is the outcome reported)
+    except Exception as exc:
         if debug:  # --debug: the traceback, not a recorded outcome
             raise
         # the engine is written for one sample's gradient; a crash on a summed one is reported, not hidden

@@ -37,7 +37,7 @@ def client_instance(inst: Instance, input: str | None, weights: str | None) -> I
         labels = make_labels(inst.loss, x.shape[0], inst.out_features, gen)
         try:
             client = client.replay(x, labels)
-        except Exception as exc:  # noqa: BLE001  (the model's own failure on the user's input)
+        except Exception as exc:
             raise AuditError(
                 f"--verify: the model fails on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}", model=name
             ) from exc

@@ -36,7 +36,7 @@ def save_comparison(
         arr = u8.permute(1, 2, 0).contiguous().numpy()
         img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
         scale = max(1, 128 // max(h, w))
-        return img.convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
+        return img.convert("RGB").resize((w * scale, h * scale), Image.Resampling.NEAREST)
 
     tiles = []
     for (_, r), o in zip(rows, origs):

@@ -89,8 +89,8 @@ def load_image(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
         raise AuditError("--input: reading images needs pillow (pip install pillow)", model=name) from exc
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if shape[0] == 1 else "RGB").resize((shape[2], shape[1]), Image.BILINEAR)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            small = im.convert("L" if shape[0] == 1 else "RGB").resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8)
     except FileNotFoundError as exc:
         raise AuditError(f"--input: no such file {path!r}", model=name) from exc
     except Exception as exc:

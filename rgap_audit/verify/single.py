@@ -83,7 +83,7 @@ def verify_single(
         proj_in, _ = best_of(rec.projected, x)
     m_plain = image_metrics(x, plain_in) if plain_in is not None else None
     m_proj = image_metrics(x, proj_in) if proj_in is not None else None
-    confirmed, sentence = judge(report, rec, m_plain and m_plain.rel_error, m_proj and m_proj.rel_error)
+    confirmed, sentence = judge(report, rec, None if m_plain is None else m_plain.rel_error, None if m_proj is None else m_proj.rel_error)
     if confirmed is False and any(s.rows_lost for s in rec.layers):
         sentence += (
             " The analysis takes ReLU activation patterns as known, as R-GAP does; this attack knows a pattern only "
