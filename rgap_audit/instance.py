@@ -114,9 +114,12 @@ class Instance:
         return build_layer_graph(gm)
 
 
-def record(graph: LayerGraph, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Recorded:
+def record(
+    graph: LayerGraph, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None
+) -> Recorded:
     """Run the graph on x and backpropagate loss_fn(output): node values, dL/d(output) per node, every
-    fx node's value and the parameter gradients, from one forward and one backward pass."""
+    fx node's value and the parameter gradients, from one forward and one backward pass. Without a
+    loss (values only) there is no backward pass and the gradients are empty."""
     values: dict[str, torch.Tensor] = {}
     env: dict[str, Any] = {}
     keep = set(graph.graph.nodes)
@@ -138,6 +141,10 @@ def record(graph: LayerGraph, x: torch.Tensor, loss_fn: Callable[[torch.Tensor],
     params = [(n, p) for n, p in graph.gm.named_parameters() if p.requires_grad]
     for _, p in params:
         p.grad = None
+    if loss_fn is None:
+        with torch.no_grad():
+            _Recorder(graph.gm).run(x.detach())
+        return Recorded({k: v.detach() for k, v in values.items()}, {}, env, {})
     out = _Recorder(graph.gm).run(x)
     loss_fn(out).backward()
     grads = {}
@@ -158,11 +165,12 @@ def seeded_input(loaded: LoadedModel, shape: tuple[int, ...], batch: int, gen: t
     return torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
 
 
-def build_instance(loaded: LoadedModel, options: AuditOptions) -> Instance:
+def build_instance(loaded: LoadedModel, options: AuditOptions, gradients: bool = True) -> Instance:
     """Trace the model once and run the seeded client instance: input, labels, values, gradients.
 
     The input is drawn first from a generator seeded with `options.seed`, then the labels from the
-    same generator, so `--verify` and `--identifiability` see the instance the audit ranked.
+    same generator, so `--verify` and `--identifiability` see the instance the audit ranked. Without
+    `gradients` only the forward pass runs (values and constants; no dL/d anything).
     """
     t0 = time.perf_counter()
     shape = options.input_shape or loaded.input_shape
@@ -186,7 +194,7 @@ def build_instance(loaded: LoadedModel, options: AuditOptions) -> Instance:
     except ValueError as exc:
         raise AuditError(str(exc), loaded.file, loaded.name) from exc
     labels = make_labels(loss, batch, out_features, gen)
-    rec = record(graph, x, lambda out: loss_value(loss, out, labels))
+    rec = record(graph, x, (lambda out: loss_value(loss, out, labels)) if gradients else None)
     notes = list(gm.meta.get("rgap_warnings", []))
     method = gm.meta.get("rgap_trace", {}).get("method")
     if method and method != "torch.fx":
@@ -215,4 +223,4 @@ def bare_instance(model: torch.nn.Module, input_shape: tuple[int, ...], name: st
     from the output size. Used by `rgap_audit.attack.reconstruct`, whose gradients come from the caller:
     only the traced graph, its shapes and the constants of the run matter there."""
     loaded = LoadedModel(file="<api>", name=name or type(model).__name__, module=model, input_shape=tuple(input_shape))
-    return build_instance(loaded, AuditOptions())
+    return build_instance(loaded, AuditOptions(), gradients=False)

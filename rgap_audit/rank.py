@@ -992,23 +992,32 @@ def _forward_solution(
 
 def _gradient_solution(spec: ConvSpec, rhs: SystemRHS, blocks: dict, chan_keys: list, classes: list, n: int) -> np.ndarray:
     """K^+ dW, block by block (each residue block's rank-r SVD): the part of x the gradient rows fix,
-    as (N, C_in, S) with the entries outside every block's columns (known inputs) at 0."""
+    as (N, C_in, S) with the entries outside every block's columns (known inputs) at 0. Channels that
+    share a block are solved together (one product with all their right-hand sides)."""
     cin, g_cnt = spec.in_channels, spec.groups
     cig, cog = cin // g_cnt, spec.out_channels // g_cnt
     s_sp = int(np.prod(spec.in_spatial, dtype=np.int64))
     dw = rhs.dw.detach().to(torch.float64).reshape(spec.out_channels, cig, *spec.kernel).cpu().numpy()
     xc = np.zeros((cin, n * s_sp))
+    sharing: dict[tuple, list[int]] = {}
     for c in range(cin):
-        g, lc = c // cig, c % cig
-        wg = dw[g * cog : (g + 1) * cog, lc]
-        for key, cl in zip(chan_keys[c], classes):
-            b = blocks[key]
-            assert b.pinv is not None
-            u, sv, vt = b.pinv
-            if not sv.size:
-                continue
-            rows = (wg[(slice(None), *np.ix_(*cl.us))] if cl.us else wg).reshape(-1) / b.scale
-            xc[c, b.cols] = vt.T @ ((u.T @ rows) / sv)
+        for ci, key in enumerate(chan_keys[c]):
+            sharing.setdefault((ci, key), []).append(c)
+    for (ci, key), chans in sharing.items():
+        b = blocks[key]
+        assert b.pinv is not None
+        u, sv, vt = b.pinv
+        if not sv.size:
+            continue
+        g = chans[0] // cig
+        local = np.asarray(chans) - g * cig
+        wg = dw[g * cog : (g + 1) * cog][:, local]  # (cog, nch, *kernel)
+        cl = classes[ci]
+        if cl.us:
+            wg = wg[(slice(None), slice(None), *np.ix_(*cl.us))]
+        rows = np.moveaxis(wg, 1, -1).reshape(-1, len(chans)) / b.scale  # (rows of the block, nch)
+        sol = vt.T @ ((u.T @ rows) / sv[:, None])  # (cols of the block, nch)
+        xc[np.ix_(chans, b.cols)] = sol.T
     return xc.reshape(cin, n, s_sp).transpose(1, 0, 2).copy()
 
 

@@ -267,7 +267,7 @@ def _count_given_pattern(ctx: _Context, steps: list[LayerStep], states: list[_St
     the one the attacker ends with: the forward pass of its recovered input."""
     if x is None:
         return
-    values = record(ctx.lg, x.reshape(1, *ctx.input_shape), lambda out: out.sum()).values
+    values = record(ctx.lg, x.reshape(1, *ctx.input_shape), None).values
     nulls = {st.layer: st.null for st in states}
     for step in steps:
         null = nulls.get(step.node)
@@ -521,10 +521,8 @@ def reconstruct(
     Raises AuditError (one line) on bad input: unsupported loss or head, missing, misshapen or non-finite
     gradients, a true input of the wrong shape.
     """
-    if loss not in LOSSES:
+    if loss not in LOSSES:  # before the model is traced
         raise AuditError(f"unsupported loss {loss!r} for reconstruction; supported: {', '.join(LOSSES)}")
-    if variant not in ("auto", "plain"):
-        raise AuditError(f"unknown variant {variant!r}: 'auto' or 'plain'")
     with single_thread():
         inst = bare_instance(model, tuple(input_shape))
         return attack_graph(inst.graph, inst.env, gradients, input_shape, loss, label=label, true_input=true_input, variant=variant)
@@ -553,7 +551,7 @@ def attack_graph(
             if tx.numel() != math.prod(ctx.input_shape):
                 raise AuditError(f"true input has shape {tuple(tx.shape)}, the model takes {ctx.input_shape}")
             tx = tx.reshape(1, *ctx.input_shape)
-            values = record(ctx.lg, tx, lambda out: out.sum()).values
+            values = record(ctx.lg, tx, None).values
             truth = {n: values[ctx.lg.data_args(n)[0]] for n in ctx.lg.weighted()}
             truth["__input__"] = tx
         head, _ = ctx.head_node()
