@@ -773,10 +773,15 @@ def layer_rank(
     class_cols = [(nn_idx + cl.tflat[None, :]).ravel() for cl in classes]  # (n, t) coords
     chan_keys: list[tuple] = []  # per channel: tuple of block keys
     plan: dict[tuple, tuple[int, int, np.ndarray | None]] = {}  # key -> (group, class, kept column positions)
-    upper_k = 0
+    upper_k = upper_k_channel = 0
     for c in range(cin):
         g = c // cig
+        if known_np is None and c % cig:  # no masks: every channel of a group has its group's blocks
+            chan_keys.append(chan_keys[-1])
+            upper_k += upper_k_channel
+            continue
         keys: list[tuple] = []
+        upper_k_channel = 0
         for ci, cl in enumerate(classes):
             keep: np.ndarray | None
             key: tuple
@@ -790,8 +795,9 @@ def layer_rank(
             if key not in plan:
                 plan[key] = (g, ci, keep)
             ncols = class_cols[ci].size if keep is None else keep.size
-            upper_k += min(cog * cl.n_rows_per_out, ncols)
+            upper_k_channel += min(cog * cl.n_rows_per_out, ncols)
             keys.append(key)
+        upper_k += upper_k_channel
         chan_keys.append(tuple(keys))
     d_min = unknowns - upper_k
     # ---- the forward rows alone, when they are entries of z and K cannot settle the layer by itself:
@@ -832,8 +838,11 @@ def layer_rank(
             b, cols = b[:, keep], cols[keep]
         blocks[key] = _solve_block(b, cols, need_z or (solving and proof is None), exact_limit, factors=solving and proof is None)
 
-    rank_k_lo = sum(blocks[key].lower for keys in chan_keys for key in keys)
-    rank_k_hi = sum(blocks[key].upper for keys in chan_keys for key in keys)
+    key_counts: dict[tuple, int] = {}
+    for keys_c in chan_keys:
+        key_counts[keys_c] = key_counts.get(keys_c, 0) + 1
+    rank_k_lo = sum(cnt * sum(blocks[key].lower for key in keys_c) for keys_c, cnt in key_counts.items())
+    rank_k_hi = sum(cnt * sum(blocks[key].upper for key in keys_c) for keys_c, cnt in key_counts.items())
     k_exact = all(b.rank is not None for b in blocks.values())
     rank_k = rank_k_lo if k_exact else None
     rels = [b.rel for b in blocks.values() if b.rel is not None]
