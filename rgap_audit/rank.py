@@ -221,7 +221,7 @@ def _tol_rank(s: np.ndarray, shape: tuple[int, int], scale: float = 0.0, amp: fl
     return r, (float(s[r - 1] / ref) if r else None)
 
 
-def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> float | None:
+def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0, gram: np.ndarray | None = None) -> float | None:
     """sigma_min / reference when the Gram matrix G proves a has full rank min(shape), else None.
 
     Proof: a Cholesky factorisation of G - tau I with tau = floor * reference^2 succeeds, so every
@@ -229,10 +229,10 @@ def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> floa
     Gram's rounding (~n eps in lambda) and 100 times the rank tolerance of _tol_rank. Small G are
     simply diagonalised; for large ones a Cholesky is ~4x cheaper than an eigen-decomposition and
     the extreme eigenvalues (hence the reported sigma_min / reference) come from Lanczos (ARPACK,
-    relative accuracy 1e-4) on G and on (G - tau I)^-1 through the factor.
+    relative accuracy 1e-4) on G and on (G - tau I)^-1 through the factor. `gram`: G when the caller has it.
     """
     m, n = a.shape
-    g = a.T @ a if m >= n else a @ a.T
+    g = gram if gram is not None else (a.T @ a if m >= n else a @ a.T)
     size = g.shape[0]
     floor = max(_GRAM_SAFE, (100.0 * max(m, n) * _EPS * amp) ** 2)
     if size <= 4 * _GRAM_MIN:
@@ -274,7 +274,7 @@ class _GapRank:
     null: np.ndarray  # (n, n - rank) orthonormal basis of the certified null directions
 
 
-def _gram_gap(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> _GapRank | None:
+def _gram_gap(a: np.ndarray, scale: float = 0.0, amp: float = 1.0, gram: np.ndarray | None = None) -> _GapRank | None:
     """The SVD rule's rank (_tol_rank) from the eigendecomposition of G = a^T a, when it can be certified.
 
     G's computed eigenvalues are within delta = 10 (m + n) eps ref^2 of the true sigma^2 (Weyl), so an
@@ -282,10 +282,11 @@ def _gram_gap(a: np.ndarray, scale: float = 0.0, amp: float = 1.0) -> _GapRank |
     the eigenvalues below 1e2 delta span directions with |a V_s| measured directly (an SVD of a V_s): when
     it is below the tolerance, at least dim V_s singular values are (minimax). Both together give the
     rank exactly; any eigenvalue in between, or |a V_s| at or above the tolerance, returns None (the
-    caller takes the SVD of a itself). Costs a Gram, an eigendecomposition and a thin SVD instead of a's SVD.
+    caller takes the SVD of a itself). Costs a Gram (`gram`, when the caller has it), an eigendecomposition
+    and a thin SVD instead of a's SVD.
     """
     m, n = a.shape
-    g = a.T @ a
+    g = gram if gram is not None else a.T @ a
     lam, vec = sla.eigh(g, driver="evd", check_finite=False)
     ref2 = max(float(lam[-1]) if lam.size else 0.0, scale * scale)
     if ref2 <= 0:
@@ -339,10 +340,11 @@ def _rank_null(
         r, rel = _rank_values(a, scale, amp)
         return r, rel, None
     if m >= n >= _GRAM_MIN:
-        rel = _gram_full_rank(a, scale, amp)
+        g = a.T @ a
+        rel = _gram_full_rank(a, scale, amp, gram=g)
         if rel is not None:
             return n, rel, np.zeros((n, 0))
-        gap = _gram_gap(a, scale, amp)
+        gap = _gram_gap(a, scale, amp, gram=g)
         if gap is not None:
             return gap.rank, gap.rel, gap.null
     _u, s, vt = np.linalg.svd(a, full_matrices=m < n)
@@ -415,6 +417,7 @@ class ForwardProof:
     tau: float
     carried: np.ndarray | None = None  # Q, the carried directions of the rows
     woodbury: tuple[np.ndarray, object] | None = None  # ((F^T F - tau I)^{-1} F^T Q, Cholesky of the capacitance)
+    angles: tuple[np.ndarray, tuple] | None = None  # (N, SVD of N^T Q): N an orthonormal basis of range(F)^perp
 
     def inverse(self, v: np.ndarray) -> np.ndarray:
         """(F^T P F - tau I)^{-1} v, P = I - Q Q^T (Woodbury through the capacitance)."""
@@ -424,12 +427,114 @@ class ForwardProof:
             out = out + w @ sla.cho_solve(cap, w.T @ v, check_finite=False)
         return out
 
+    def solve(self, zr: np.ndarray) -> np.ndarray:
+        """argmin_x ||P (F x - zr)||.
+
+        With the left null space N of F (`angles`): F x = zr + Q a needs N^T (zr + Q a) = 0, so a is a
+        least-squares solve with the small N^T Q and x = F^+ (zr + Q a), the pair refined twice on its
+        residual. Otherwise refinement on F^T P F through `inverse`: each step shrinks the error by
+        tau / (lambda_min - tau)."""
+        fs, q = self.operator, self.carried
+        if self.angles is not None and q is not None:
+            return self._solve_by_angles(zr)
+
+        def apply(v: np.ndarray) -> np.ndarray:  # F^T P F v
+            fv = np.asarray(fs @ v).reshape(-1)
+            if q is not None:
+                fv = fv - q @ (q.T @ fv)
+            return np.asarray(fs.T @ fv).reshape(-1)
+
+        if q is not None:
+            zr = zr - q @ (q.T @ zr)
+        b = np.asarray(fs.T @ zr).reshape(-1)
+        x = self.inverse(b)
+        for _ in range(8):
+            step = self.inverse(b - apply(x))
+            x = x + step
+            if np.linalg.norm(step) <= 1e-15 * np.linalg.norm(x):
+                break
+        return x
+
+    def _solve_by_angles(self, zr: np.ndarray) -> np.ndarray:
+        assert self.angles is not None and self.carried is not None
+        fs, q = self.operator, self.carried
+        nb, (u, sv, vt) = self.angles
+
+        def once(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            a = -(vt.T @ ((u.T @ (nb.T @ r)) / sv))
+            return _refined_normal_solve(fs, self.factor, np.asarray(fs.T @ (r + q @ a)).reshape(-1)), a
+
+        x, a = once(zr)
+        for _ in range(2):
+            dx, da = once(zr + q @ a - np.asarray(fs @ x).reshape(-1))
+            x, a = x + dx, a + da
+        return x
+
+
+_LEFT_NULL_MAX = 1 << 24  # entries of the cached basis of range(F)^perp (128 MiB)
+
+
+def _operator_key(fs) -> tuple:
+    """A cache key for one sparse forward operator (its pattern and values)."""
+    return (fs.shape, fs.nnz, hash(fs.indices.tobytes()), hash(fs.data.tobytes()))
+
+
+def _refined_normal_solve(fs, lu, b: np.ndarray, steps: int = 2) -> np.ndarray:
+    """(F^T F)^{-1} b from the factor of F^T F - tau I, refined `steps` times."""
+    x = lu.solve(b)
+    for _ in range(steps):
+        x = x + lu.solve(b - fs.T @ (fs @ x))
+    return x
+
+
+def _principal_angles(fs, lu, tau: float, carried: np.ndarray, cache: dict) -> tuple[np.ndarray, tuple] | None:
+    """Prove F^T P F > tau I through the angles between range(F) and the carried directions Q.
+
+    For unit-norm Q columns and N an orthonormal basis of range(F)^perp, sigma_min(P F) >= sigma_min(F) *
+    sigma_min(N^T Q) (sigma_min(N^T Q) is the sine of the smallest angle between range(F) and range(Q)).
+    N and a proven lam <= lambda_min(F^T F) (positive pivots of F^T F - lam I, lam half a Lanczos
+    estimate) are computed once per operator and kept in `cache`; each call then costs one product
+    N^T Q and its SVD instead of a factor solve per carried direction. Returns (N, SVD of N^T Q) when
+    lam * sigma_min(N^T Q)^2 > tau, else None (the caller decides by the capacitance instead).
+    """
+    import scipy.sparse as sp
+
+    key = ("left-null", *_operator_key(fs))
+    if key not in cache:
+        m, c = fs.shape
+        r = np.random.default_rng(1).standard_normal((m, m - c))
+        w = r - fs @ _refined_normal_solve(fs, lu, np.asarray(fs.T @ r), steps=1)
+        nb = np.linalg.qr(w)[0]
+        op = spla.LinearOperator((c, c), matvec=lu.solve, dtype=np.float64)
+        lam = tau
+        try:
+            mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(c), return_eigenvectors=False)[0])
+        except spla.ArpackNoConvergence:
+            mu = 0.0
+        if mu > 0 and 0.5 / mu > tau:
+            shifted = ((fs.T @ fs) - (0.5 / mu) * sp.identity(c, format="csc")).tocsc()
+            try:
+                low = spla.splu(shifted, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            except (RuntimeError, MemoryError):
+                pass
+            else:
+                if np.array_equal(low.perm_r, low.perm_c) and bool((low.U.diagonal() > 0).all()):
+                    lam = 0.5 / mu
+        cache[key] = (nb, lam)
+    nb, lam = cache[key]
+    if nb.shape[1] < carried.shape[1]:
+        return None
+    u, sv, vt = np.linalg.svd(nb.T @ carried, full_matrices=False)
+    if not sv.size or lam * float(sv[-1]) ** 2 <= tau:
+        return None
+    return nb, (u, sv, vt)
+
 
 def _base_factor(fs, cache: dict | None):
     """lambda_max of F^T F and the symmetric factor of F^T F - tau I, or why it fails (kept in `cache`)."""
     import scipy.sparse as sp
 
-    key = ("forward-ldl", fs.shape, fs.nnz, hash(fs.indices.tobytes()), hash(fs.data.tobytes()))
+    key = ("forward-ldl", *_operator_key(fs))
     if cache is not None and key in cache:
         return cache[key]
     m, c = fs.shape
@@ -497,6 +602,12 @@ def forward_full_rank(
     lu, tau, ref2, floor = base
     proof = ForwardProof(rel=math.sqrt(floor), factor=lu, operator=fs, tau=tau)
     d = 0 if carried is None else carried.shape[1]
+    if carried is not None and d and cache is not None and not measure and m * (m - c) <= _LEFT_NULL_MAX:
+        angles = _principal_angles(fs, lu, tau, carried, cache)
+        if angles is not None:
+            proof.carried, proof.angles = carried, angles
+            proof.rel = math.sqrt(cache[("left-null", *_operator_key(fs))][1] / ref2) * float(angles[1][1][-1])
+            return proof
     if d:
         u = np.asarray(fs.T @ carried)  # (c, d)
         w = lu.solve(u)
@@ -969,28 +1080,11 @@ def _forward_solution(
     spec: ConvSpec, fwd: ForwardInfo, rhs: SystemRHS | None, proof: ForwardProof, known_np: np.ndarray | None, n: int
 ) -> np.ndarray:
     """The least-squares x of the forward rows alone (carried directions projected out), by the proof's
-    factor of F^T P F - tau I with refinement: each step shrinks the error by tau / (lambda_min - tau)."""
+    factors (ForwardProof.solve), placed among the known inputs."""
     assert rhs is not None and rhs.z is not None and fwd.entries is not None
     rows_idx, _ = fwd.entries
-    q = proof.carried
     zr = rhs.z.detach().to(torch.float64).reshape(-1).cpu().numpy()[rows_idx]
-    if q is not None:
-        zr = zr - q @ (q.T @ zr)
-    fs = proof.operator
-
-    def apply(v: np.ndarray) -> np.ndarray:  # F^T P F v
-        fv = np.asarray(fs @ v).reshape(-1)
-        if q is not None:
-            fv = fv - q @ (q.T @ fv)
-        return np.asarray(fs.T @ fv).reshape(-1)
-
-    b = np.asarray(fs.T @ zr).reshape(-1)
-    x = proof.inverse(b)
-    for _ in range(8):
-        step = proof.inverse(b - apply(x))
-        x = x + step
-        if np.linalg.norm(step) <= 1e-15 * np.linalg.norm(x):
-            break
+    x = proof.solve(zr)
     full = np.zeros(n * spec.n_in)
     if known_np is None:
         full[:] = x
@@ -1064,15 +1158,15 @@ def _reduced_solve(
     top = float(np.abs(a).max())
     a_s, r_s, scale = a / top, r / top, scale / top
     if m >= n >= _GRAM_MIN:
-        rel = _gram_full_rank(a_s, scale, amp)
+        g = a_s.T @ a_s
+        rel = _gram_full_rank(a_s, scale, amp, gram=g)
         if rel is not None:
-            g = a_s.T @ a_s
             factor = sla.cho_factor(g, lower=True, check_finite=False)
             y = sla.cho_solve(factor, a_s.T @ r_s, check_finite=False)
             for _ in range(2):
                 y = y + sla.cho_solve(factor, a_s.T @ (r_s - a_s @ y), check_finite=False)
             return n, rel, np.zeros((n, 0)), y
-        gap = _gram_gap(a_s, scale, amp)
+        gap = _gram_gap(a_s, scale, amp, gram=g)
         if gap is not None:
             vk, lk = gap.kept, gap.kept_lam
             y = vk @ ((vk.T @ (a_s.T @ r_s)) / lk)

@@ -176,3 +176,40 @@ def test_reduced_least_squares_tall_and_wide(shape):
     rank, _rel, null, y = _reduced_solve(A.numpy(), r.numpy(), True, 0.0, 1.0)
     assert torch.allclose(torch.from_numpy(y), torch.linalg.pinv(A) @ r, atol=1e-9)
     assert rank == inner and null.shape[1] == n - inner and float(np.linalg.norm(A.numpy() @ null)) < 1e-9
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_forward_proof_with_carried_directions_by_angles_and_by_capacitance(inside):
+    """The two proofs that F^T P F > tau I (P projects out carried directions Q): the principal-angle
+    route (kept left null space, used across the attack's passes) and the capacitance (Woodbury). Both
+    must agree with a dense SVD of P F, and solve min ||P (F x - z)|| as a dense least-squares does.
+    inside: one carried direction lies in range(F), so P F loses a column: neither may prove it."""
+    from rgap_audit import rank
+
+    spec = _conv(2, 2, 6, 3, 1, 1, 1, 1, 8, 5)
+    gen = torch.Generator().manual_seed(6)
+    fs = sparse_forward(spec, 1).tocsr()
+    m, c = fs.shape
+    rows = np.arange(m)
+    q = torch.randn(m, 12, generator=gen, dtype=torch.float64).numpy()
+    if inside:
+        q[:, 0] = fs @ np.random.default_rng(0).standard_normal(c)
+    q = np.linalg.qr(q)[0]
+    f_dense = fs.toarray()
+    pf = f_dense - q @ (q.T @ f_dense)
+    s_pf = np.linalg.svd(pf, compute_uv=False)
+    s_f = np.linalg.svd(f_dense, compute_uv=False)
+    zr = np.random.default_rng(1).standard_normal(m)
+    x_ref = np.linalg.lstsq(pf, zr - q @ (q.T @ zr), rcond=None)[0]
+    by_angles = rank.forward_full_rank(spec, 1, rows, carried=q, cache={}, measure=False)
+    by_cap = rank.forward_full_rank(spec, 1, rows, carried=q, cache=None, measure=False)
+    if inside:
+        assert s_pf[-1] / s_f[0] < 1e-10
+        assert isinstance(by_angles, str) and isinstance(by_cap, str)
+        return
+    assert isinstance(by_angles, rank.ForwardProof) and isinstance(by_cap, rank.ForwardProof)
+    assert by_angles.angles is not None and by_cap.angles is None
+    assert by_angles.rel <= s_pf[-1] / s_f[0]  # a lower bound on sigma_min(P F) / sigma_max(F)
+    for proof in (by_angles, by_cap):
+        x = proof.solve(zr)
+        assert np.linalg.norm(x - x_ref) < 1e-10 * np.linalg.norm(x_ref)
