@@ -2,9 +2,11 @@
 
 Python API (notebooks, tests)::
 
-    from rgap_audit import audit, reconstruct
+    from rgap_audit import audit, audit_model, reconstruct
+    from rgap_audit.verify import settle, verify
     report = audit(model, (3, 32, 32))          # static rank analysis -> ModelReport
-    rec = reconstruct(model, grads, (3, 32, 32), "logistic")   # closed-form R-GAP attack
+    result = verify(audit_model(model, (3, 32, 32)))   # --verify: the attack on the audited instance
+    rec = reconstruct(model, grads, (3, 32, 32), "logistic")   # closed-form R-GAP attack on given gradients
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "audit", "identifiability", "reconstruct"]
+__all__ = ["__version__", "audit", "audit_model", "identifiability", "reconstruct"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rgap_audit.analysis import audit
+    from rgap_audit.analysis import audit, audit_model
     from rgap_audit.attack import reconstruct
     from rgap_audit.identifiability import identifiability
 
 
 def __getattr__(name: str) -> Any:
     """Import the heavy entry points (torch, scipy) only when they are used."""
-    if name == "audit":
-        from rgap_audit.analysis import audit
+    if name in ("audit", "audit_model"):
+        from rgap_audit import analysis
 
-        return audit
+        return getattr(analysis, name)
     if name == "reconstruct":
         from rgap_audit.attack import reconstruct
 

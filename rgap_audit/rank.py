@@ -495,39 +495,55 @@ def _principal_angles(fs, lu, tau: float, carried: np.ndarray, cache: dict) -> t
     N and a proven lam <= lambda_min(F^T F) (positive pivots of F^T F - lam I, lam half a Lanczos
     estimate) are computed once per operator and kept in `cache`; each call then costs one product
     N^T Q and its SVD instead of a factor solve per carried direction. Returns (N, SVD of N^T Q) when
-    lam * sigma_min(N^T Q)^2 > tau, else None (the caller decides by the capacitance instead).
+    lam * (sigma_min(N^T Q) - leak)^2 > tau, else None (the caller decides by the capacitance instead).
     """
-    import scipy.sparse as sp
-
     key = ("left-null", *_operator_key(fs))
     if key not in cache:
-        m, c = fs.shape
-        r = np.random.default_rng(1).standard_normal((m, m - c))
-        w = r - fs @ _refined_normal_solve(fs, lu, np.asarray(fs.T @ r), steps=1)
-        nb = np.linalg.qr(w)[0]
-        op = spla.LinearOperator((c, c), matvec=lu.solve, dtype=np.float64)
-        lam = tau
-        try:
-            mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(c), return_eigenvectors=False)[0])
-        except spla.ArpackNoConvergence:
-            mu = 0.0
-        if mu > 0 and 0.5 / mu > tau:
-            shifted = ((fs.T @ fs) - (0.5 / mu) * sp.identity(c, format="csc")).tocsc()
-            try:
-                low = spla.splu(shifted, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-            except (RuntimeError, MemoryError):
-                pass
-            else:
-                if np.array_equal(low.perm_r, low.perm_c) and bool((low.U.diagonal() > 0).all()):
-                    lam = 0.5 / mu
-        cache[key] = (nb, lam)
-    nb, lam = cache[key]
+        cache[key] = _left_null(fs, lu, tau)
+    nb, lam, leak = cache[key]
     if nb.shape[1] < carried.shape[1]:
         return None
     u, sv, vt = np.linalg.svd(nb.T @ carried, full_matrices=False)
-    if not sv.size or lam * float(sv[-1]) ** 2 <= tau:
+    if not sv.size or lam * max(float(sv[-1]) - leak, 0.0) ** 2 <= tau:
         return None
     return nb, (u, sv, vt)
+
+
+def _left_null(fs, lu, tau: float) -> tuple[np.ndarray, float, float]:
+    """(N, lam, leak): N an orthonormal basis of range(F)^perp, lam <= lambda_min(F^T F) proven by the
+    positive pivots of F^T F - lam I (lam half a Lanczos estimate; tau when that fails), and leak >=
+    |U_F^T N| (U_F an orthonormal basis of range F) from |F^T N| <= leak sqrt(lam): how far N is from
+    exact, which shifts every singular value of N^T Q by at most that much."""
+    import scipy.sparse as sp
+
+    m, c = fs.shape
+    op = spla.LinearOperator((c, c), matvec=lu.solve, dtype=np.float64)
+    lam = tau
+    try:
+        mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(c), return_eigenvectors=False)[0])
+    except spla.ArpackNoConvergence:
+        mu = 0.0
+    if mu > 0 and 0.5 / mu > tau:
+        shifted = ((fs.T @ fs) - (0.5 / mu) * sp.identity(c, format="csc")).tocsc()
+        try:
+            low = spla.splu(shifted, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        except (RuntimeError, MemoryError):
+            pass
+        else:
+            if np.array_equal(low.perm_r, low.perm_c) and bool((low.U.diagonal() > 0).all()):
+                lam = 0.5 / mu
+    try:  # the projection onto range(F)^perp with the unshifted factor: rounding error only
+        proj = spla.splu((fs.T @ fs).tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    except (RuntimeError, MemoryError):
+        proj = lu
+    nb = np.random.default_rng(1).standard_normal((m, m - c))
+    leak = math.inf
+    for _ in range(3):  # one projection is usually enough
+        nb = np.linalg.qr(nb - fs @ proj.solve(np.asarray(fs.T @ nb)))[0]
+        leak = float(np.linalg.norm(np.asarray(fs.T @ nb))) / math.sqrt(lam)
+        if leak <= 1e-8:
+            break
+    return nb, lam, leak
 
 
 def _base_factor(fs, cache: dict | None):
@@ -606,7 +622,8 @@ def forward_full_rank(
         angles = _principal_angles(fs, lu, tau, carried, cache)
         if angles is not None:
             proof.carried, proof.angles = carried, angles
-            proof.rel = math.sqrt(cache[("left-null", *_operator_key(fs))][1] / ref2) * float(angles[1][1][-1])
+            _nb, lam, leak = cache[("left-null", *_operator_key(fs))]
+            proof.rel = math.sqrt(lam / ref2) * (float(angles[1][1][-1]) - leak)
             return proof
     if d:
         u = np.asarray(fs.T @ carried)  # (c, d)

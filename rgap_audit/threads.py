@@ -9,22 +9,29 @@ threadpoolctl (the library scikit-learn uses for this) sets the limits of every 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
+
+
+@functools.cache
+def _controller() -> ThreadpoolController:
+    """The loaded BLAS/OpenMP libraries, scanned once (a scan reads /proc/self/maps: ~3 ms a call)."""
+    import numpy  # noqa: F401  (load numpy's and scipy's BLAS so that their pools are limited too)
+    import scipy.linalg  # noqa: F401
+
+    return ThreadpoolController()
 
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Limit BLAS/OpenMP pools and torch's intra-op threads to 1, restoring them afterwards."""
-    import numpy  # noqa: F401  (load numpy's and scipy's BLAS so that their pools are limited too)
-    import scipy.linalg  # noqa: F401
-
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1):
+        with _controller().limit(limits=1):
             yield
     finally:
         torch.set_num_threads(prev)

@@ -200,3 +200,25 @@ def test_verify_reports_the_projected_variant_for_a_deficient_layer():
     # the pattern below the deficient layer is estimated (not given) and settles: the input comes back
     assert out.projected.rel_error < 1e-8
     assert out.confirmed is True and "projected" in out.summary
+
+
+def test_python_api_audit_model_then_verify_matches_the_attack_run_by_hand():
+    """rgap_audit.audit_model keeps the instance for rgap_audit.verify.verify: its report is audit()'s,
+    and the verification's error is that of reconstruct() on the instance's own client gradient."""
+    import rgap_audit
+    from rgap_audit.losses import client_gradient
+
+    torch.manual_seed(0)
+    model = fcn3()
+    got = rgap_audit.audit_model(model, (1, 28, 28), seed=3)
+    ref = rgap_audit.audit(model, (1, 28, 28), seed=3)
+    assert [(r.node, r.rank, r.deficit) for r in got.report.layers] == [(r.node, r.rank, r.deficit) for r in ref.layers]
+    result = verify_audit(got)
+    inst = got.instance
+    x = inst.x.detach().to(torch.float64)
+    grads = client_gradient(model, x, inst.loss, inst.labels)
+    rec = rgap_audit.reconstruct(model, grads, (1, 28, 28), inst.loss)
+    by_hand = float((rec.best().input.reshape(x.shape) - x).norm() / x.norm())
+    assert result.rel_error is not None and result.rel_error < 1e-10
+    assert by_hand < 1e-10
+    assert settle(got.report.verdict, result).status == got.report.verdict.status  # confirmed, not changed

@@ -28,7 +28,7 @@ from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import ModelReport
 from rgap_audit.threads import single_thread
 
-__all__ = ["Audit", "LayerSystem", "Walker", "audit", "audit_instance", "audit_loaded"]
+__all__ = ["Audit", "LayerSystem", "Walker", "audit", "audit_instance", "audit_loaded", "audit_model"]
 
 
 @dataclass
@@ -74,6 +74,22 @@ def audit_loaded(loaded: LoadedModel, options: AuditOptions) -> ModelReport:
         return audit_instance(build_instance(loaded, options), options).report
 
 
+def audit_model(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 1,
+    loss: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> Audit:
+    """Python API: audit a model object and keep its instance and ranked systems (for `rgap_audit.verify`)."""
+    loaded = LoadedModel(file="<api>", name=name or type(model).__name__, module=model, input_shape=tuple(input_shape))
+    options = AuditOptions(batch_size=batch_size, loss=loss, seed=seed)
+    with single_thread():
+        return audit_instance(build_instance(loaded, options), options)
+
+
 def audit(
     model: torch.nn.Module,
     input_shape: tuple[int, ...],
@@ -84,5 +100,4 @@ def audit(
     name: str | None = None,
 ) -> ModelReport:
     """Python API: audit a model object directly (notebooks, tests)."""
-    loaded = LoadedModel(file="<api>", name=name or type(model).__name__, module=model, input_shape=tuple(input_shape))
-    return audit_loaded(loaded, AuditOptions(batch_size=batch_size, loss=loss, seed=seed))
+    return audit_model(model, input_shape, batch_size=batch_size, loss=loss, seed=seed, name=name).report
