@@ -339,16 +339,21 @@ def unpermute(s: Step, v: torch.Tensor, lead: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the two walks
-def above(lg: LayerGraph, lower: str, env: dict[str, Any]) -> Link:
+def above(lg: LayerGraph, lower: str, env: dict[str, Any], stops: dict[str, str] | None = None) -> Link:
     """From `lower`'s output up to the next weighted layer or the output (the analysis' direction).
 
     Passes every op with one data input, and joins whose output holds this input as a slice (cat,
     stack; the other branches held at their instance values); stops where the output feeds several
-    consumers or joins other branches in a sum or product.
+    consumers or joins other branches in a sum or product. `stops` maps the input cut of each joint
+    segment (rgap_audit.segments) to the segment's name: a link that reaches such a node ends there,
+    with the segment as its upper end.
     """
     link = Link(lower, None)
     cur = lower
     while True:
+        if stops is not None and cur in stops:
+            link.upper = stops[cur]
+            return link
         succ = lg.consumers(cur)
         if len(succ) != 1:
             link.cut = "its output feeds several consumers" if succ else "its output is not used"
@@ -398,15 +403,18 @@ def below(lg: LayerGraph, upper: str, env: dict[str, Any]) -> Link:
         node = source
 
 
-def input_chain(lg: LayerGraph, env: dict[str, Any]) -> tuple[str | None, list[Step], str]:
-    """From the model input down the data flow to the first weighted layer: (layer, steps, why not).
+def input_chain(lg: LayerGraph, env: dict[str, Any], stops: dict[str, str] | None = None) -> tuple[str | None, list[Step], str]:
+    """From the model input down the data flow to the first weighted layer or joint segment (`stops`,
+    as for `above`): (its name, steps, why not).
 
-    The layer is None when the input feeds several branches, joins another branch, or reaches the
+    The name is None when the input feeds several branches, joins another branch, or reaches the
     output without a weighted layer.
     """
     cur = lg.input_node
     steps: list[Step] = []
     while True:
+        if stops is not None and cur in stops:
+            return stops[cur], steps, ""
         succ = lg.consumers(cur)
         if len(succ) != 1:
             return None, steps, "the input feeds several branches"
@@ -420,3 +428,33 @@ def input_chain(lg: LayerGraph, env: dict[str, Any]) -> tuple[str | None, list[S
             return None, steps, f"the input joins another branch at {nxt}"
         steps.append(make_step(lg, nxt, cur, env))
         cur = nxt
+
+
+def region_function(lg: LayerGraph, start: str, nodes: tuple[str, ...], env: dict[str, Any]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The value of `start` -> the values of `nodes` (data-flow order), every other argument at its
+    instance value: a joint segment's own computation, weighted layers included (their weights fixed)."""
+    calls = []
+    for name in nodes:
+        gn = lg.node(name)
+        calls.append((name, gn.fx, gn.module))
+
+    def run(u: torch.Tensor) -> dict[str, torch.Tensor]:
+        local: dict[str, Any] = {start: u}
+
+        def sub(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: local[n.name] if n.name in local else env[n.name])
+
+        for name, fxn, mod in calls:
+            args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
+            if fxn.op == "call_module":
+                assert mod is not None
+                local[name] = mod(*args, **kwargs)
+            elif fxn.op == "call_method":
+                local[name] = getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
+            else:
+                target = fxn.target
+                assert callable(target)
+                local[name] = target(*args, **kwargs)
+        return {n: local[n] for n in nodes}
+
+    return run

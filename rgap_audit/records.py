@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 
 
 class Verdict(StrEnum):
@@ -124,6 +124,15 @@ class TokenLeak:
 
 
 @dataclass
+class SegmentRecord:
+    """A joint segment's row: the cut it is ranked over, the cut it ends at, its weighted layers."""
+
+    start: str  # fx node whose value is the segment's unknown
+    end: str  # fx node whose value leaves the segment
+    layers: list[str]  # its weighted layers (fx node names), output first
+
+
+@dataclass
 class LayerRecord:
     """One row of the walk (output first). Rank fields are None for rows that are not layers."""
 
@@ -161,6 +170,8 @@ class LayerRecord:
     param_rows: ParamRowsRecord | None = None
     span: BatchSpan | None = None
     tokens: TokenLeak | None = None
+    segment: SegmentRecord | None = None  # set on a joint segment's row (kind "segment")
+    in_segment: str | None = None  # a weighted layer inside a joint segment: the segment's name (its row decides)
 
     @property
     def is_layer(self) -> bool:

@@ -108,3 +108,96 @@ def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int
         null = scipy.linalg.null_space(np.vstack(blocks))
         deficits.append(0 if null.size == 0 else int(np.linalg.matrix_rank(null[: sizes[i]], tol=1e-8)))
     return deficits
+
+
+def dense_cut_deficits(gm: torch.fx.GraphModule, x: torch.Tensor, labels: torch.Tensor, loss: str, cuts: list[str]) -> dict[str, int]:
+    """Per cut node c (an fx node name of `gm`): input directions of c's value that no constraint at or
+    above c determines, from ONE dense system over c's value built by autograd alone.
+
+    Its rows: the weight gradient of every weighted module downstream of c, as a function of c's value
+    with each module's dL/dz held at the instance's (the R-GAP attacker's knowledge; ReLU and pooling
+    patterns fixed by linearising at the instance), what the loss reveals of the output (one sample: the
+    logits, up to a constant for cross-entropy), and unit rows on the entries of c that a ReLU-like
+    clip makes exactly zero (known constants given the pattern). Row blocks are scaled to norm 1.
+    deficit = columns - rank (SVD, the usual max(shape) * eps * sigma_max tolerance).
+    """
+    modules = dict(gm.named_modules())
+    weighted = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[str(n.target)], WEIGHTED)]
+    node_of = {n.name: n for n in gm.graph.nodes}
+    batch = x.shape[0]
+
+    class Run(torch.fx.Interpreter):
+        """Runs gm, optionally with one node's value replaced; records weighted outputs and weight gradients."""
+
+        def __init__(self, replace_at: str | None = None, value: torch.Tensor | None = None, ks: dict | None = None):
+            super().__init__(gm)
+            self.replace_at, self.value, self.ks = replace_at, value, ks
+            self.z: dict[str, torch.Tensor] = {}
+            self.vals: dict[str, torch.Tensor] = {}
+            self.dws: dict[str, torch.Tensor] = {}
+
+        def run_node(self, n):
+            if n.name == self.replace_at:
+                out = self.value
+            elif n.name in weighted and self.ks is not None and n.name in self.ks:
+                mod = modules[str(n.target)]
+                (a,) = self.map_nodes_to_values(n.args, n)
+                w = mod.weight.detach().clone().requires_grad_(True)
+                out = torch.func.functional_call(mod, {"weight": w}, (a,))
+                self.dws[n.name] = torch.autograd.grad((out * self.ks[n.name]).sum(), w, create_graph=True)[0]
+            else:
+                out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                self.vals[n.name] = out
+                if n.name in weighted:
+                    self.z[n.name] = out
+                    if out.requires_grad:
+                        out.retain_grad()
+            return out
+
+    base = Run()
+    out = base.run(x)
+    loss_value(loss, out, labels).backward()
+    ks = {n: z.grad.detach() for n, z in base.z.items() if z.grad is not None}
+    vals = {n: v.detach() for n, v in base.vals.items()}
+
+    def downstream(c: str) -> set[str]:
+        seen, todo = set(), [node_of[c]]
+        while todo:
+            for u in todo.pop().users:
+                if u.name not in seen:
+                    seen.add(u.name)
+                    todo.append(u)
+        return seen
+
+    result: dict[str, int] = {}
+    for c in cuts:
+        below = downstream(c)
+        layers = [n for n in weighted if n in below and n in ks]
+        u0 = vals[c]
+
+        def rows(u, layers=layers, c=c):
+            run = Run(c, u, {n: ks[n] for n in layers})
+            o = run.run(x)
+            return tuple(run.dws[n] for n in layers) + (o,)
+
+        jac = torch.autograd.functional.jacobian(rows, u0, vectorize=True)
+        blocks = [unit(j.reshape(-1, u0.numel()).detach().numpy()) for j in jac[:-1]]
+        if batch == 1:
+            j_out = jac[-1].reshape(-1, u0.numel()).detach().numpy()
+            if loss == "cross-entropy":
+                n_out = j_out.shape[0]
+                j_out = (np.eye(n_out) - np.ones((n_out, n_out)) / n_out) @ j_out
+            blocks.append(unit(j_out))
+        fn = node_of[c]
+        is_clip = (fn.op == "call_module" and isinstance(modules[str(fn.target)], nn.ReLU)) or fn.target in (torch.relu, torch.nn.functional.relu)
+        if is_clip:
+            zeros = np.flatnonzero(u0.reshape(-1).numpy() == 0)
+            eye = np.zeros((zeros.size, u0.numel()))
+            eye[np.arange(zeros.size), zeros] = 1.0
+            blocks.append(eye)
+        a = np.vstack([b for b in blocks if b.size])
+        s = np.linalg.svd(a, compute_uv=False)
+        tol = max(a.shape) * np.finfo(float).eps * (s[0] if s.size else 0.0)
+        result[c] = int(u0.numel() - (s > tol).sum())
+    return result

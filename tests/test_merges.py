@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rgap_audit.analysis import audit
+from oracles import dense_cut_deficits
+from rgap_audit.analysis import audit, audit_model
 
 
 class CatNet(nn.Module):
@@ -72,8 +73,16 @@ def test_concatenated_branches_get_forward_constraints_matching_dense_ranks():
             assert r.fwd_rows > 0 and "recovered" in r.chain_reason  # the chain passes the cat
             rank_k, rank_all = _dense_branch_rank(m, x, branch)
             assert (r.rank_grad, r.rank) == (rank_k, rank_all), (ca, cb, node)
-        # conv1's output feeds two branches: the walk says so instead of guessing
-        assert rows["conv1"].fwd_rows == 0 and "several consumers" in rows["conv1"].chain_reason
+        # conv1's output feeds two branches: the branches and the cat are one joint segment over act1's
+        # value, and conv1 below it gets the forward rows that segment leaves known
+        seg = next(r for r in rep.layers if r.kind == "segment")
+        assert seg.segment is not None and set(seg.segment.layers) == {"conv_a", "conv_b"}
+        assert rows["conv1"].fwd_rows > 0 and seg.node in rows["conv1"].chain_reason
+        checked = audit_model(m, (2, 6, 6))
+        inst = checked.instance
+        truth = dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, [seg.segment.start, inst.graph.input_node])
+        assert seg.deficit == truth[seg.segment.start], (ca, cb)
+        assert rows["conv1"].deficit == truth[inst.graph.input_node], (ca, cb)
     assert rows["cat"].verdict.value == "passes"
 
 

@@ -28,13 +28,14 @@ class ForwardSide:
     uncertain: tuple[int, int] | None  # bounds on the directions the layer above left undetermined (no basis)
 
 
-def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generator) -> ForwardSide:
+def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generator, z0: torch.Tensor | None = None) -> ForwardSide:
     """What the attacker knows about this layer's output z, and why; `uncertain` carries the (lower,
     upper) count of directions the layer above left undetermined when only bounds are known (then
-    ForwardInfo.rows is an upper bound and the caller turns the rank into bounds)."""
+    ForwardInfo.rows is an upper bound and the caller turns the rank into bounds). `name` may be a
+    joint segment (its link above starts at the segment's end, whose value is z0)."""
     lg = inst.graph
     link = state.above[name]
-    z0 = inst.values[name]
+    z0 = inst.values[name] if z0 is None else z0
     n_samples_z = z0.shape[0]
     if link.upper is None:
         return ForwardSide(ForwardInfo(none=True, rows=0), Chain.NONE, f"no forward constraints: {link.cut}", None)
@@ -58,7 +59,7 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
     else:
         upper = state.nulls.get(link.upper)
         unknown = upper if (upper is not None and upper.shape[1] > 0) else None
-        end_dims = ops.numel(lg.node(link.upper).in_shape or ())
+        end_dims = state.unit_size.get(link.upper) or ops.numel(lg.node(link.upper).in_shape or ())
         uncertain = state.carried.get(link.upper)
         if uncertain is not None:
             unknown = None

@@ -41,4 +41,6 @@ class WalkState:
     k_known: dict[str, bool] = field(default_factory=dict)  # dL/d(output) derivable by the attacker
     val_known: dict[str, bool] = field(default_factory=dict)  # the output value recovered by the attacker
     systems: dict[str, LayerSystem] = field(default_factory=dict)
+    stops: dict[str, str] = field(default_factory=dict)  # joint segment input cut -> segment name (links end there)
+    unit_size: dict[str, int] = field(default_factory=dict)  # joint segment -> entries of its input value
     warnings: list[str] = field(default_factory=list)

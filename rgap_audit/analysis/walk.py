@@ -19,6 +19,7 @@ import torch
 from rgap_audit import ops
 from rgap_audit.analysis.bounds import rank_given_uncertain_above
 from rgap_audit.analysis.forward import forward_side, known_inputs
+from rgap_audit.analysis.joint import InnerLayer, joint_rank
 from rgap_audit.analysis.probe import forward_probe
 from rgap_audit.analysis.rows import measure_param_rows
 from rgap_audit.analysis.state import LayerSystem, WalkState
@@ -26,7 +27,8 @@ from rgap_audit.instance import Instance
 from rgap_audit.links import above
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import layer_rank
-from rgap_audit.records import Basis, Chain, LayerRecord, Location, TokenLeak, Undetermined, Verdict
+from rgap_audit.records import Basis, Chain, LayerRecord, Location, SegmentRecord, TokenLeak, Undetermined, Verdict
+from rgap_audit.segments import Segment, joint_segments
 
 
 def location_of(loaded: LoadedModel | None, module_path: str | None) -> Location | None:
@@ -50,22 +52,36 @@ class Walker:
         self.options = options
         self.gen = torch.Generator().manual_seed(options.seed)
         self.state = WalkState(warnings=list(inst.notes))
+        self.segments = joint_segments(inst.graph)
+        self.by_start: dict[str, Segment] = {s.start: s for s in self.segments}
+        self.inner: dict[str, str] = {layer: s.name for s in self.segments for layer in s.layers}
+        self.state.stops = {s.start: s.name for s in self.segments}
+        self.recs: dict[str, LayerRecord] = {}
 
     def run(self) -> list[LayerRecord]:
         inst, state = self.inst, self.state
         lg = inst.graph
         state.k_known[lg.output_node] = inst.batch == 1
         for lower in lg.weighted():
-            link = above(lg, lower, inst.env)
+            link = above(lg, lower, inst.env, state.stops)
             state.above[lower] = link
+            leaves = lower in self.inner and self.inner.get(link.upper or "") != self.inner[lower]
+            if link.upper is not None and link.upper != lg.output_node and not leaves:
+                state.below[link.upper] = link
+        for seg in self.segments:  # a segment's link starts at its end cut
+            link = above(lg, seg.end, inst.env, state.stops)
+            state.above[seg.name] = link
+            state.unit_size[seg.name] = inst.values[seg.start].numel()
             if link.upper is not None and link.upper != lg.output_node:
                 state.below[link.upper] = link
-        records = []
-        for index, name in enumerate(lg.ops()):
+        records: list[LayerRecord] = []
+        for name in lg.ops():
+            if name in self.by_start:  # the segment above this cut first: it decides what is known of the cut's value
+                records.append(self._segment(self.by_start[name], len(records)))
             gn = lg.node(name)
             info = gn.info
             rec = LayerRecord(
-                index=index,
+                index=len(records),
                 node=name,
                 op=info.name,
                 kind=info.kind,
@@ -95,6 +111,9 @@ class Walker:
                         state.val_known[a] = True
             rec.seconds = time.perf_counter() - t0
             records.append(rec)
+            self.recs[name] = rec
+        if lg.input_node in self.by_start:
+            records.append(self._segment(self.by_start[lg.input_node], len(records)))
         return records
 
     # ------------------------------------------------------------------ what the attacker can derive
@@ -213,3 +232,126 @@ class Walker:
                 "; needs dL/dz, which rests on activation patterns above that the attacker cannot derive "
                 "in closed form (taken from the instance)"
             )
+        if name in self.inner:
+            rec.in_segment = self.inner[name]
+            rec.reason += f"; layer-wise only: inside joint segment {self.inner[name]}, whose joint rank decides what reaches the layer below"
+
+    # ------------------------------------------------------------------ joint segments
+    def _segment(self, seg: Segment, index: int) -> LayerRecord:
+        """One row for a branching segment: the joint system of its layers over the value of its input cut."""
+        t0 = time.perf_counter()
+        inst, state, lg = self.inst, self.state, self.inst.graph
+        u0 = inst.values[seg.start]
+        paths = [p for p in (lg.node(n).module_path for n in seg.layers) if p]
+        prefix = _common_prefix(paths)
+        rec = LayerRecord(
+            index=index,
+            node=seg.name,
+            op="segment",
+            kind=ops.SEGMENT,
+            module_path=prefix or None,
+            input_shape=list(u0.shape),
+            output_shape=list(inst.values[seg.end].shape),
+            location=location_of(inst.loaded, prefix or (paths[-1] if paths else None)),
+            segment=SegmentRecord(start=seg.start, end=seg.end, layers=list(seg.layers)),
+        )
+        inner: list[InnerLayer] = []
+        for name in seg.layers:
+            try:
+                spec = lg.conv_spec(name)
+            except (ValueError, TypeError) as exc:
+                rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
+                rec.reason = f"joint segment with a layer that cannot be normalised ({name}: {exc}); never counted as safe"
+                state.failed.add(seg.name)
+                return rec
+            x_in = inst.values[lg.data_args(name)[0]]
+            n_samples = x_in.numel() // spec.n_in
+            module = lg.node(name).module
+            frozen = module is not None and getattr(module, "weight", None) is not None and not module.weight.requires_grad
+            inner.append(InnerLayer(name, lg.data_args(name)[0], spec, inst.grads[name].reshape(n_samples, *spec.out_shape), frozen))
+        unknown_ops = [lg.node(n).info.name for n in seg.nodes if lg.node(n).info.kind == ops.UNKNOWN]
+        side = forward_side(inst, state, seg.name, self.gen, z0=inst.values[seg.end])
+        known = self._segment_known(seg)
+        direct = [self.recs[n].rank_grad or 0 for n in seg.layers if lg.data_args(n)[0] == seg.start and n in self.recs]
+        lower_g = max(direct, default=0) if known is None else 0
+        upper_g = 0
+        for n in seg.layers:  # rank(G_i J_i) <= rank(K_i): each layer's own gradient rank
+            r = self.recs.get(n)
+            if r is not None:
+                upper_g += r.rank_grad if r.rank_grad is not None else (r.grad_rows or 0)
+        link = state.above[seg.name]
+        fwd_width = 0 if link.upper is None else int(link.fn()(inst.values[seg.end]).numel())
+        try:
+            res = joint_rank(inst, seg, inner, side.info, known, fwd_width, self.options.exact_rank_limit, (lower_g, upper_g))
+        except Exception as exc:  # an op without forward-mode AD, a shape the segment function cannot replay
+            rec.verdict, rec.basis = Verdict.NOT_UNDERSTOOD, Basis.STRUCTURE
+            rec.reason = f"joint segment not analysed: {type(exc).__name__}: {exc}; never counted as safe"
+            state.warnings.append(f"{seg.name}: {rec.reason}")
+            state.failed.add(seg.name)
+            return rec
+        if side.uncertain is not None:
+            res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
+        if known is not None:
+            rec.known_inputs = int(known.sum())
+        rec.unknowns, rec.grad_rows, rec.fwd_rows = res.unknowns, res.grad_rows, res.fwd_rows
+        rec.rank_grad, rec.rank = res.rank_grad, res.rank
+        rec.rank_lower, rec.rank_upper = res.rank_lower, res.rank_upper
+        rec.rank_method, rec.deficit, rec.sigma_min_rel = res.method, res.deficit, res.sigma_min_rel
+        rec.chain, rec.chain_reason = side.chain, side.why
+        rec.samples = inst.batch
+        state.nulls[seg.name] = res.null_basis
+        if res.null_basis is None and res.deficit != 0:
+            state.carried[seg.name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
+            rec.undetermined = Undetermined(*state.carried[seg.name])
+        what = f"joint system of {len(seg.layers)} weighted layer(s) over the value of {seg.start}"
+        if res.rank is None:
+            rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
+            rec.basis = Basis.BOUNDS
+            rec.reason = f"{what}: rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns (too large for an exact rank)"
+            if res.rank_upper < res.unknowns:
+                rec.reason += f": at least {res.unknowns - res.rank_upper} directions undetermined"
+            elif res.rank_lower < res.unknowns:
+                rec.reason += ": undecided, counted as recoverable (the attacker's side)"
+        elif res.deficit == 0:
+            rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
+            rec.reason = f"{what}: rank {res.rank} = {res.unknowns} unknowns: one least-squares solve recovers it"
+        else:
+            rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
+            rec.reason = f"{what}: rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
+        if side.chain != Chain.FULL:
+            rec.reason += f" ({side.why})"
+        if unknown_ops:
+            rec.reason += f"; through not-understood {', '.join(sorted(set(unknown_ops)))} (linearised at the instance)"
+        k_ok = all(state.k_known.get(n, False) for n in seg.layers) and state.k_known.get(seg.end, False)
+        rec.k_derivable = k_ok
+        if res.deficit == 0 and k_ok:
+            state.val_known[seg.start] = True
+        if rec.verdict == Verdict.RECOVERABLE and not k_ok:
+            rec.reason += (
+                "; needs each inner layer's dL/dz, which rests on activation patterns the attacker cannot derive "
+                "in closed form (taken from the instance)"
+            )
+        rec.seconds = time.perf_counter() - t0
+        return rec
+
+    def _segment_known(self, seg: Segment) -> torch.Tensor | None:
+        """Entries of the segment's input that do not depend on the unit below (a ReLU's zeros, given the pattern)."""
+        link = self.state.below.get(seg.name)
+        if link is None or not link.steps or link.lower is None or link.joins:
+            return None
+        u0 = self.inst.values[seg.start]
+        known = link.constant_entries(self.inst.values[link.lower], self.gen).reshape(u0.shape)
+        return known if bool(known.any()) else None
+
+
+def _common_prefix(paths: list[str]) -> str:
+    """The longest dotted module path shared by all of `paths` ('' when none)."""
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    out: list[str] = []
+    for group in zip(*parts):
+        if any(g != group[0] for g in group):
+            break
+        out.append(group[0])
+    return ".".join(out)

@@ -47,6 +47,7 @@ from rgap_audit.ops.base import (
     POOL,
     REORDER,
     RESHAPE,
+    SEGMENT,
     SLICE,
     SUB,
     UNKNOWN,
@@ -65,7 +66,7 @@ from rgap_audit.ops.io import INPUT, OUTPUT
 __all__ = [
     "ACTIVATION", "ADD", "AFFINE", "CLIP", "CONSTANT", "CUT", "DIV", "EMBEDDING", "FROM_INPUT", "FROM_OUTPUT",
     "IDENTITY", "INPUT", "INVERT", "IO", "KINDS", "LAYER", "LOSSY", "MATMUL", "MERGE", "MUL", "NORM",
-    "NOT_UNDERSTOOD", "OPS", "OUTPUT", "PASS", "PERMUTE", "POOL", "REORDER", "RESHAPE", "SLICE", "SUB", "UNKNOWN",
+    "NOT_UNDERSTOOD", "OPS", "OUTPUT", "PASS", "PERMUTE", "POOL", "REORDER", "RESHAPE", "SEGMENT", "SLICE", "SUB", "UNKNOWN",
     "Leak", "LeakContext", "OpInfo", "ParamRows", "activations", "check_model", "embeddings", "lookup", "merges", "norms",
     "numel", "pools", "register", "registered_module", "shapes", "unsupported", "weighted", "wrappers",
 ]

@@ -35,6 +35,7 @@ AFFINE = "affine"  # a fixed invertible affine map of one data input: x + c, c *
 EMBEDDING = "embedding"  # integer token ids -> rows of a weight matrix
 IO = "io"  # the model's input placeholder and output
 UNKNOWN = "unknown"
+SEGMENT = "segment"  # not an op: a record for the joint system of a branching segment (rgap_audit.segments)
 KINDS = (LAYER, ACTIVATION, RESHAPE, PERMUTE, IDENTITY, POOL, NORM, MERGE, AFFINE, EMBEDDING, IO, UNKNOWN)
 
 # what an op's Jacobian (for back-propagating dL/dz) depends on

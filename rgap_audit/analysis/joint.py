@@ -1,0 +1,164 @@
+"""The system of a joint segment: every weighted layer between two cuts, ranked over the segment's input.
+
+Once the activation patterns are fixed at the instance (R-GAP's assumption), each inner layer's input
+a_i is a linear function of the segment input u (through BatchNorm, ReLU masks, pooling, shortcuts,
+sums and concatenations), so its weight gradient dL/dW_i = k_i (x) a_i(u) is linear in u too. Stacked
+with the forward rows from what is known of the segment's output, they form one linear system in u:
+
+    M u = [ G_1 J_1 ; ... ; G_m J_m ; C J_end ] u
+
+(G_i: the layer's gradient map for its instance dL/dz, J_i: the Jacobian of a_i in u, C: the forward
+rows of the link above the segment's end). M is built column by column with forward-mode Jacobian
+products (torch.func.jvp over the segment's own computation, linearised at the instance) and ranked
+with the same rule as a single layer (rgap_audit.rank). Row blocks are scaled to unit norm: the rank
+does not change, and a block of small gradients is not lost below the tolerance of a large one.
+Where M is too large to form, the result is proven bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from rgap_audit.instance import Instance
+from rgap_audit.links import region_function
+from rgap_audit.rank import ForwardInfo, LayerRank, _rank_null
+from rgap_audit.segments import Segment
+
+TANGENT_CHUNK = 128  # tangents pushed through the segment at once
+
+
+@dataclass
+class InnerLayer:
+    """A weighted layer inside a segment: where its input is, its layer description and its dL/dz."""
+
+    node: str
+    input_node: str
+    spec: object  # ConvSpec | ConvTransposeSpec
+    k: torch.Tensor  # (samples, *out_shape)
+    frozen: bool
+
+
+def gradient_map(spec, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> dL/dW = the layer's weight gradient for input x and output gradient k (linear in x),
+    written with torch.func so that it composes with jvp and vmap."""
+    w0 = spec.weight.detach().to(torch.float64)
+    kk = k.detach().to(torch.float64)
+
+    def grad_w(x: torch.Tensor) -> torch.Tensor:
+        def fw(w: torch.Tensor) -> torch.Tensor:
+            return replace(spec, weight=w, bias=None).forward(x, with_bias=False)
+
+        return torch.func.vjp(fw, w0)[1](kk)[0]
+
+    return grad_w
+
+
+def joint_rank(
+    inst: Instance,
+    seg: Segment,
+    layers: list[InnerLayer],
+    fwd: ForwardInfo,
+    known: torch.Tensor | None,
+    fwd_width: int,
+    exact_limit: int,
+    rank_grad_bounds: tuple[int, int],
+) -> LayerRank:
+    """Rank of the segment's system over its input (known entries excluded), exact where M fits
+    `exact_limit` entries, else bounds. fwd_width: entries at the end of the link above the segment
+    (the forward block's columns); rank_grad_bounds: (lower, upper) bounds on the rank of the
+    gradient rows alone, from the inner layers' own ranks (used only for the bounds)."""
+    t0 = time.perf_counter()
+    u0 = inst.values[seg.start].detach().to(torch.float64)
+    n_full = u0.numel()
+    free = torch.arange(n_full) if known is None else torch.nonzero(~known.reshape(-1)).reshape(-1)
+    unknowns = int(free.numel())
+    live = [lay for lay in layers if not lay.frozen]
+    grad_rows = 0
+    for lay in live:
+        grad_rows += int(lay.spec.weight.numel())  # type: ignore[attr-defined]
+    fwd_rows = 0 if fwd.none else int(fwd.rows or 0)
+    rows_total = grad_rows + (0 if fwd.none else fwd_width)
+    lo_g, hi_g = rank_grad_bounds
+    if unknowns == 0:
+        return _result(0, 0, grad_rows, fwd_rows, 0, 0, 0, "joint-dense", None, torch.zeros(n_full, 0, dtype=torch.float64), t0)
+    if rows_total * unknowns > exact_limit:
+        lower = min(unknowns, lo_g)
+        upper = min(unknowns, hi_g + fwd_rows)
+        return _result(unknowns, None, grad_rows, fwd_rows, lower, upper, None, "bounds", None, None, t0)
+    m = _system_matrix(inst, seg, live, fwd, u0, free)
+    blocks = m["blocks"]
+    grad_only = np.hstack([b for name, b in blocks if name != "forward"]) if live else np.zeros((unknowns, 0))
+    r_g, _, _ = _rank_null(grad_only.T, False) if grad_only.size else (0, None, None)
+    full = np.hstack([b for _n, b in blocks]) if blocks else np.zeros((unknowns, 0))
+    null_f: np.ndarray | None
+    if full.size == 0:
+        rank, rel, null_f = 0, None, np.eye(unknowns)
+    else:
+        rank, rel, null_f = _rank_null(full.T, True)
+    null = torch.zeros(n_full, unknowns - rank, dtype=torch.float64)
+    if null_f is not None and null_f.shape[1]:
+        null[free] = torch.from_numpy(np.ascontiguousarray(null_f))
+    return _result(unknowns, rank, grad_rows, fwd_rows, rank, rank, r_g, "joint-dense", rel, null, t0)
+
+
+def _result(unknowns, rank, grad_rows, fwd_rows, lower, upper, rank_grad, method, rel, null, t0) -> LayerRank:
+    return LayerRank(
+        unknowns=unknowns, grad_rows=grad_rows, fwd_rows=fwd_rows, rank_grad=rank_grad, rank_grad_counting=grad_rows,
+        rank=rank, rank_lower=lower, rank_upper=upper, deficit=None if rank is None else unknowns - rank,
+        method=method, sigma_min_rel=rel, null_basis=null, seconds=time.perf_counter() - t0,
+    )
+
+
+def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: ForwardInfo, u0: torch.Tensor, free: torch.Tensor) -> dict:
+    """M^T by blocks: for each inner layer (and the forward rows) a (unknowns, rows) array, scaled to norm 1."""
+    nodes = tuple(seg.nodes)
+    region = region_function(inst.graph, seg.start, nodes, inst.env)
+    wanted = [lay.input_node for lay in layers]
+    maps = [gradient_map(lay.spec, lay.k) for lay in layers]
+    shapes = [(lay.k.shape[0], *lay.spec.in_shape) for lay in layers]  # type: ignore[attr-defined]
+
+    def outputs(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vals = region(u)
+        vals[seg.start] = u
+        return tuple(vals[w] for w in wanted) + (vals[seg.end],)
+
+    def columns(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tangents = torch.func.jvp(outputs, (u0,), (t,))[1]
+        rows = [g(a.reshape(shape)).reshape(-1) for g, a, shape in zip(maps, tangents[:-1], shapes)]
+        return (*rows, tangents[-1])
+
+    per: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
+    eye_cols = free
+    for start in range(0, eye_cols.numel(), TANGENT_CHUNK):
+        idx = eye_cols[start : start + TANGENT_CHUNK]
+        t = torch.zeros(idx.numel(), u0.numel(), dtype=torch.float64)
+        t[torch.arange(idx.numel()), idx] = 1.0
+        out = torch.func.vmap(columns)(t.reshape(idx.numel(), *u0.shape))
+        for j, o in enumerate(out):
+            per[j].append(o.detach().reshape(idx.numel(), -1))
+    blocks: list[tuple[str, np.ndarray]] = []
+    for lay, cols in zip(layers, per[:-1]):
+        b = torch.cat(cols).numpy()
+        blocks.append((lay.node, _unit(b)))
+    if not fwd.none:
+        dv = torch.cat(per[-1])
+        v_shape = inst.values[seg.end].shape
+        y = dv.reshape(dv.shape[0], *v_shape)
+        if fwd.jac is not None:
+            y = fwd.jac(y)
+        y = y.reshape(dv.shape[0], -1)
+        if fwd.unknown is not None:
+            q = fwd.unknown.to(torch.float64)
+            y = y - (y @ q) @ q.T
+        blocks.append(("forward", _unit(y.detach().numpy())))
+    return {"blocks": blocks}
+
+
+def _unit(b: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(b))
+    return b / n if n > 0 else b
