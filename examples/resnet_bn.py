@@ -67,12 +67,24 @@ def resnet_small() -> ResNet:
     return ResNet(widths=(8, 16), blocks=(1, 1), num_classes=10, imagenet_stem=False)
 
 
+def resnet_tiny() -> ResNet:
+    """The smallest CIFAR-style residual net: stem conv-BN-ReLU (8 channels), one basic block with an
+    identity shortcut, average pooling and a Linear head (10 classes); for 3x16x16 inputs."""
+    return ResNet(widths=(8,), blocks=(1,), num_classes=10, imagenet_stem=False)
+
+
+def resnet18_cifar(num_classes: int = 10) -> ResNet:
+    """ResNet-18 for 32x32 inputs as CIFAR repositories write it: 3x3 stem, no max-pool (11.2 M parameters)."""
+    return ResNet(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), num_classes=num_classes, imagenet_stem=False)
+
+
 def resnet18(num_classes: int = 1000) -> ResNet:
     """ResNet-18 for 3x224x224 inputs."""
     return ResNet(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), num_classes=num_classes, imagenet_stem=True)
 
 
 RGAP_MODELS = {
+    "ResNet-tiny": {"factory": resnet_tiny, "input_shape": (3, 16, 16), "loss": "cross-entropy"},
     "ResNetBN-small": {"factory": resnet_small, "input_shape": (3, 16, 16), "loss": "cross-entropy"},
     "ResNet18": {"factory": resnet18, "input_shape": (3, 224, 224), "loss": "cross-entropy"},
 }

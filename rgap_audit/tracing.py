@@ -453,6 +453,7 @@ def trace(
     """
     warnings = [f"{path}: {msg}" for path, msg in ops.check_model(model)]
     model = copy.deepcopy(model).to(torch.float64).eval()
+    decomposed = ops.attention.decompose(model)  # fused attention / encoder layers -> explicit ops
     ex = example.to(torch.float64) if example.is_floating_point() else example
     eager_checked = False
 
@@ -477,7 +478,8 @@ def trace(
     first_line: int | None = None
     for method, attempt in ATTEMPTS:
         try:
-            gm, details = attempt(model, ex)
+            with ops.attention.math_attention():
+                gm, details = attempt(model, ex)
         except _Skip as skip:
             failures.append((method, str(skip)))
             continue
@@ -501,6 +503,7 @@ def trace(
             "concrete_args": details.get("concrete_args", {}),
             "collapsed_modules": details.get("collapsed_modules", 0),
             "rewrites": notes,
+            "decomposed": decomposed,
             "failed_attempts": [f"{m}: {why}" for m, why in failures],
         }
         gm.meta["rgap_warnings"] = warnings

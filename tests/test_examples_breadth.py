@@ -219,9 +219,13 @@ class _WithMHA(nn.Module):
         return self.fc(a.mean(dim=1))
 
 
-def test_multihead_attention_is_reported_not_understood():
+def test_multihead_attention_is_decomposed_into_its_projections():
+    """nn.MultiheadAttention is analysed through its q/k/v/out projections (rgap_audit.ops.attention):
+    no not-understood row, and the three input projections share one joint segment over x."""
     ana = _analysis()
     rep = ana.audit(_seeded(_WithMHA), (4, 8), loss="cross-entropy")
-    row = next(r for r in rep.layers if r.module_path == "mha")
-    assert row.verdict.value == "not-understood" and "in_proj_weight" in row.reason
-    assert rep.verdict.input_recoverable is None
+    assert not [r for r in rep.layers if r.verdict.value == "not-understood"]
+    paths = sorted(r.module_path for r in rep.layers if r.kind == LAYER)
+    assert paths == ["fc", "mha.k", "mha.out_proj", "mha.q", "mha.v"]
+    seg = next(r for r in rep.layers if r.kind == "segment")
+    assert seg.segment is not None and {"mha_q", "mha_k", "mha_v"} <= set(seg.segment.layers)

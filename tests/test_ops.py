@@ -105,8 +105,9 @@ def test_subclasses_find_their_base_entry():
 @pytest.mark.parametrize(
     "module, needle",
     [
-        (nn.MultiheadAttention(8, 2), "in_proj_weight"),
-        (nn.TransformerEncoderLayer(8, 2, 16), "nn.Linear"),
+        (nn.MultiheadAttention(8, 2), "add_bias_kv"),  # the configurations ops/attention.py does not decompose
+        (nn.TransformerEncoderLayer(8, 2, 16), "rgap_audit.ops.attention"),
+        (nn.TransformerDecoderLayer(8, 2, 16), "memory input"),
         (nn.Bilinear(2, 3, 4), "quadratic"),
         (nn.GRU(2, 3), "recurrent"),
     ],

@@ -89,3 +89,27 @@ def test_random_dags_never_crash_and_keep_the_invariants(drawn, batch):
     if not_understood:
         assert rep.verdict.input_recoverable is not False  # never counted as safe
         assert rep.verdict.status == "unknown" or rep.verdict.input_recoverable is True
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(dags())
+def test_random_dags_segment_and_input_deficits_equal_the_dense_truth(drawn):
+    """Every joint segment's deficit, and the deficit at the model input, equal those of one dense
+    system over that cut's value built by autograd alone (tests/oracles.py)."""
+    from oracles import dense_cut_deficits
+    from rgap_audit.analysis import audit_model
+
+    model, shape, odd = drawn
+    if odd:  # not understood: no rank to compare
+        return
+    checked = audit_model(model, shape)
+    rep, inst = checked.report, checked.instance
+    segs = [r for r in rep.layers if r.kind == "segment"]
+    first = next(r for r in reversed(rep.layers) if r.unknowns is not None and r.in_segment is None)
+    cuts = [r.segment.start for r in segs if r.segment is not None and r.deficit is not None]
+    truth = dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, [*cuts, inst.graph.input_node])
+    for r in segs:
+        if r.deficit is not None and r.segment is not None:
+            assert r.deficit == truth[r.segment.start], r.node
+    if first.deficit is not None:
+        assert first.deficit == truth[inst.graph.input_node]

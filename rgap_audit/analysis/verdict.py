@@ -127,18 +127,31 @@ DECISIONS: tuple[Decision, ...] = (
     ),
     Decision(
         lambda f: True, ModelStatus.DEFICIENT, Basis.NUMERICAL,
-        lambda f: f"input not recoverable in closed form: {_r(f).deficit} input directions undetermined",
+        lambda f: (
+            f"{_r(f).deficit} of {_r(f).unknowns} input directions undetermined in closed form (at {f.layer}); "
+            f"the other {(_r(f).unknowns or 0) - (_r(f).deficit or 0)} are determined"
+        ),
     ),
 )
+
+
+def _unit_name(rec: LayerRecord | None, first: str | None) -> str:
+    """How the summary names the unit that reads the input: a layer, or a joint segment."""
+    if rec is None:
+        return ""
+    if rec.kind == ops.SEGMENT:
+        return f"joint segment {rec.node}" + (f" ({rec.module_path})" if rec.module_path else "")
+    return f"layer {rec.module_path or first} ({rec.op})"
 
 
 def decide(f: InputFacts) -> Decision:
     return next(d for d in DECISIONS if d.when(f))
 
 
-def input_layer(inst: Instance) -> tuple[str | None, bool, str]:
-    """The weighted layer that reads the model input, whether the ops before it are invertible, and why not."""
-    first, steps, why = input_chain(inst.graph, inst.env)
+def input_layer(inst: Instance, stops: dict[str, str] | None = None) -> tuple[str | None, bool, str]:
+    """The weighted layer (or joint segment, `stops`) that reads the model input, whether the ops before
+    it are invertible, and why not."""
+    first, steps, why = input_chain(inst.graph, inst.env, stops)
     if first is None:
         return None, False, why
     lossy = [s.name for s in steps if not s.info.invertible]
@@ -172,7 +185,8 @@ def batch_span(inst: Instance, first: str, rec: LayerRecord) -> BatchSpan | None
 
 def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) -> ModelVerdict:
     """The verdict of the model from the walk's records (DECISIONS), with its caveats."""
-    layers = [r for r in records if r.kind == ops.LAYER and r.unknowns is not None]
+    # units: weighted layers outside joint segments, and the segments (their inner rows are layer-wise only)
+    layers = [r for r in records if r.kind in (ops.LAYER, ops.SEGMENT) and r.unknowns is not None and r.in_segment is None]
     deficient = [r for r in layers if r.verdict == Verdict.DEFICIENT]
     total_deficit = sum(r.deficit or 0 for r in deficient)
     not_understood = [r for r in records if r.verdict == Verdict.NOT_UNDERSTOOD]
@@ -181,7 +195,7 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
         caveats.append(CAVEAT_BATCH.format(b=inst.batch))
     if deficient:
         caveats.append(CAVEAT_DEFICIT)
-    first, path_ok, why_path = input_layer(inst)
+    first, path_ok, why_path = input_layer(inst, state.stops)
     rec = next((r for r in records if r.node == first), None) if first is not None else None
     if rec is not None and path_ok and inst.batch > 1:
         assert first is not None
@@ -194,7 +208,7 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
             )
     facts = InputFacts(
         rec=rec,
-        layer="" if rec is None else f"layer {rec.module_path or first} ({rec.op})",
+        layer=_unit_name(rec, first),
         path_ok=path_ok,
         why_path=why_path,
         value_known=state.val_known.get(inst.graph.input_node, False),

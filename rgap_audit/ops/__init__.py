@@ -18,7 +18,7 @@ module classes or op names themselves (tests/test_ops_boundary.py checks that). 
 entry is reported as not understood and never counted as safe.
 """
 
-from rgap_audit.ops import activations, embeddings, merges, norms, pools, shapes, unsupported, weighted, wrappers
+from rgap_audit.ops import activations, attention, embeddings, merges, norms, pools, shapes, unsupported, weighted, wrappers
 from rgap_audit.ops.base import (
     ACTIVATION,
     ADD,
@@ -67,6 +67,6 @@ __all__ = [
     "ACTIVATION", "ADD", "AFFINE", "CLIP", "CONSTANT", "CUT", "DIV", "EMBEDDING", "FROM_INPUT", "FROM_OUTPUT",
     "IDENTITY", "INPUT", "INVERT", "IO", "KINDS", "LAYER", "LOSSY", "MATMUL", "MERGE", "MUL", "NORM",
     "NOT_UNDERSTOOD", "OPS", "OUTPUT", "PASS", "PERMUTE", "POOL", "REORDER", "RESHAPE", "SEGMENT", "SLICE", "SUB", "UNKNOWN",
-    "Leak", "LeakContext", "OpInfo", "ParamRows", "activations", "check_model", "embeddings", "lookup", "merges", "norms",
+    "Leak", "LeakContext", "OpInfo", "ParamRows", "activations", "attention", "check_model", "embeddings", "lookup", "merges", "norms",
     "numel", "pools", "register", "registered_module", "shapes", "unsupported", "weighted", "wrappers",
 ]

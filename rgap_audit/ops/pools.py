@@ -76,3 +76,20 @@ register(
     ),
     operator.getitem,
 )
+register(
+    OpInfo(
+        "split", POOL, False,
+        "splits a tensor into slices (chunk, split, unbind): each piece is a selection of entries, linear; "
+        "what is known of one piece says nothing of the others",
+        jacobian=CONSTANT,
+    ),
+    torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split", "unbind", "tensor_split",
+    aten.split.Tensor, aten.chunk.default, aten.unbind.int,
+)
+register(
+    OpInfo(
+        "narrow", POOL, False, "a slice of the input (narrow, select): linear; the entries it drops are lost to the chain",
+        jacobian=CONSTANT,
+    ),
+    torch.narrow, torch.select, "narrow", aten.narrow.default, aten.select.int,
+)
