@@ -407,6 +407,9 @@ def input_chain(lg: LayerGraph, env: dict[str, Any]) -> tuple[str | None, list[S
     cur = lg.input_node
     steps: list[Step] = []
     while True:
+        info = lg.node(cur).info
+        if info.kind == ops.UNKNOWN:  # an RNN, an attention block: whatever follows, the chain stops being understood here
+            return None, steps, f"the input reaches {cur} ({info.name}), which the analysis does not understand: {info.why}"
         succ = lg.consumers(cur)
         if len(succ) != 1:
             return None, steps, "the input feeds several branches"
