@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rgap_audit import __version__, docs
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB, FORMATS, LOSSES, SEVERITIES
 from rgap_audit.errors import AuditError
+from rgap_audit.records import ErrorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from rgap_audit.pipeline import Request
@@ -148,27 +149,35 @@ def default_format(output: str | None) -> str:
 
 
 class _Errors:
-    """Prints each error once, as one line on stderr (and an ::error annotation with --format github)."""
+    """Prints each error once, as one line on stderr, as it happens; keeps them for the report (every
+    format carries them: json `errors`, sarif notifications, github ::error, the summary line)."""
 
     def __init__(self, debug: bool):
         self.debug = debug
         self.count = 0
         self.seen: set[str] = set()
-        self.fmt: str | None = None  # known once the configuration of the working directory is read
-        self.annotate = False
+        self.items: list[AuditError] = []
 
-    def __call__(self, err: AuditError) -> None:
+    def __call__(self, err: AuditError, stage: str | None = None) -> None:
         if self.debug:
             traceback.print_exception(err.__cause__ or err, file=sys.stderr)
+        err.stage = err.stage or stage
         line = err.one_line() if err.file else f"rgap-audit: error: {' '.join(str(err.cause).split())}"
         self.count += 1
+        self.items.append(err)
         if line not in self.seen:  # one broken pyproject shared by many files: say it once
             self.seen.add(line)
             print(line, file=sys.stderr, flush=True)
-            if self.fmt == "github" and err.file and self.annotate:
-                from rgap_audit.formats.github import error_annotation
 
-                print(error_annotation(err), flush=True)
+    def records(self) -> list[ErrorRecord]:
+        """The errors as records.ErrorRecord, each once, in the order met (one broken pyproject shared by
+        many files is one error)."""
+        out: list[ErrorRecord] = []
+        for err in self.items:
+            rec = err.record()
+            if rec not in out:
+                out.append(rec)
+        return out
 
 
 def _flatten(lists: list[list[str]] | None) -> list[str] | None:
@@ -217,7 +226,6 @@ def _audit(args: argparse.Namespace) -> int:
         print("rgap-audit: error: --save-images needs --verify or --identifiability", file=sys.stderr)
         return EXIT_ERROR
     errors = _Errors(args.debug)
-    errors.annotate = not args.output
     pipeline = Pipeline(_request(args), errors)
     if not pipeline.check_selection():
         return EXIT_ERROR
@@ -226,28 +234,30 @@ def _audit(args: argparse.Namespace) -> int:
         try:
             project = cfg.settings_for(os.getcwd())
         except AuditError as err:
-            errors(err)
+            errors(err, "config")
     fmt = args.format or project.format or default_format(args.output)
-    errors.fmt = fmt
     result = pipeline.run()
-    if not result.reports and fmt in ("concise", "table", "github"):
-        return EXIT_ERROR if errors.count else EXIT_OK  # nothing to print; json/sarif still get a (valid, empty) document for CI
+    if not result.reports and not errors.count and fmt in ("concise", "table", "github"):
+        return EXIT_OK  # nothing audited, nothing wrong (--allow-no-models); json/sarif still get a (valid, empty) document
     try:
-        text = render(fmt, result.reports, result.findings, show_suppressed=args.show_suppressed, rules=result.rules, cwd=os.getcwd())
+        text = render(
+            fmt, result.reports, result.findings, show_suppressed=args.show_suppressed, rules=result.rules, cwd=os.getcwd(),
+            errors=errors.records(),
+        )
     except AuditError as err:
-        errors(err)
+        errors(err, "report")
         return EXIT_ERROR
     except Exception as exc:
         if args.debug:
             raise
-        errors(internal_error(exc, "<report>", None))
+        errors(internal_error(exc, "<report>", None), "report")
         return EXIT_ERROR
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as fh:
                 fh.write(text if text.endswith("\n") or not text else text + "\n")
         except OSError as exc:
-            errors(AuditError(f"cannot write the report: {exc.strerror or exc}", args.output))
+            errors(AuditError(f"cannot write the report: {exc.strerror or exc}", args.output), "report")
     elif text:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()

@@ -21,6 +21,8 @@ so a typo never silently disables a setting. Command-line flags override what is
     input-shape = [3, 32, 32]
     loss = "logistic"
     batch-size = 4
+    output = 0                    # forward returns several outputs: the logits are this index or key
+    batch-dim = 1                 # sequence-first input; private-input = 0 names forward's private argument
 
     [tool.rgap-audit.per-file-settings."legacy/*.py"]  # any key above except format
     fail-on = "error"
@@ -40,7 +42,7 @@ from typing import Any
 
 from rgap_audit.choices import LOSSES
 from rgap_audit.errors import AuditError
-from rgap_audit.loader import parse_shape
+from rgap_audit.loader import check_call, parse_shape
 from rgap_audit.records import SEVERITIES
 
 SECTION = "rgap-audit"
@@ -58,7 +60,8 @@ SETTING_KEYS = (
     "models",
 )
 TOP_KEYS = SETTING_KEYS + ("format", "per-file-settings", "per-file-ignores")
-MODEL_KEYS = ("input-shape", "loss", "batch-size")
+MODEL_KEYS = ("input-shape", "loss", "batch-size", "output", "batch-dim", "private-input")
+CALL_SETTINGS = ("output", "batch-dim", "private-input")  # how forward is called (loader.check_call)
 
 
 @dataclass
@@ -127,6 +130,12 @@ def _value(key: str, value: Any, where: str, table: str) -> Any:
             return parse_shape(value)
         except ValueError as exc:
             raise AuditError(f"[{table}] input-shape: {exc}", file=where) from exc
+    if key in CALL_SETTINGS:
+        try:
+            check_call({_py(key): value})
+        except ValueError as exc:
+            raise AuditError(f"[{table}] {key}: {exc}", file=where) from exc
+        return value
     if key == "memory-budget-mb":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise AuditError(f"[{table}] memory-budget-mb must be a positive number, got {value!r}", file=where)

@@ -25,6 +25,17 @@ GROUPS = {
     "RGAP4": "Limits and assumptions of the analysis",
 }
 WIDTH = 88
+# How severities are assigned: what a CI gate on --fail-on decides (README, "What the audit computes")
+SEVERITY_POLICY = (
+    "**Severities say whether the private input leaks.** The model-level finding carries the severity of",
+    "the model verdict: input recoverable in closed form (RGAP101) is an error, undecided (RGAP102) a",
+    "warning, not recoverable in closed form (RGAP103) info. A layer that gives its input away exactly is",
+    "an error (RGAP201) only when that input is the model's input; a biased Linear deeper in the network",
+    "leaks internal features, not the training sample: a warning (RGAP205), as features can still be",
+    "inverted where the layers below allow it, which is what the model verdict decides. Per-layer ranks",
+    "and the batch assumption are info (RGAP202, RGAP203, RGAP204, RGAP301, RGAP403); what the analysis",
+    "could not decide (RGAP401, RGAP402) and the span a batch reveals (RGAP404) are warnings.",
+)
 
 
 def _group(code: str) -> str:
@@ -50,6 +61,8 @@ def generate_rules_md(rules: Sequence[Rule] | None = None) -> str:
         "Each rule has a stable code. Select or ignore rules by code or prefix (`--select RGAP2`,",
         "`--ignore RGAP203`, or `select` / `ignore` in `[tool.rgap-audit]`), and suppress one finding with",
         "`# rgap: ignore[CODE]` on the line it points at. `--fail-on` sets the lowest severity that fails the run.",
+        "",
+        *SEVERITY_POLICY,
         "",
         "| code | name | severity | scope | what it flags |",
         "|---|---|---|---|---|",

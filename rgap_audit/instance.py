@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rgap_audit import ops
+from rgap_audit import forwardcall, ops
 from rgap_audit.errors import AuditError
-from rgap_audit.layergraph import LayerGraph, build_layer_graph
+from rgap_audit.layergraph import LayerGraph, build_layer_graph, resolve
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.tracing import trace
@@ -57,6 +57,14 @@ class Instance:
     param_grads: dict[str, torch.Tensor]
     notes: list[str] = field(default_factory=list)  # what tracing had to say (module-state warnings, fallbacks)
     timings: dict[str, float] = field(default_factory=dict)
+    output: str | None = None  # which of forward's outputs the loss sees, when forward returns several
+    private_input: str | None = None  # which of forward's arguments is the input, when it takes several
+
+    @property
+    def rows(self) -> int:
+        """Labelled rows of the output: the batch, or one per position (a language model's (T*B, V) logits)."""
+        shape = self.graph.node(self.graph.output_node).out_shape or (self.batch,)
+        return int(shape[0])
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -157,12 +165,74 @@ def record(
     return Recorded({k: v.detach() for k, v in values.items()}, grads, env, param_grads)
 
 
-def seeded_input(loaded: LoadedModel, shape: tuple[int, ...], batch: int, gen: torch.Generator) -> torch.Tensor:
-    """The instance's input: uniform [0, 1) in float64, or token ids below every embedding's vocabulary."""
+def seeded_input(
+    loaded: LoadedModel, shape: tuple[int, ...], batch: int, gen: torch.Generator, like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The instance's input: uniform [0, 1) in float64, or token ids below every embedding's vocabulary.
+
+    `like` is the private argument of the declared example_inputs: its dtype decides between the two
+    (integer ids without an embedding stay below the example's largest id + 1)."""
     vocabularies = [info.tokens(m) for m in loaded.module.modules() if (info := ops.lookup(None, m)).tokens is not None]
-    if vocabularies:
+    integer = like is not None and not like.is_floating_point() and like.dtype != torch.bool
+    if vocabularies and (like is None or integer):
         return torch.randint(0, min(vocabularies), (batch, *shape), generator=gen)
+    if integer:
+        assert like is not None
+        high = max(2, int(like.max()) + 1) if like.numel() else 2
+        return torch.randint(0, high, (batch, *shape), generator=gen, dtype=like.dtype)
     return torch.rand((batch, *shape), generator=gen, dtype=torch.float64)
+
+
+def _arguments(loaded: LoadedModel, batch: int, seed: int) -> tuple[list[Any] | None, int, str | None]:
+    """forward's example arguments (None: the private input alone), the private one's position, and
+    how the report describes the call; an AuditError when forward needs arguments nobody declared.
+    example_inputs runs under torch.manual_seed(seed): a random initial state is the same every run."""
+    call = loaded.call
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        example = forwardcall.example_args(loaded, batch)
+    if example is None:
+        why = forwardcall.arity_error(loaded.module, call)
+        if why is not None:
+            raise AuditError(why, loaded.file, loaded.name, loaded.location.line if loaded.location else None)
+        return None, 0, (f"batch dimension {call.batch_dim}" if call.batch_dim else None)
+    args, index = example
+    names = [p.name for p in forwardcall.positional_params(loaded.module)]
+    name = f" ({names[index]})" if index < len(names) else ""
+    text = f"argument {index}{name} of {len(args)}; the others held at their example_inputs values"
+    if call.batch_dim:
+        text += f"; batch dimension {call.batch_dim}"
+    return args, index, text
+
+
+def _fold_log_softmax(graph: LayerGraph, loss: str) -> tuple[LayerGraph, str | None]:
+    """A log-softmax over the classes right before a cross-entropy loss is folded into the loss.
+
+    CE(log_softmax(z), y) = CE(z, y) exactly (log_softmax is idempotent), which is also the NLL loss a
+    log-softmax head trains with: the audit then sees the logits z, and every gradient is unchanged.
+    """
+    srcs = graph.data_args(graph.output_node)
+    if loss != "cross-entropy" or len(srcs) != 1:
+        return graph, None
+    gn = graph.node(srcs[0])
+    rule = gn.info.folds_into_cross_entropy
+    ins = graph.data_args(gn.name)
+    if rule is None or len(ins) != 1 or graph.graph.out_degree(gn.name) != 1 or gn.out_shape is None:
+        return graph, None
+    gm = graph.gm
+    if not rule(gn.module, tuple(resolve(gm, gn.fx.args)), resolve(gm, dict(gn.fx.kwargs)), gn.out_shape):
+        return graph, None
+    source = graph.node(ins[0]).fx
+    for user in list(gn.fx.users):
+        user.replace_input_with(gn.fx, source)
+    gm.graph.erase_node(gn.fx)
+    gm.graph.lint()
+    gm.recompile()
+    note = (
+        f"the output's {gn.info.name} ({gn.name}) is folded into the cross-entropy loss: CE(log_softmax(z)) = CE(z) "
+        "(the NLL loss such a head trains with), so the audit sees the logits z; the gradients are unchanged"
+    )
+    return build_layer_graph(gm), note
 
 
 def build_instance(loaded: LoadedModel, options: AuditOptions, gradients: bool = True) -> Instance:
@@ -173,32 +243,52 @@ def build_instance(loaded: LoadedModel, options: AuditOptions, gradients: bool =
     `gradients` only the forward pass runs (values and constants; no dL/d anything).
     """
     t0 = time.perf_counter()
-    shape = options.input_shape or loaded.input_shape
-    if shape is None:
-        raise AuditError("input shape unknown: declare it in RGAP_MODELS or pass --input-shape", loaded.file, loaded.name)
-    shape = tuple(int(s) for s in shape)
     batch = int(options.batch_size or loaded.batch_size or 1)
     if batch < 1:
         raise AuditError(f"batch size must be >= 1, got {batch}", loaded.file, loaded.name)
+    call = loaded.call
+    fixed, index, private = _arguments(loaded, batch, options.seed)
+    shape = options.input_shape or loaded.input_shape
+    if shape is None and fixed is not None:
+        shape = forwardcall.sample_shape(fixed[index], call.batch_dim)
+    if shape is None:
+        raise AuditError("input shape unknown: declare it in RGAP_MODELS or pass --input-shape", loaded.file, loaded.name)
+    shape = tuple(int(s) for s in shape)
+    if call.batch_dim > len(shape):
+        raise AuditError(f"batch_dim {call.batch_dim}: the input has {len(shape) + 1} dimensions with the batch", loaded.file, loaded.name)
     gen = torch.Generator().manual_seed(options.seed)
-    x = seeded_input(loaded, shape, batch, gen)
-    gm = trace(loaded.module, x, file=loaded.file, name=loaded.name)
+    x = seeded_input(loaded, shape, batch, gen, None if fixed is None else fixed[index])
+    called: dict[str, Any] = {}
+    gm = trace(
+        loaded.module, x, file=loaded.file, name=loaded.name,
+        adapt=lambda m: forwardcall.adapt(m, call, fixed, index, x.dim(), called),
+    )
     t_trace = time.perf_counter()
     graph = build_layer_graph(gm)
+    output = called.get("output")
     out_shape = graph.node(graph.output_node).out_shape
     if out_shape is None:
-        raise AuditError("forward must return one tensor (got a tuple or a non-tensor)", loaded.file, loaded.name)
+        which = f"the output it audits ({output})" if output else "forward's output"
+        raise AuditError(
+            f"{which} is not a tensor: name the logits with output = INDEX or KEY in RGAP_MODELS or [tool.rgap-audit.models.{loaded.name}]",
+            loaded.file, loaded.name,
+        )
     out_features = math.prod(out_shape[1:])
     try:
         loss = choose_loss(options.loss or loaded.loss, out_features)
     except ValueError as exc:
         raise AuditError(str(exc), loaded.file, loaded.name) from exc
-    labels = make_labels(loss, batch, out_features, gen)
+    graph, folded = _fold_log_softmax(graph, loss)
+    labels = make_labels(loss, int(out_shape[0]), out_features, gen)
     rec = record(graph, x, (lambda out: loss_value(loss, out, labels)) if gradients else None)
     notes = list(gm.meta.get("rgap_warnings", []))
     method = gm.meta.get("rgap_trace", {}).get("method")
     if method and method != "torch.fx":
         notes.append(f"traced with the fallback '{method}' (plain torch.fx failed)")
+    if output:
+        notes.append(f"forward returns several outputs: the loss sees {output}")
+    if folded:
+        notes.append(folded)
     t_end = time.perf_counter()
     return Instance(
         loaded=loaded,
@@ -215,6 +305,8 @@ def build_instance(loaded: LoadedModel, options: AuditOptions, gradients: bool =
         param_grads=rec.param_grads,
         notes=notes,
         timings={"trace_s": t_trace - t0, "instance_s": t_end - t_trace},
+        output=output,
+        private_input=private,
     )
 
 

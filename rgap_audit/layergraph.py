@@ -43,6 +43,12 @@ def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def _several(node: fx.Node) -> bool:
+    """Whether the node returns several tensors (a tuple of TensorMetadata, e.g. an RNN's (output, hidden))."""
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
+
+
 def resolve(gm: fx.GraphModule, value: Any) -> Any:
     """Replace get_attr nodes in call arguments by the tensors they fetch."""
     if isinstance(value, fx.Node) and value.op == "get_attr":
@@ -141,6 +147,8 @@ def build_layer_graph(gm: fx.GraphModule) -> LayerGraph:
         else:  # call_function / call_method
             info = lookup(node.target)
         data_inputs = [a for a in node.all_input_nodes if a.name in g]
+        if info.on_tuple is not None and data_inputs and _several(data_inputs[0]):
+            info = info.on_tuple  # (output, hidden)[0]: one output of a multi-output op, not indexing into a tensor
         in_shape = g.nodes[data_inputs[0].name]["node"].out_shape if data_inputs else out_shape
         path = str(node.target) if node.op == "call_module" else None
         g.add_node(node.name, node=GraphNode(node.name, node, info, module, path, in_shape, out_shape))

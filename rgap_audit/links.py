@@ -415,6 +415,9 @@ def input_chain(lg: LayerGraph, env: dict[str, Any], stops: dict[str, str] | Non
     while True:
         if stops is not None and cur in stops:
             return stops[cur], steps, ""
+        info = lg.node(cur).info
+        if info.kind == ops.UNKNOWN:  # an RNN, an attention block: whatever follows, the chain stops being understood here
+            return None, steps, f"the input reaches {cur} ({info.name}), which the analysis does not understand: {info.why}"
         succ = lg.consumers(cur)
         if len(succ) != 1:
             return None, steps, "the input feeds several branches"

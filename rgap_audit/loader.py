@@ -14,6 +14,13 @@ The loading convention (documented in the README, "Which models a file defines")
   never called: calling arbitrary module-level functions (``main``, ``train``, ``download``) would
   be dangerous; the annotation is the author's statement that the function builds a model.
 * ``PATH:NAME`` picks one model: a declared name, or any module-level class or function of the file.
+  PATH may also be a dotted module name (``pkg.models.resnet``), found under the working directory or
+  on sys.path.
+* A file inside a package (an ``__init__.py`` beside it, and so on up) is imported as a module of that
+  package, with the folder above the package on sys.path, so its relative imports work; any other file
+  is imported with its own folder on sys.path.
+* A declaration may also say how forward is called (``example_inputs``, ``private_input``,
+  ``batch_dim``) and which of its outputs is the logits (``output``); see options.ForwardCall.
 
 Each model is constructed once on the ``meta`` device first (no memory is allocated) to estimate its
 size against the memory budget before anything large is built, then for real while every
@@ -48,11 +55,13 @@ from torch import nn
 from rgap_audit import ops
 from rgap_audit.choices import LOSSES
 from rgap_audit.errors import AuditError
-from rgap_audit.options import AuditOptions, LoadedModel
+from rgap_audit.forwardcall import arity_error, example_args, sample_shape
+from rgap_audit.options import AuditOptions, ForwardCall, LoadedModel
 from rgap_audit.records import Location
 
 DECLARATION = "RGAP_MODELS"
-SPEC_KEYS = ("factory", "name", "input_shape", "loss", "batch_size")
+SPEC_KEYS = ("factory", "name", "input_shape", "loss", "batch_size", "output", "example_inputs", "private_input", "batch_dim")
+CALL_KEYS = ("output", "example_inputs", "private_input", "batch_dim")  # -> ForwardCall
 
 # bytes per entry of the audit's working copies (float64) and how many copies it keeps: parameters
 # (float32 original + float64 copy + gradient) and activations (value, gradient, instance environment,
@@ -103,6 +112,81 @@ def _check_batch(batch: Any) -> int | None:
     return batch
 
 
+def check_call(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the ForwardCall keys of a declaration or a [tool.rgap-audit.models.NAME] table (python
+    names); returns the ones given. Raises ValueError naming the key."""
+    out: dict[str, Any] = {}
+    for key in CALL_KEYS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        if key == "output" and not (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ValueError(f"output must be an index or a key (int or str), got {value!r}")
+        if key == "example_inputs" and not callable(value):
+            raise ValueError(f"example_inputs must be a function of the model returning forward's arguments, got {type(value).__name__}")
+        if key == "private_input" and not (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
+            raise ValueError(f"private_input must be a position (int >= 0) or a parameter name of forward, got {value!r}")
+        if key == "batch_dim" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"batch_dim must be an integer >= 0, got {value!r}")
+        out[key] = value
+    return out
+
+
+def module_file(target: str) -> str:
+    """PATH as given, or the file of a dotted module name (`pkg.models.resnet`) that is not a path.
+
+    Looked up, without importing anything, under the working directory and then sys.path: first
+    `pkg/models/resnet.py`, then `pkg/models/resnet/__init__.py`. The file is shown relative to the
+    working directory when it lies below it. A target that is neither stays as given (the loader then
+    says there is no such file).
+    """
+    if os.path.exists(target) or target.endswith(".py"):
+        return target
+    parts = target.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return target
+    roots = [os.getcwd(), *[p for p in sys.path if p and os.path.isdir(p)]]
+    for root in dict.fromkeys(os.path.abspath(r) for r in roots):
+        for candidate in (os.path.join(root, *parts) + ".py", os.path.join(root, *parts, "__init__.py")):
+            if os.path.isfile(candidate):
+                rel = os.path.relpath(candidate)
+                return candidate if rel.startswith("..") else rel
+    return target
+
+
+def package_of(file: str) -> tuple[str | None, str]:
+    """(dotted package name or None, folder to put on sys.path) for a file.
+
+    The package is made of the folders above the file that hold an `__init__.py`, up to the nearest one
+    that does not (their names must be identifiers); sys.path then gets the folder above the package.
+    A file outside any package gets its own folder on sys.path (sibling imports).
+    """
+    folder = os.path.dirname(os.path.abspath(file))
+    parts: list[str] = []
+    while os.path.isfile(os.path.join(folder, "__init__.py")) and os.path.basename(folder).isidentifier():
+        parts.append(os.path.basename(folder))
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not parts:
+        return None, os.path.dirname(os.path.abspath(file))
+    return ".".join(reversed(parts)), folder
+
+
+def _import_remedy(exc: ImportError) -> str:
+    """What to do about an import the audited file (or a module it imports) could not make."""
+    tail = (
+        "rgap-audit imports the whole file, so every module it imports must be importable, even one the model needs "
+        f"only for data loading or training; or declare the models ({DECLARATION}) in a small file that imports only "
+        "the model code (see README)"
+    )
+    name = getattr(exc, "name", None)
+    if isinstance(exc, ModuleNotFoundError) and name:
+        return f"; install the package that provides {name.split('.')[0]!r}, if the model needs it: {tail}"
+    return f"; install a version of the package that provides it, if the model needs it: {tail}"
+
+
 def _innermost_line(exc: BaseException, file: str) -> int | None:
     line = None
     for frame in traceback.extract_tb(exc.__traceback__):
@@ -144,8 +228,9 @@ def _on_sys_path(directory: str) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(directory)
+        path = getattr(sys, "path", None)  # None when a generator holding this is finalised at interpreter exit
+        if isinstance(path, list) and directory in path:
+            path.remove(directory)
 
 
 def _column(frame: types.FrameType) -> int:
@@ -207,6 +292,7 @@ class _Candidate:
     input_shape: tuple[int, ...] | None = None
     loss: str | None = None
     batch_size: int | None = None
+    call: dict[str, Any] = field(default_factory=dict)  # declared ForwardCall keys (output, example_inputs, ...)
     needs_args: list[str] = field(default_factory=list)
     meta: nn.Module | None = None  # the meta-device instance, when it could be built
     real: nn.Module | None = None  # a real instance built early (meta construction failed)
@@ -288,6 +374,7 @@ class _FileLoader:
         self.per_model = {k: dict(v) for k, v in (per_model or {}).items()}
         self.module: types.ModuleType | None = None
         self.src: _Source | None = None
+        self.package, self.root = package_of(self.file)
 
     def error(self, cause: str, model: str | None = None, line: int | None = None) -> AuditError:
         return AuditError(cause, file=self.file, model=model, line=line)
@@ -296,7 +383,8 @@ class _FileLoader:
     def import_file(self, model: str | None) -> None:
         file = self.file
         if not os.path.exists(file):
-            raise self.error("no such file", model)
+            dotted = not file.endswith(".py") and all(p.isidentifier() for p in file.split("."))
+            raise self.error("no such file" + (" (nor a module of that name under the working directory or on sys.path)" if dotted else ""), model)
         if os.path.isdir(file):
             raise self.error("is a directory: pass the Python files that define models", model)
         try:
@@ -313,6 +401,10 @@ class _FileLoader:
         self.src = _Source(tree, file)
         digest = hashlib.sha1(os.path.abspath(file).encode()).hexdigest()[:10]
         mod_name = f"rgap_audit_user_{digest}_{next(_counter)}"
+        if self.package is not None:
+            # a module of its package (`from .utils import x` resolves against it), under a name of its own so
+            # that the package's real module, if its __init__ imports it, is neither replaced nor reused
+            mod_name = f"{self.package}.{mod_name}"
         spec = importlib.util.spec_from_file_location(mod_name, file)
         if spec is None or spec.loader is None:
             raise self.error("cannot import the file (not a Python source file?)", model)
@@ -329,6 +421,9 @@ class _FileLoader:
         except SystemExit as exc:
             sys.modules.pop(mod_name, None)
             raise self.error(f"the file called sys.exit({exc.code!r}) while being imported", model, _innermost_line(exc, file)) from exc
+        except ImportError as exc:
+            sys.modules.pop(mod_name, None)
+            raise self.error(f"importing the file failed: {_exc_text(exc)}{_import_remedy(exc)}", model, _innermost_line(exc, file)) from exc
         except BaseException as exc:
             sys.modules.pop(mod_name, None)
             raise self.error(f"importing the file failed: {_exc_text(exc)}", model, _innermost_line(exc, file)) from exc
@@ -362,10 +457,11 @@ class _FileLoader:
             shape = parse_shape(fields["input_shape"]) if fields.get("input_shape") is not None else None
             loss = _check_loss(fields.get("loss"))
             batch = _check_batch(fields.get("batch_size"))
+            call = check_call(fields)
         except ValueError as exc:
             raise self.error(f"{DECLARATION}: {exc}", str(name), where.line) from exc
         loc = self.src.of(factory) if self._defined_here(factory) or getattr(getattr(factory, "__code__", None), "co_filename", None) == self.file else None  # type: ignore[union-attr]
-        return _Candidate(str(name), factory, loc or where, True, shape, loss, batch)
+        return _Candidate(str(name), factory, loc or where, True, shape, loss, batch, call)
 
     def declared(self) -> list[_Candidate] | None:
         decl = self.module.__dict__.get(DECLARATION)
@@ -451,7 +547,12 @@ class _FileLoader:
         except BaseException as exc:
             if meta:
                 raise
-            raise self.error(f"constructing the model failed: {_exc_text(exc)}", cand.name, _innermost_line(exc, self.file) or cand.location.line) from exc
+            hint = ""
+            if isinstance(exc, ModuleNotFoundError) and exc.name:  # imported inside the constructor: the model needs it
+                hint = f"; the model imports it when it is constructed: install the package that provides {exc.name.split('.')[0]!r}"
+            raise self.error(
+                f"constructing the model failed: {_exc_text(exc)}{hint}", cand.name, _innermost_line(exc, self.file) or cand.location.line
+            ) from exc
         if not isinstance(model, nn.Module):
             raise self.error(f"the factory returned {type(model).__name__}, not an nn.Module", cand.name, cand.location.line)
         return model
@@ -482,6 +583,12 @@ class _FileLoader:
             pick("batch_size", self.options.batch_size, cand.batch_size),
         )
 
+    def forward_call(self, cand: _Candidate) -> ForwardCall:
+        """How forward is called: [tool.rgap-audit.models.NAME] above the declaration (no flags set these)."""
+        over = self.per_model.get(cand.name, {})
+        merged = {**cand.call, **{k: v for k, v in over.items() if k in CALL_KEYS and v is not None}}
+        return ForwardCall(**merged)
+
     def infer_shape(self, cand: _Candidate, model: nn.Module) -> tuple[int, ...]:
         """The input shape when the model's first operation fixes it (a Linear); else an error."""
         first, target = _first_op(model)
@@ -501,6 +608,16 @@ class _FileLoader:
             cand.name,
             cand.location.line,
         )
+
+    def example_shape(self, cand: _Candidate, model: nn.Module, call: ForwardCall, batch: int) -> tuple[int, ...]:
+        """One sample's shape from the private argument of the declared example_inputs."""
+        probe = LoadedModel(file=self.file, name=cand.name, module=model, location=cand.location, call=call)
+        with no_network(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.options.seed)
+            example = example_args(probe, batch)
+        assert example is not None
+        args, index = example
+        return sample_shape(args[index], call.batch_dim)
 
     def check_budget(self, cand: _Candidate, model: nn.Module, shape: tuple[int, ...], batch: int) -> None:
         """Refuse models whose audit would need more than the memory budget (estimate, see _PARAM_BYTES).
@@ -528,11 +645,16 @@ class _FileLoader:
             self.try_meta(cand)
             probe = cand.meta
         shape, loss, batch = self.settings(cand)
+        call = self.forward_call(cand)
         try:
             loss = _check_loss(loss)
             batch = _check_batch(batch)
         except ValueError as exc:
             raise self.error(str(exc), cand.name, cand.location.line) from exc
+        if probe is not None and (why := arity_error(probe, call)) is not None:
+            raise self.error(why, cand.name, cand.location.line)
+        if shape is None and call.example_inputs is not None:
+            probe = None  # the shape comes from example_inputs, called on the real model
         if probe is not None:
             if shape is None:
                 shape = self.infer_shape(cand, probe)
@@ -543,6 +665,8 @@ class _FileLoader:
             sites = {}
             model = self._call(cand, meta=False, sites=sites)
         cand.real, cand.sites = None, {}
+        if shape is None and call.example_inputs is not None:
+            shape = self.example_shape(cand, model, call, batch or 1)
         if shape is None:  # the meta build failed
             shape = self.infer_shape(cand, model)
         self.check_budget(cand, model, shape, batch or 1)
@@ -561,6 +685,7 @@ class _FileLoader:
             batch_size=batch,
             location=cand.location,
             layer_locations=layer_locations,
+            call=call,
         )
 
 
@@ -639,7 +764,7 @@ def iter_models(
     fl = _FileLoader(path, options, fallback, per_model)
     one = names[0] if names and len(names) == 1 else None
     try:
-        with _on_sys_path(os.path.dirname(os.path.abspath(fl.file))):
+        with _on_sys_path(fl.root):
             fl.import_file(one)
             declared = fl.declared()
             if names:

@@ -22,10 +22,10 @@ from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
 from rgap_audit.errors import AuditError
 from rgap_audit.identifiability import instance_identifiability
 from rgap_audit.instance import build_instance
-from rgap_audit.loader import display_path, iter_models, no_network
+from rgap_audit.loader import display_path, iter_models, module_file, no_network
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import Finding, Identifiability, ModelReport
-from rgap_audit.rules import Rule, evaluate, fails, load_rules, select_rules
+from rgap_audit.records import Finding, Identifiability, ModelReport, Verification
+from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
 from rgap_audit.suppress import apply as apply_suppressions
 from rgap_audit.threads import single_thread
 from rgap_audit.verify import settle, verify
@@ -66,13 +66,14 @@ class Result:
 
 
 def split_target(target: str) -> tuple[str, str | None]:
-    """`path.py:Name` -> (path.py, Name); a path that exists as written is never split."""
+    """`path.py:Name` -> (path.py, Name); a path that exists as written is never split. A dotted
+    module name (`pkg.models.resnet:ResNet20`) becomes the file that defines it (loader.module_file)."""
     if os.path.exists(target) or ":" not in target:
-        return target, None
+        return module_file(target), None
     path, _, name = target.rpartition(":")
     if not path or not name or "/" in name or "\\" in name:
         return target, None
-    return path, name
+    return module_file(path), name
 
 
 def group_targets(targets: list[str]) -> dict[str, list[str] | None]:
@@ -126,9 +127,11 @@ class Pipeline:
         self.on_error = on_error
         self.result = Result()
 
-    def error(self, err: AuditError, file: str | None = None, model: str | None = None) -> None:
+    def error(self, err: AuditError, file: str | None = None, model: str | None = None, stage: str | None = None) -> None:
+        """Record one error (with the stage it happened at, unless it says so itself) and report it."""
         err.file = err.file or file
         err.model = err.model or model
+        err.stage = err.stage or stage
         self.result.errors.append(err)
         self.on_error(err)
 
@@ -139,7 +142,7 @@ class Pipeline:
             self.result.rules = load_rules()
             select_rules(self.result.rules, select=req.select, ignore=req.ignore, extend_select=req.extend_select)
         except AuditError as err:
-            self.error(err)
+            self.error(err, stage="rules" if isinstance(err, RuleError) else "usage")  # a broken rule file, or a bad code
             return False
         return True
 
@@ -156,7 +159,7 @@ class Pipeline:
             try:
                 settings = cfg.settings_for(path)
             except AuditError as err:
-                self.error(err)
+                self.error(err, stage="config")
                 return
         options = AuditOptions(
             batch_size=req.batch_size,
@@ -170,31 +173,37 @@ class Pipeline:
         items = iter_models(
             path, names, options, fallback=settings.model_defaults(), per_model=settings.models, allow_empty=req.allow_no_models
         )
-        while True:
-            try:
-                with captured(req.debug):
-                    item = next(items)
-            except StopIteration:
-                break
-            except Exception as exc:  # a bug in the loader: report, go on with the next file
-                if req.debug:
-                    raise
-                self.error(internal_error(exc, path, None))
-                break
-            if isinstance(item, AuditError):
-                self.error(item)
-                continue
-            report = self._model(item, options)
-            if report is not None:
-                reports.append(report)
-            del item
+        try:
+            while True:
+                try:
+                    with captured(req.debug):
+                        item = next(items)
+                except StopIteration:
+                    break
+                except Exception as exc:  # a bug in the loader: report, go on with the next file
+                    if req.debug:
+                        raise
+                    self.error(internal_error(exc, path, None), stage="load")
+                    break
+                if isinstance(item, AuditError):
+                    self.error(item, stage="load")
+                    continue
+                report = self._model(item, options)
+                if report is not None:
+                    reports.append(report)
+                del item
+        finally:
+            with captured(req.debug):
+                close = getattr(items, "close", None)  # the loader's sys.path entry goes now, not when the generator is collected
+                if close is not None:
+                    close()
         if not reports:
             return
         self.result.reports.extend(reports)
         try:
             found = self._findings(reports, settings)
         except AuditError as err:
-            self.error(err)
+            self.error(err, stage="config")
             return
         self.result.findings.extend(found)
         if fails([f for f in found if not f.suppressed], req.fail_on or settings.fail_on or DEFAULT_FAIL_ON):
@@ -204,36 +213,44 @@ class Pipeline:
     def _model(self, loaded: LoadedModel, options: AuditOptions) -> ModelReport | None:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
+        stage = "trace"
         try:
             with no_network(), captured(req.debug), single_thread():
-                audit = audit_instance(build_instance(loaded, options), options)
+                inst = build_instance(loaded, options)
+                stage = "analysis"
+                audit = audit_instance(inst, options)
         except AuditError as err:
-            self.error(err, loaded.file, loaded.name)
+            self.error(err, loaded.file, loaded.name, stage)
             return None
         except Exception as exc:
             if req.debug:
                 raise
-            self.error(internal_error(exc, loaded.file, loaded.name))
+            self.error(internal_error(exc, loaded.file, loaded.name), stage=stage)
             return None
         report = audit.report
         if req.identifiability:
-            self._step(loaded, lambda: self._identifiability(audit))
-        if req.verify:
-            self._step(loaded, lambda: self._verify(audit))
+            self._step(loaded, "identifiability", lambda: self._identifiability(audit))
+        if req.verify and not self._step(loaded, "verify", lambda: self._verify(audit)):
+            cause = self.result.errors[-1].cause
+            report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed (an error of this run): {cause}")
         return report
 
-    def _step(self, loaded: LoadedModel, step: Callable[[], None]) -> None:
-        """A later step of one model: its failure is one more error, the report stays."""
+    def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
+        """A later step of one model: its failure is one more error, the report (and its findings) stay.
+        Returns whether the step succeeded."""
         req = self.request
         try:
             with no_network(), captured(req.debug):
                 step()
         except AuditError as err:
-            self.error(err, loaded.file, loaded.name)
+            self.error(err, loaded.file, loaded.name, stage)
+            return False
         except Exception as exc:
             if req.debug:
                 raise
-            self.error(internal_error(exc, loaded.file, loaded.name))
+            self.error(internal_error(exc, loaded.file, loaded.name), stage=stage)
+            return False
+        return True
 
     def _identifiability(self, audit: Audit) -> None:
         """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with

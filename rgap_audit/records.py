@@ -162,6 +162,7 @@ class LayerRecord:
     location: Location | None = None
     seconds: float = 0.0
     samples: int | None = None  # rows the layer treats as separate samples (batch x leading dims)
+    reads_input: bool = False  # the weighted layer (or embedding) that reads the model input: its input is the private one
     known_inputs: int | None = None  # input entries known to the attacker (a ReLU's zeros), not unknowns
     frozen: bool = False  # requires_grad=False: its gradient is not shared
     k_derivable: bool | None = None  # can the attacker compute dL/dz in closed form?
@@ -342,6 +343,8 @@ class ModelReport:
     tolerances: dict[str, float | str] = field(default_factory=dict)  # rgap_audit.tolerances.summary()
     verification: Verification | None = None
     identifiability: Identifiability | None = None
+    output: str | None = None  # which of forward's outputs the loss sees, when it returns several ("[0] of the tuple ...")
+    private_input: str | None = None  # which of forward's arguments is the input, when it takes several, and its batch dim
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""
@@ -362,6 +365,18 @@ def plain(obj: Any) -> Any:
 
 
 SEVERITIES = ("info", "warning", "error")  # ascending
+STAGES = ("usage", "config", "load", "trace", "analysis", "identifiability", "verify", "rules", "report")  # where an error happened
+
+
+@dataclass
+class ErrorRecord:
+    """One error of a run (a file, model or step that failed), as every format reports it; exit code 2."""
+
+    file: str | None  # None for usage errors that concern no file
+    line: int | None
+    model: str | None
+    stage: str  # one of STAGES
+    message: str  # the cause, one line
 
 
 @dataclass

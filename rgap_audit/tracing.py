@@ -16,6 +16,9 @@ in one line and names the user's source line. The GraphModule records what happe
 ``gm.meta["rgap_trace"]`` (method, leaf modules, concrete args, the failed attempts) and the
 module-state warnings of `ops.check_model` in ``gm.meta["rgap_warnings"]``.
 
+Calls whose result never reaches the output (a tuple's other outputs, shapes kept for logging) are
+removed, in-place calls excepted: they change neither the loss nor a gradient.
+
 After tracing, call sites whose meaning depends on their operands (the op table's `rewrite` families)
 are rewritten to the functions of `rgap_audit.ops.wrappers` (``x @ W`` with a Parameter W ->
 `linear_matmul`, ``x + c`` with c not depending on the input -> `shift_add`, ...); the wrappers
@@ -438,6 +441,34 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
     return notes
 
 
+def _in_place(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A call that may write into its input (`x.relu_()`, `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`)."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.op == "call_method":
+        return str(n.target).endswith("_")
+    if n.op == "call_function":
+        return getattr(n.target, "__name__", "").endswith("_") or n.is_impure()
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False)) or n.is_impure()
+    return False
+
+
+def _drop_dead(gm: fx.GraphModule) -> int:
+    """Remove calls whose result never reaches the output (the outputs forward computes but the loss does
+    not see: a tuple's other items, shapes kept for logging, a dict's extra heads). They change neither
+    the loss nor any gradient. In-place calls are kept. Returns how many nodes were removed."""
+    removed = 0
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op in ("call_function", "call_method", "call_module", "get_attr") and not n.users and not _in_place(gm, n):
+            gm.graph.erase_node(n)
+            removed += 1
+    if removed:
+        gm.graph.lint()
+        gm.recompile()
+    return removed
+
+
 # ----------------------------------------------------------------------------- entry point
 def trace(
     model: torch.nn.Module,
@@ -445,15 +476,19 @@ def trace(
     *,
     file: str | None = None,
     name: str | None = None,
+    adapt: Callable[[nn.Module], nn.Module] | None = None,
 ) -> fx.GraphModule:
     """Trace a float64 copy of `model` (see the module docstring for the fallbacks) and propagate shapes.
 
     The copy keeps the caller's model untouched; float64 makes ranks and reconstructions exact
-    enough to compare with dense SVDs. An integer example (token ids) is kept integer.
+    enough to compare with dense SVDs. An integer example (token ids) is kept integer. `adapt`
+    (rgap_audit.forwardcall) turns the copy into the one-input, one-output forward that is traced.
     """
     warnings = [f"{path}: {msg}" for path, msg in ops.check_model(model)]
     model = copy.deepcopy(model).to(torch.float64).eval()
     decomposed = ops.attention.decompose(model)  # fused attention / encoder layers -> explicit ops
+    if adapt is not None:
+        model = adapt(model)
     ex = example.to(torch.float64) if example.is_floating_point() else example
     eager_checked = False
 
@@ -466,6 +501,8 @@ def trace(
         try:
             with torch.no_grad():
                 model(ex)
+        except AuditError:  # raised by the adapted forward (rgap_audit.forwardcall): already the user's cause
+            raise
         except Exception as exc:
             raise AuditError(
                 f"forward failed on an input of shape {tuple(example.shape)}: {_cause(exc)}{_where(exc, file)}",
@@ -489,6 +526,7 @@ def trace(
             first_line = first_line if first_line is not None else _user_line(exc, file)
             continue
         try:
+            dead = _drop_dead(gm)
             notes = _normalise(gm)
             with torch.no_grad():
                 ShapeProp(gm).propagate(ex)
@@ -504,6 +542,7 @@ def trace(
             "collapsed_modules": details.get("collapsed_modules", 0),
             "rewrites": notes,
             "decomposed": decomposed,
+            "dead_nodes_removed": dead,
             "failed_attempts": [f"{m}: {why}" for m, why in failures],
         }
         gm.meta["rgap_warnings"] = warnings

@@ -70,7 +70,7 @@ def leaky_mlp(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> ModelRep
             rank_method="closed-form", deficit=0, sigma_min_rel=0.1, chain=Chain.FULL, chain_reason="z known",
             verdict=Verdict.LEAKS_EXACTLY, basis=Basis.STRUCTURE,
             reason="Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] != 0",
-            location=_loc(file, source, "self.fc1 ="),
+            location=_loc(file, source, "self.fc1 ="), reads_input=True,
         ),
     ]
     verdict = ModelVerdict(
@@ -118,7 +118,7 @@ def deficient_cnn(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> Mode
             rank_method="structured-svd", deficit=280, sigma_min_rel=0.004, chain=Chain.PARTIAL,
             chain_reason="through non-invertible ReLU",
             verdict=Verdict.DEFICIENT, basis=Basis.NUMERICAL, reason="rank 3188 of 3468 unknowns: 280 directions undetermined",
-            location=_loc(file, source, "self.conv1 ="),
+            location=_loc(file, source, "self.conv1 ="), reads_input=True,
         ),
     ]
     verdict = ModelVerdict(
@@ -132,6 +132,57 @@ def deficient_cnn(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> Mode
     )
 
 
+HEAD_SOURCE = """\
+import torch.nn as nn
+
+
+class BiasedHeadCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4, bias=False)
+        self.head = nn.Linear(128, 10)
+"""
+
+
+def biased_head(file: str = "models/head.py", source: str = HEAD_SOURCE) -> ModelReport:
+    """BiasedHeadCNN: the head (Linear with bias) gives its own input, the conv features, away exactly;
+    the conv below is deficient (3x16x16 input, k4 s4 to 8 channels: rank 448 of 768), so the model
+    input is not recoverable in closed form."""
+    layers = [
+        LayerRecord(
+            index=0, node="head", op="Linear", kind="layer", module_path="head",
+            input_shape=[1, 128], output_shape=[1, 10],
+            unknowns=128, grad_rows=1280, fwd_rows=9, rank_grad=128, rank_grad_counting=128, rank=128, deficit=0,
+            rank_method="structured-svd", sigma_min_rel=0.2, chain=Chain.PARTIAL,
+            chain_reason="output layer: cross-entropy reveals the logits up to a constant",
+            verdict=Verdict.LEAKS_EXACTLY, basis=Basis.STRUCTURE,
+            reason="Linear with bias: x = dL/dW[j] / dL/db[j] for any j with dL/db[j] != 0",
+            location=_loc(file, source, "self.head ="),
+        ),
+        LayerRecord(
+            index=1, node="flatten", op="flatten", kind="reshape", module_path=None,
+            input_shape=[1, 8, 4, 4], output_shape=[1, 128], verdict=Verdict.PASSES, basis=Basis.STRUCTURE,
+            reason="a permutation of entries: passes the chain unchanged",
+        ),
+        LayerRecord(
+            index=2, node="conv", op="Conv2d", kind="layer", module_path="conv",
+            input_shape=[1, 3, 16, 16], output_shape=[1, 8, 4, 4],
+            unknowns=768, grad_rows=384, fwd_rows=128, rank_grad=384, rank_grad_counting=384, rank=448, deficit=320,
+            rank_method="structured-svd", sigma_min_rel=0.01, chain=Chain.FULL, chain_reason="layer above (head) recovered",
+            verdict=Verdict.DEFICIENT, basis=Basis.NUMERICAL, reason="rank 448 of 768 unknowns: 320 directions undetermined",
+            location=_loc(file, source, "self.conv ="), reads_input=True,
+        ),
+    ]
+    verdict = ModelVerdict(
+        status=ModelStatus("deficient"), input_recoverable=False, deficient_layers=1, total_deficit=320, input_deficit=320,
+        basis=Basis.NUMERICAL, summary="input not recoverable in closed form: 320 input directions undetermined",
+    )
+    return ModelReport(
+        file=file, model="BiasedHeadCNN", input_shape=[3, 16, 16], batch_size=1, loss="cross-entropy", seed=0, dtype="float64",
+        layers=layers, verdict=verdict, location=_loc(file, source, "class BiasedHeadCNN", col=1),
+    )
+
+
 def undecided(file: str = "models/odd.py") -> ModelReport:
     """A model with no source locations at all: a not-understood op, a layer ranked only by bounds, B=4."""
     layers = [
@@ -140,7 +191,7 @@ def undecided(file: str = "models/odd.py") -> ModelReport:
             input_shape=[4, 100], output_shape=[4, 1], unknowns=400, grad_rows=100, fwd_rows=4,
             rank_lower=300, rank_upper=450, rank_method="bounds", verdict=Verdict.RECOVERABLE, basis=Basis.BOUNDS,
             reason="rank between 300 and 450 of 400 unknowns (system too large for an exact rank)",
-            span=BatchSpan(rank=4, distance=3e-16, samples=4),  # B = 4: the batch's span leaks
+            span=BatchSpan(rank=4, distance=3e-16, samples=4), reads_input=True,  # B = 4: the batch's span leaks
         ),
         LayerRecord(
             index=1, node="fft_1", op="fft", kind="unknown", module_path=None,

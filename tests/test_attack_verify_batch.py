@@ -319,10 +319,11 @@ def test_bad_inputs_are_still_audit_errors(tmp_path):
     torch.save(torch.full((2, *SHAPE), float("nan")), tmp_path / "nan.pt")
     with pytest.raises(AuditError, match="NaN"):
         verify(loaded, AuditOptions(batch_size=2), report, input=str(tmp_path / "nan.pt"))
-    # a model R-GAP cannot attack at all is an error of the input, not a batch outcome
+    # a model R-GAP cannot attack at all is a limit of the attack (issue 11): not attempted, with the reason,
+    # neither an error of the input nor a batch outcome
     sig = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())
-    with pytest.raises(AuditError, match="unsupported head"):
-        verify(_loaded(sig, (4,), "logistic"), AuditOptions(batch_size=2), _report(sig, (4,), "logistic", False, 2))
+    result = verify(_loaded(sig, (4,), "logistic"), AuditOptions(batch_size=2), _report(sig, (4,), "logistic", False, 2))
+    assert result.attempted is False and result.summary.startswith("Not attempted: unsupported head")
 
 
 # ----------------------------------------------------------------------------- report formats, images, CLI

@@ -118,10 +118,12 @@ class Stages:
                 f.suppressed = True
         return findings
 
-    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None):
+    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None, errors=()):
         self.calls["render"].append(fmt)
+        self.calls.setdefault("errors", []).append(list(errors))
         shown = [f for f in findings if show_suppressed or not f.suppressed]
-        return "".join(f"{fmt}|{f.file}:{f.line}:{f.col}: {f.code} {f.message}{' (suppressed)' * f.suppressed}\n" for f in shown)
+        lines = [f"{fmt}|{f.file}:{f.line}:{f.col}: {f.code} {f.message}{' (suppressed)' * f.suppressed}\n" for f in shown]
+        return "".join(lines + [f"{fmt}|error {e.stage}: {e.message}\n" for e in errors])
 
     def verify(self, audit, input=None, weights=None, save_images=None, debug=False):
         self.calls["verify"].append({"input": input, "weights": weights, "save_images": save_images})
@@ -212,10 +214,9 @@ def test_bad_config_is_one_line_exit_2(stages, capsys, tmp_path):
     path = write(tmp_path, "leaky.py", LEAKY)
     write(tmp_path, "pyproject.toml", "[tool.rgap-audit]\nfail_on = 'error'\n")
     code, out, err = main(capsys, path)
-    assert code == 2 and out == ""
-    assert err.strip() == "pyproject.toml: error: [tool.rgap-audit] unknown key 'fail_on'; allowed: " + ", ".join(
-        __import__("rgap_audit.config", fromlist=["TOP_KEYS"]).TOP_KEYS
-    )
+    cause = "[tool.rgap-audit] unknown key 'fail_on'; allowed: " + ", ".join(__import__("rgap_audit.config", fromlist=["TOP_KEYS"]).TOP_KEYS)
+    assert code == 2 and err.strip() == f"pyproject.toml: error: {cause}"
+    assert out == f"concise|error config: {cause}\n"  # the report carries the error too, once
     assert main(capsys, path, "--no-config")[0] == 1
 
 
@@ -248,7 +249,9 @@ def test_github_format_annotates_broken_files(stages, capsys, tmp_path):
     bad = write(tmp_path, "bad.py", "import torch\nclass Net(:\n")
     code, out, err = main(capsys, bad, "--format", "github")
     assert code == 2 and err.count("\n") == 1
-    assert out.startswith("::error file=") and ",line=2,title=rgap-audit::syntax error" in out
+    (errors,) = stages.calls["errors"]  # the renderer gets the error (formats.github turns it into ::error)
+    assert [(e.file, e.line, e.model, e.stage) for e in errors] == [(bad, 2, None, "load")]
+    assert out == "github|error load: syntax error: invalid syntax\n"
 
 
 def test_targets_with_names_are_grouped_per_file(stages, capsys, tmp_path):
@@ -310,6 +313,7 @@ def test_internal_errors_are_one_line_unless_debug(stages, capsys, tmp_path, mon
     assert err.startswith(f"{path}: Leaky: error: internal error: ZeroDivisionError") and "--debug" in err
     with pytest.raises(ZeroDivisionError):
         cli.main([path, "--debug"])
+    assert str(tmp_path) not in sys.path  # the loader's sys.path entry is gone at once, not at interpreter exit
 
 
 @pytest.mark.parametrize(
@@ -368,7 +372,7 @@ def test_load_error_is_one_line_exit_2(stages, capsys, tmp_path, name, text, wor
     if text is not None:
         write(tmp_path, f"{name}.py", text)
     code, out, err = main(capsys, path)
-    assert code == 2 and out == ""
+    assert code == 2 and out == f"concise|error load: {err.split(' error: ', 1)[1]}"  # in the report too, at stage load
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(path + ":") and all(w in err for w in words), err
     if model:
@@ -496,3 +500,55 @@ def test_verify_identifiability_and_their_errors(tmp_path, monkeypatch, capsys):
     code, out, err = main(capsys, "tiny.py", "--verify", "--weights", "bad.pt")
     assert code == 2 and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("tiny.py: Tiny: error: --weights") and "bad.pt" in err
+
+
+def test_a_failing_verify_keeps_the_model_and_its_findings_and_is_one_more_error(tmp_path, monkeypatch, capsys):
+    """Real stages, in-process: --verify with a checkpoint that does not fit the model."""
+    import jsonschema
+    import torch
+
+    from rgap_audit.formats.jsonreport import report_schema
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "tiny.py", TINY)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+    code, static, _ = main(capsys, "tiny.py", "--format", "json")
+    assert code == 1
+    base = json.loads(static)
+    code, out, err = main(capsys, "tiny.py", "--verify", "--weights", "bad.pt", "--format", "json")
+    assert code == 2 and err.count("\n") == 1
+    doc = json.loads(out)
+    jsonschema.Draft202012Validator(report_schema()).validate(doc)
+    (model,) = doc["models"]
+    def untimed(layers):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in layers]
+
+    assert model["model"] == "Tiny" and model["verdict"] == base["models"][0]["verdict"]
+    assert untimed(model["layers"]) == untimed(base["models"][0]["layers"])
+    assert doc["findings"] == base["findings"] and doc["summary"]["findings"] == base["summary"]["findings"] > 0
+    cause = err.split(" error: ", 1)[1].strip()
+    assert doc["errors"] == [{"file": "tiny.py", "line": None, "model": "Tiny", "stage": "verify", "message": cause}]
+    assert model["verification"]["attempted"] is False and cause in model["verification"]["summary"]
+    code, out, _ = main(capsys, "tiny.py", "--verify", "--weights", "bad.pt", "--format", "sarif")
+    (run,) = json.loads(out)["runs"]
+    assert code == 2 and len(run["results"]) == len(base["findings"])
+    (inv,) = run["invocations"]
+    assert inv["executionSuccessful"] is False and inv["toolExecutionNotifications"][0]["properties"]["stage"] == "verify"
+    code, out, _ = main(capsys, "tiny.py", "--verify", "--weights", "bad.pt", "--format", "concise")
+    assert code == 2 and out.splitlines()[-1].endswith("; 1 error (verify): the run is incomplete.")
+    assert sum(1 for line in out.splitlines() if " RGAP" in line) == len(base["findings"])
+
+
+def test_a_tuple_output_model_in_a_real_process_with_debug():
+    """The R-GAP authors' (logits, shapes) style: audited, and --debug prints no traceback at exit."""
+    result = run_cli("tests/data/models_in_the_wild/tuple_outputs.py:LeNetShapes", "--debug", "--format", "json")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    import jsonschema
+
+    from rgap_audit.formats.jsonreport import report_schema
+
+    doc = json.loads(result.stdout)
+    jsonschema.Draft202012Validator(report_schema()).validate(doc)
+    (model,) = doc["models"]
+    assert model["output"].startswith("[0] of the tuple of 2") and doc["errors"] == []

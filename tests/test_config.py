@@ -107,6 +107,9 @@ def test_changes_to_the_file_are_seen(tmp_path):
         ("[tool.rgap-audit]\nmemory-budget-mb = -1\n", "memory-budget-mb must be a positive number"),
         ("[tool.rgap-audit]\nselect = 3\n", "select must be a list of rule codes"),
         ("[tool.rgap-audit]\nselect = [\n", "invalid TOML"),
+        ("[tool.rgap-audit.models.Net]\nbatch-dim = -1\n", "batch-dim: batch_dim must be an integer >= 0"),
+        ("[tool.rgap-audit.models.Net]\noutput = 1.5\n", "output: output must be an index or a key"),
+        ("[tool.rgap-audit.models.Net]\nprivate-input = true\n", "private-input: private_input must be a position"),
     ],
 )
 def test_bad_configuration_names_key_and_file(tmp_path, body, needle):
@@ -116,3 +119,24 @@ def test_bad_configuration_names_key_and_file(tmp_path, body, needle):
     assert needle in info.value.cause
     assert info.value.file == str(path)
     assert "\n" not in info.value.one_line()
+
+
+def test_per_model_output_and_batch_dim_override_the_declaration(tmp_path):
+    """[tool.rgap-audit.models.NAME] output / batch-dim sit above the file's RGAP_MODELS (tests/data models)."""
+    import shutil
+
+    from rgap_audit.analysis import audit_instance
+    from rgap_audit.instance import build_instance
+    from rgap_audit.loader import load_models
+    from rgap_audit.options import AuditOptions
+
+    wild = Path(__file__).resolve().parent / "data" / "models_in_the_wild"
+    shutil.copy(wild / "tuple_outputs.py", tmp_path / "tuple_outputs.py")
+    pyproject(tmp_path, "[tool.rgap-audit.models.FeaturesThenLogits]\noutput = 0\n")
+    settings = settings_for(str(tmp_path / "tuple_outputs.py"))
+    assert settings.models == {"FeaturesThenLogits": {"output": 0}}
+    (m,) = load_models(str(tmp_path / "tuple_outputs.py"), ["FeaturesThenLogits"], AuditOptions(), per_model=settings.models)
+    assert m.call.output == 0  # the declaration said 1
+    report = audit_instance(build_instance(m, AuditOptions()), AuditOptions()).report
+    assert report.output.startswith("[0] of the tuple of 2") and report.input_shape == [1, 12, 12]
+    assert report.layers[0].output_shape == [1, 216]  # the features: no layer above them

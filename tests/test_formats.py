@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import jsonschema
@@ -16,7 +17,7 @@ from rgap_audit.errors import AuditError
 from rgap_audit.formats import FORMATS, render
 from rgap_audit.formats.jsonreport import report_dict, report_schema
 from rgap_audit.formats.sarif import sarif_log
-from rgap_audit.records import SCHEMA_VERSION, Verification, VerifiedLayer
+from rgap_audit.records import SCHEMA_VERSION, STAGES, ErrorRecord, Verification, VerifiedLayer
 from rgap_audit.rules import evaluate, load_rules
 from rgap_fixtures import MLP_SOURCE, deficient_cnn, leaky_mlp, line_of, undecided
 
@@ -112,6 +113,7 @@ def test_json_report_validates_against_the_shipped_schema(reports, findings):
         "by_severity": {"info": 8, "warning": 4, "error": 2},
         "input_recoverable": 1,
         "undecided": 1,
+        "errors": 0,
     }
     empty = json.loads(render("json", [], []))
     jsonschema.Draft202012Validator(schema).validate(empty)
@@ -345,3 +347,66 @@ def test_table_shows_verify_measurements_next_to_the_static_columns():
     # without measurements the columns are not shown
     report.verification = None
     assert "measured nullity" not in render("table", [report], [])
+
+
+# --------------------------------------------------------------------------- errors (issue 11, item 6)
+RUN_ERRORS = [
+    ErrorRecord("models/bad.py", 3, None, "load", "syntax error: invalid syntax"),
+    ErrorRecord("models/mlp.py", None, "ReluCNN", "verify", "--weights: checkpoint 'w.pt' does not match the model"),
+    ErrorRecord(None, None, None, "config", "[tool.rgap-audit] unknown key 'fail_on'"),
+]
+
+
+def test_errors_are_in_the_json_report_and_counted(reports, findings):
+    doc = json.loads(render("json", reports, findings, errors=RUN_ERRORS))
+    jsonschema.Draft202012Validator(report_schema()).validate(doc)
+    assert doc["errors"] == [asdict(e) for e in RUN_ERRORS]
+    assert doc["summary"]["errors"] == 3 and doc["summary"]["models"] == 3
+    empty = json.loads(render("json", [], [], errors=RUN_ERRORS[:1]))  # nothing audited: still a document that says why
+    jsonschema.Draft202012Validator(report_schema()).validate(empty)
+    assert empty["models"] == [] and empty["errors"][0]["stage"] == "load" and empty["summary"]["errors"] == 1
+    broken = copy.deepcopy(doc)
+    broken["errors"][0]["stage"] = "compile"  # not a stage
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(report_schema()).validate(broken)
+    stages = report_schema()["$defs"]["error"]["properties"]["stage"]["enum"]
+    assert stages == list(STAGES)
+
+
+def test_errors_are_sarif_tool_execution_notifications(reports, findings, tmp_path):
+    clean = sarif_log(reports, findings, cwd=str(tmp_path))
+    sarif_validator().validate(clean)
+    assert clean["runs"][0]["invocations"] == [{"executionSuccessful": True, "toolExecutionNotifications": []}]
+    doc = json.loads(render("sarif", reports, findings, cwd=str(tmp_path), errors=RUN_ERRORS))
+    sarif_validator().validate(doc)
+    (run,) = doc["runs"]
+    (inv,) = run["invocations"]
+    assert inv["executionSuccessful"] is False
+    notes = inv["toolExecutionNotifications"]
+    assert [n["level"] for n in notes] == ["error"] * 3
+    assert notes[0]["locations"][0]["physicalLocation"] == {
+        "artifactLocation": {"uri": "models/bad.py", "uriBaseId": "%SRCROOT%"}, "region": {"startLine": 3},
+    }
+    assert notes[1]["message"]["text"].startswith("ReluCNN: --weights") and notes[1]["properties"]["stage"] == "verify"
+    assert "region" not in notes[1]["locations"][0]["physicalLocation"] and "locations" not in notes[2]
+    assert len(run["results"]) == len(findings)  # the findings stay next to the errors
+    assert run["properties"]["summary"]["errors"] == 3
+
+
+def test_errors_are_github_error_annotations_and_in_the_summary_lines(reports, findings):
+    lines = render("github", reports, findings, errors=RUN_ERRORS).splitlines()
+    assert lines[:3] == [
+        "::error file=models/bad.py,line=3,title=rgap-audit (load)::syntax error: invalid syntax",
+        "::error file=models/mlp.py,title=rgap-audit (verify)::ReluCNN: --weights: checkpoint 'w.pt' does not match the model",
+        "::error title=rgap-audit (config)::[tool.rgap-audit] unknown key 'fail_on'",
+    ]
+    tail = "; 3 errors (load, verify, config): the run is incomplete."
+    assert lines[-1].endswith(tail)
+    for fmt in ("concise", "table"):
+        text = render(fmt, reports, findings, errors=RUN_ERRORS)
+        assert text.splitlines()[-1].startswith("Found 14 findings") and text.splitlines()[-1].endswith(tail), fmt
+        nothing = render(fmt, [], [], errors=RUN_ERRORS[:1]).splitlines()[-1]
+        assert nothing == "No findings in 0 models; 1 error (load): the run is incomplete.", fmt  # never "All checks passed"
+    table = render("table", reports, findings, errors=RUN_ERRORS)
+    assert "errors:\n  models/bad.py:3: error: syntax error: invalid syntax (load)\n" in table
+    assert render("concise", [], []).strip() == "All checks passed: 0 models, no findings."

@@ -367,3 +367,72 @@ def test_weights_as_constructed_do_not_depend_on_what_ran_before():
         assert torch.equal(a, b)
     other = load_models(path, None, AuditOptions(seed=1))[0].module
     assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ('"output": 1.5', "output must be an index or a key"),
+        ('"output": True', "output must be an index or a key"),
+        ('"batch_dim": -1', "batch_dim must be an integer >= 0"),
+        ('"private_input": -2', "private_input must be a position"),
+        ('"example_inputs": (1, 2)', "example_inputs must be a function of the model"),
+    ],
+)
+def test_declared_forward_call_is_validated(tmp_path, entry, needle):
+    path = write(
+        tmp_path,
+        "m.py",
+        f"""
+        import torch.nn as nn
+        RGAP_MODELS = {{"M": {{"factory": lambda: nn.Linear(3, 2), "input_shape": (3,), {entry}}}}}
+        """,
+    )
+    err = error_of(path)
+    assert needle in err.cause and err.model == "M" and err.line == 2
+
+
+def test_example_inputs_give_the_input_shape_and_a_private_input_by_name(tmp_path):
+    path = write(
+        tmp_path,
+        "m.py",
+        """
+        import torch
+        import torch.nn as nn
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 2, bias=False)
+
+            def forward(self, mask, x):
+                return self.fc(x * mask)
+
+        RGAP_MODELS = {"Gated": {"factory": Gated, "example_inputs": lambda m: (torch.ones(1, 4), torch.zeros(1, 4)), "private_input": "x"}}
+        """,
+    )
+    (m,) = load(path)
+    assert m.input_shape == (4,) and m.call.private_input == "x"
+    bad = path.replace("m.py", "bad.py")
+    Path(bad).write_text(Path(path).read_text().replace('"private_input": "x"', '"private_input": "y"'))
+    err = error_of(bad)
+    assert err.cause == "private_input 'y' is not a parameter of forward (mask, x)" and err.model == "Gated"
+
+
+def test_constructor_imports_name_the_missing_package(tmp_path):
+    path = write(
+        tmp_path,
+        "m.py",
+        """
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                import rgap_test_absent_backbones
+                self.fc = nn.Linear(3, 1)
+        """,
+    )
+    err = error_of(path)
+    assert "No module named 'rgap_test_absent_backbones'" in err.cause
+    assert "the model imports it when it is constructed: install the package that provides 'rgap_test_absent_backbones'" in err.cause

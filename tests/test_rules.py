@@ -14,7 +14,7 @@ from rgap_audit import docs
 from rgap_audit.errors import AuditError
 from rgap_audit.records import SEVERITIES, Basis, Finding, LayerRecord, Probe, Verdict
 from rgap_audit.rules import RuleError, evaluate, fails, load_rules, parse_condition, parse_template, rules_dir, select_rules
-from rgap_fixtures import MLP_SOURCE, deficient_cnn, leaky_mlp, line_of, undecided
+from rgap_fixtures import MLP_SOURCE, biased_head, deficient_cnn, leaky_mlp, line_of, undecided
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = load_rules()
@@ -52,7 +52,7 @@ def test_rule_files_live_in_the_repo_and_the_wheel_ships_them():
 
 
 def test_every_rule_fires_on_some_fixture_and_stays_quiet_on_another():
-    reports = [leaky_mlp(), deficient_cnn(), undecided()]
+    reports = [leaky_mlp(), deficient_cnn(), undecided(), biased_head()]
     fired = set(codes_of(evaluate(reports, RULES)))
     assert fired == set(CODES)  # the fixtures exercise every condition
     for report in reports:
@@ -73,6 +73,25 @@ def test_leaky_linear_fires_and_points_at_its_constructor_line():
     assert "leaks-exactly" in model[0].message
     # the recoverable fc2 is a layer-recoverable info, not a leak
     assert [f.node for f in by_code(findings, "RGAP202")] == ["fc2"]
+
+
+def test_a_biased_head_leaks_features_as_a_warning_and_the_model_keeps_its_verdict_severity():
+    """Severity policy (issue 11): a biased Linear that does not read the model input leaks internal
+    features (RGAP205, warning), not the private input (RGAP201, error); the model-level finding
+    carries the severity of the model verdict (here not recoverable: RGAP103, info)."""
+    findings = evaluate([biased_head()], RULES)
+    (head,) = by_code(findings, "RGAP205")
+    assert head.node == "head" and head.severity == "warning" and "internal features" in head.message
+    assert not by_code(findings, "RGAP201") and not by_code(findings, "RGAP101")
+    assert [(f.code, f.severity) for f in findings if f.node is None] == [("RGAP103", "info")]
+    assert max(SEVERITIES.index(f.severity) for f in findings) == SEVERITIES.index("warning")
+
+
+def test_model_findings_carry_the_severity_of_the_model_verdict():
+    severity = {True: "error", None: "warning", False: "info"}
+    for report in (leaky_mlp(), deficient_cnn(), undecided(), biased_head()):
+        model_level = [f for f in evaluate([report], RULES, select=["RGAP1"]) if f.code in ("RGAP101", "RGAP102", "RGAP103")]
+        assert [f.severity for f in model_level] == [severity[report.verdict.input_recoverable]], report.model
 
 
 def test_safe_and_deficient_records_do_not_fire_the_leak_rules():
@@ -116,15 +135,18 @@ def test_messages_have_no_placeholders_left_and_findings_come_in_walk_order():
 
 
 @settings(max_examples=60, deadline=None)
-@given(verdict=st.sampled_from(list(Verdict)), sigma=st.one_of(st.none(), st.floats(0, 1)), deficit=st.integers(0, 500))
-def test_verdict_rules_fire_exactly_on_their_verdict(verdict, sigma, deficit):
+@given(
+    verdict=st.sampled_from(list(Verdict)), sigma=st.one_of(st.none(), st.floats(0, 1)), deficit=st.integers(0, 500),
+    reads_input=st.booleans(),
+)
+def test_verdict_rules_fire_exactly_on_their_verdict(verdict, sigma, deficit, reads_input):
     report = deficient_cnn()
     rec = report.layers[1]
-    rec.verdict, rec.sigma_min_rel, rec.deficit = verdict, sigma, deficit
+    rec.verdict, rec.sigma_min_rel, rec.deficit, rec.reads_input = verdict, sigma, deficit, reads_input
     report.layers = [rec]
     fired = {f.code for f in evaluate([report], RULES, select=["RGAP2", "RGAP3", "RGAP401"])}
     expect = {
-        Verdict.LEAKS_EXACTLY: {"RGAP201"},
+        Verdict.LEAKS_EXACTLY: {"RGAP201"} if reads_input else {"RGAP205"},  # the private input, or internal features
         Verdict.RECOVERABLE: {"RGAP202"},
         Verdict.DEFICIENT: {"RGAP203"},
         Verdict.CHAIN_BROKEN: {"RGAP301"},
@@ -378,3 +400,17 @@ def test_a_module_called_twice_is_named_per_call():
     assert all(any(f"act [{n}]" in m for m in relu) for n in nodes)
     head = [f.message for f in evaluate([rep], RULES) if "Shared.head" in f.message]
     assert head and all("[" not in m.split(" (")[0] for m in head)  # a module called once keeps its plain path
+
+
+def test_the_severity_policy_in_the_docs_matches_the_rule_files():
+    """docs/rules.md states the severity of every rule; the rule files are the oracle. Each code is
+    read with the severity word nearest to it in the text ("... (RGAP102) a warning")."""
+    import re as _re
+
+    text = " ".join(docs.SEVERITY_POLICY)
+    words = [(m.start(), m.end(), m.group(1)) for m in _re.finditer(r"\b(error|warning|info)s?\b", text)]
+    stated = {}
+    for m in _re.finditer(r"RGAP\d{3}", text):
+        dist = [(min(abs(m.start() - b), abs(a - m.end())), w) for a, b, w in words]
+        stated[m.group(0)] = min(dist)[1]
+    assert stated == {r.code: r.severity for r in RULES}  # every rule placed, each at its own severity

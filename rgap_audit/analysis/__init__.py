@@ -64,6 +64,8 @@ def audit_instance(inst: Instance, options: AuditOptions) -> Audit:
         warnings=state.warnings,
         timings={**inst.timings, "walk_s": t_walk - t0, "total_s": sum(inst.timings.values()) + time.perf_counter() - t0},
         tolerances=tolerances.summary(),
+        output=inst.output,
+        private_input=inst.private_input,
     )
     return Audit(report, inst, state.systems)
 

@@ -197,6 +197,9 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
         caveats.append(CAVEAT_DEFICIT)
     first, path_ok, why_path = input_layer(inst, state.stops)
     rec = next((r for r in records if r.node == first), None) if first is not None else None
+    lg = inst.graph
+    for r in records:  # what the layer reads is the private input itself (RGAP201), not internal features (RGAP205)
+        r.reads_input = r is rec or (r.kind == ops.EMBEDDING and lg.data_args(r.node)[:1] == [lg.input_node])
     if rec is not None and path_ok and inst.batch > 1:
         assert first is not None
         span = batch_span(inst, first, rec)

@@ -125,6 +125,12 @@ def _plain(obj):
     return obj
 
 
+INTEGER_INPUT = (
+    "the input is integer token ids: closed-form R-GAP solves for real-valued inputs; what the gradient gives away "
+    "about the tokens (the set used, through the embedding's gradient) is in the static report"
+)
+
+
 # ----------------------------------------------------------------------------- the model, traced once
 class _Context:
     """The traced model (a layer graph with the constants of one run), the gradients per weighted node
@@ -225,7 +231,7 @@ class _Context:
         """The weighted layer producing the output, through reshapes/identities only."""
         srcs = self.lg.data_args(self.lg.output_node)
         if len(srcs) != 1:
-            raise AuditError("the model returns several tensors; R-GAP needs one output")
+            raise AttackUnsupported("the model returns several tensors; R-GAP needs one output")
         node, passed = srcs[0], list[str]()
         while True:
             info = self.lg.node(node).info
@@ -235,9 +241,9 @@ class _Context:
                 passed.append(node)
                 node = self.lg.data_args(node)[0]
                 continue
-            raise AuditError(
+            raise AttackUnsupported(  # a limit of the attack (softmax heads, pooling heads), not bad input
                 f"unsupported head: the output comes from {node} ({info.name}); the closed-form heads need the "
-                "output to be a Linear layer's (optionally reshaped)"
+                "output to be a Linear layer's (optionally reshaped; a log-softmax before cross-entropy is folded into the loss)"
             )
 
 
@@ -448,7 +454,7 @@ def _head(ctx: _Context, head: str, label) -> HeadResult:
     dw, db = ctx.grads[head]
     xs, zs = ctx.x_shape(head), ctx.out_shape(head)
     if spec.ndim != 0 or math.prod(xs) != spec.n_in:
-        raise AuditError(f"unsupported head {head}: the closed-form heads need a Linear layer on one sample")
+        raise AttackUnsupported(f"unsupported head {head}: the closed-form heads need a Linear layer on one sample")
     try:
         if ctx.loss == "logistic":
             if spec.out_channels != 1:
@@ -546,6 +552,9 @@ def attack_graph(
     with single_thread():
         ctx = _Context(graph, env, gradients, input_shape, loss)
         truth = None
+        meta = ctx.lg.node(ctx.lg.input_node).fx.meta.get("tensor_meta")
+        if getattr(meta, "dtype", torch.float64).is_floating_point is False:
+            raise AttackUnsupported(INTEGER_INPUT)
         if true_input is not None:
             tx = torch.as_tensor(true_input).detach().to(torch.float64)
             if tx.numel() != math.prod(ctx.input_shape):

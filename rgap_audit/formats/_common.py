@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from rgap_audit.records import SEVERITIES, Finding, ModelReport
+from rgap_audit.records import SEVERITIES, ErrorRecord, Finding, ModelReport
 
 
 def ordered(findings: Iterable[Finding]) -> list[Finding]:
@@ -35,7 +35,7 @@ def finding_line(f: Finding) -> str:
     return f"{f.file}:{f.line}:{f.col}: {f.code} [{f.severity}] {f.message}{tail}"
 
 
-def summary_dict(reports: Sequence[ModelReport], findings: Sequence[Finding]) -> dict[str, object]:
+def summary_dict(reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = ()) -> dict[str, object]:
     return {
         "models": len(reports),
         "findings": sum(1 for f in findings if not f.suppressed),
@@ -43,11 +43,21 @@ def summary_dict(reports: Sequence[ModelReport], findings: Sequence[Finding]) ->
         "by_severity": by_severity(findings),
         "input_recoverable": sum(1 for r in reports if r.verdict.input_recoverable is True),
         "undecided": sum(1 for r in reports if r.verdict.input_recoverable is None),
+        "errors": len(errors),
     }
 
 
-def summary_line(reports: Sequence[ModelReport], findings: Sequence[Finding], show_suppressed: bool) -> str:
-    """One closing line: what was audited, the findings by severity, how many were suppressed."""
+def error_line(e: ErrorRecord) -> str:
+    """`file:line: model: error: message (stage)`, the stderr line with the stage it happened at."""
+    where = (e.file or "rgap-audit") + (f":{e.line}" if e.line is not None else "")
+    who = f" {e.model}:" if e.model else ""
+    return f"{where}:{who} error: {e.message} ({e.stage})"
+
+
+def summary_line(
+    reports: Sequence[ModelReport], findings: Sequence[Finding], show_suppressed: bool, errors: Sequence[ErrorRecord] = ()
+) -> str:
+    """One closing line: what was audited, the findings by severity, how many were suppressed, the errors."""
     counts = by_severity(findings)
     active = sum(counts.values())
     suppressed = sum(1 for f in findings if f.suppressed)
@@ -55,8 +65,13 @@ def summary_line(reports: Sequence[ModelReport], findings: Sequence[Finding], sh
     if active:
         parts = ", ".join(plural(counts[s], s) if s != "info" else f"{counts[s]} info" for s in reversed(SEVERITIES) if counts[s])
         text = f"Found {plural(active, 'finding')} ({parts}) in {models}"
+    elif errors:  # never "all checks passed" when something could not be checked
+        text = f"No findings in {models}"
     else:
         text = f"All checks passed: {models}, no findings"
     if suppressed:
         text += f"; {suppressed} suppressed" + ("" if show_suppressed else " (--show-suppressed shows them)")
+    if errors:
+        stages = ", ".join(dict.fromkeys(e.stage for e in errors))
+        text += f"; {plural(len(errors), 'error')} ({stages}): the run is incomplete"
     return text + "."

@@ -1,4 +1,4 @@
-"""`github`: GitHub Actions workflow commands, one annotation per finding on the file and line."""
+"""`github`: GitHub Actions workflow commands, one annotation per error and per finding on the file and line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from rgap_audit.errors import AuditError
 from rgap_audit.formats._common import ordered, shown, summary_line
-from rgap_audit.records import Finding, ModelReport
+from rgap_audit.records import ErrorRecord, Finding, ModelReport
 
 LEVELS = {"error": "error", "warning": "warning", "info": "notice"}
 
@@ -35,15 +35,24 @@ def annotation(f: Finding) -> str:
     return f"::{level} {props}::{escape_data(f.message)}"
 
 
-def error_annotation(err: AuditError) -> str:
-    """`::error file=...,line=...,title=rgap-audit::model: cause` for a file that could not be audited."""
-    props = f"file={escape_property(err.file or '')}" + (f",line={err.line}" if err.line else "") + ",title=rgap-audit"
-    who = f"{err.model}: " if err.model else ""
-    return f"::error {props}::{escape_data(who + ' '.join(str(err.cause).split()))}"
+def error_annotation(err: AuditError | ErrorRecord) -> str:
+    """`::error file=...,line=...,title=rgap-audit (stage)::model: cause` for a file, model or step that failed;
+    without a file (a usage error) the annotation has no file property."""
+    rec = err.record() if isinstance(err, AuditError) else err
+    props = [f"file={escape_property(rec.file)}"] if rec.file else []
+    if rec.file and rec.line:
+        props.append(f"line={rec.line}")
+    props.append(f"title={escape_property(f'rgap-audit ({rec.stage})')}")
+    who = f"{rec.model}: " if rec.model else ""
+    return f"::error {','.join(props)}::{escape_data(who + rec.message)}"
 
 
-def render_github(reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False) -> str:
-    """Annotations for a workflow log; the summary line stays plain text in the log."""
-    lines = [annotation(f) for f in ordered(shown(findings, show_suppressed))]
-    lines.append(summary_line(reports, findings, show_suppressed))
+def render_github(
+    reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False, errors: Sequence[ErrorRecord] = ()
+) -> str:
+    """Annotations for a workflow log (one ::error per error, then one per finding); the summary line
+    stays plain text in the log."""
+    lines = [error_annotation(e) for e in errors]
+    lines += [annotation(f) for f in ordered(shown(findings, show_suppressed))]
+    lines.append(summary_line(reports, findings, show_suppressed, errors))
     return "\n".join(lines) + "\n"

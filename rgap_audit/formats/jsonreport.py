@@ -12,7 +12,7 @@ from typing import Any
 
 from rgap_audit import __version__
 from rgap_audit.formats._common import ordered, summary_dict
-from rgap_audit.records import SCHEMA_VERSION, Finding, ModelReport
+from rgap_audit.records import SCHEMA_VERSION, ErrorRecord, Finding, ModelReport
 
 
 def _jsonable(obj: Any) -> Any:
@@ -34,22 +34,24 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding]) -> dict[str, Any]:
-    """The report as a dict: schema_version, tool, models (ModelReport.to_dict), findings, summary."""
+def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = ()) -> dict[str, Any]:
+    """The report as a dict: schema_version, tool, models (ModelReport.to_dict), findings, errors
+    (file, line, model, stage, message), summary."""
     return _jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "rgap-audit", "version": __version__},
             "models": [r.to_dict() for r in reports],
             "findings": [asdict(f) for f in ordered(findings)],
-            "summary": summary_dict(reports, findings),
+            "errors": [asdict(e) for e in errors],
+            "summary": summary_dict(reports, findings, errors),
         }
     )
 
 
-def render_json(reports: Sequence[ModelReport], findings: Sequence[Finding]) -> str:
-    """The JSON report text (suppressed findings included, marked `suppressed: true`)."""
-    return json.dumps(report_dict(reports, findings), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+def render_json(reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = ()) -> str:
+    """The JSON report text (suppressed findings included, marked `suppressed: true`; every error of the run)."""
+    return json.dumps(report_dict(reports, findings, errors), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 @lru_cache(maxsize=1)

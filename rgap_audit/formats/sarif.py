@@ -4,7 +4,8 @@ ruleIds are the stable rule codes, each rule carries its metadata (name, short a
 description, help = why + fix, default level). Result locations are relative to the working
 directory (uriBaseId %SRCROOT%). partialFingerprints hash the code, file, model and node, never the
 line, so an alert survives edits that move it. Suppressed findings are kept with an inSource
-suppression, as the standard asks, rather than dropped.
+suppression, as the standard asks, rather than dropped. Errors of the run (files, models or steps that
+failed) are the invocation's toolExecutionNotifications, with executionSuccessful false.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import quote
 
 from rgap_audit import __version__
 from rgap_audit.formats._common import ordered, summary_dict
-from rgap_audit.records import Finding, ModelReport
+from rgap_audit.records import ErrorRecord, Finding, ModelReport
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -95,14 +96,41 @@ def _result(f: Finding, rule_index: int | None, cwd: str) -> dict[str, Any]:
     return result
 
 
+def _notification(e: ErrorRecord, cwd: str) -> dict[str, Any]:
+    """One error of the run as a SARIF toolExecutionNotification (level error, at its file and line)."""
+    who = f"{e.model}: " if e.model else ""
+    note: dict[str, Any] = {
+        "level": "error",
+        "message": {"text": f"{who}{e.message}"},
+        "properties": {"stage": e.stage, "model": e.model},
+    }
+    if e.file:
+        physical: dict[str, Any] = {"artifactLocation": artifact_location(e.file, cwd)}
+        if e.line:
+            physical["region"] = {"startLine": max(1, e.line)}
+        note["locations"] = [{"physicalLocation": physical}]
+    return note
+
+
+def invocation(errors: Sequence[ErrorRecord], cwd: str) -> dict[str, Any]:
+    """The run's invocation: executionSuccessful false when any file, model or step failed (exit code 2),
+    with one toolExecutionNotification per error, so code scanning shows the run was incomplete."""
+    return {
+        "executionSuccessful": not errors,
+        "toolExecutionNotifications": [_notification(e, cwd) for e in errors],
+    }
+
+
 def sarif_log(
     reports: Sequence[ModelReport],
     findings: Sequence[Finding],
     *,
     rules: Sequence[Any] | None = None,
     cwd: str | None = None,
+    errors: Sequence[ErrorRecord] = (),
 ) -> dict[str, Any]:
-    """The SARIF log as a dict: one run, every rule of the catalogue, one result per finding."""
+    """The SARIF log as a dict: one run, every rule of the catalogue, one result per finding, the
+    invocation with the run's errors."""
     if rules is None:
         from rgap_audit.rules import load_rules
 
@@ -126,9 +154,10 @@ def sarif_log(
                     }
                 },
                 "originalUriBaseIds": {SRCROOT: {"uri": root}},
+                "invocations": [invocation(errors, cwd)],
                 "results": results,
                 "properties": {
-                    "summary": summary_dict(reports, findings),
+                    "summary": summary_dict(reports, findings, errors),
                     "models": [
                         {
                             "file": r.file,
@@ -150,6 +179,7 @@ def render_sarif(
     *,
     rules: Sequence[Any] | None = None,
     cwd: str | None = None,
+    errors: Sequence[ErrorRecord] = (),
 ) -> str:
     """SARIF 2.1.0 text."""
-    return json.dumps(sarif_log(reports, findings, rules=rules, cwd=cwd), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(sarif_log(reports, findings, rules=rules, cwd=cwd, errors=errors), indent=2, ensure_ascii=False) + "\n"

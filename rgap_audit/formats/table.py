@@ -9,8 +9,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from rgap_audit.formats._common import finding_line, ordered, shown, summary_line
-from rgap_audit.records import Finding, LayerRecord, ModelReport, Verification, VerifiedLayer
+from rgap_audit.formats._common import error_line, finding_line, ordered, shown, summary_line
+from rgap_audit.records import ErrorRecord, Finding, LayerRecord, ModelReport, Verification, VerifiedLayer
 
 HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
 VERIFY_HEADERS = ["measured nullity", "rel. error (plain)", "rel. error (projected)"]
@@ -133,6 +133,10 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         f"loss {report.loss}, seed {report.seed}, {report.dtype}"
     )
     lines = [head, "=" * min(len(head), 120)]
+    if report.private_input:
+        lines.append(f"forward called with the private input as {report.private_input}")
+    if report.output:
+        lines.append(f"audited output: {report.output}")
     if report.layers:
         headers = HEADERS + (VERIFY_HEADERS if _measured_layers(report) else [])
         lines.append(tabulate(layer_rows(report), headers=headers, tablefmt="simple", missingval="", disable_numparse=[1, 2, 3, 10]))
@@ -173,12 +177,16 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
     return "\n".join(lines)
 
 
-def render_table(reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False) -> str:
-    """Every model's block, findings of no known model at the end, then the summary line."""
+def render_table(
+    reports: Sequence[ModelReport], findings: Sequence[Finding], *, show_suppressed: bool = False, errors: Sequence[ErrorRecord] = ()
+) -> str:
+    """Every model's block, findings of no known model at the end, the errors, then the summary line."""
     blocks = [model_block(r, findings, show_suppressed) for r in reports]
     known = {(r.file, r.model) for r in reports}
     orphans = ordered(shown([f for f in findings if (f.file, f.model) not in known], show_suppressed))
     if orphans:
         blocks.append("findings:\n" + "\n".join(f"  {finding_line(f)}" for f in orphans))
-    blocks.append(summary_line(reports, findings, show_suppressed))
+    if errors:
+        blocks.append("errors:\n" + "\n".join(f"  {error_line(e)}" for e in errors))
+    blocks.append(summary_line(reports, findings, show_suppressed, errors))
     return "\n\n".join(blocks) + "\n"

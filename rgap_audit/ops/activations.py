@@ -174,7 +174,18 @@ register(
     _not_invertible("Softmax", _SOFTMAX_WHY, jacobian=FROM_OUTPUT, elementwise=False),
     nn.Softmax, nn.Softmax2d, F.softmax, torch.softmax, "softmax", aten.softmax.int, aten._softmax.default,
 )
+def _over_classes(module: Any, args: tuple, kwargs: dict, out_shape: tuple[int, ...]) -> bool:
+    """A log-softmax over the class dimension of an (N, C) output (torch's implicit dim for 2-d is 1)."""
+    if module is not None:
+        dim = module.dim
+    else:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if kwargs.get("dtype") is not None or len(out_shape) != 2:
+        return False
+    return dim is None or (isinstance(dim, int) and dim % 2 == 1)
+
+
 register(
-    _not_invertible("LogSoftmax", _SOFTMAX_WHY, elementwise=False),
+    _not_invertible("LogSoftmax", _SOFTMAX_WHY, elementwise=False, folds_into_cross_entropy=_over_classes),
     nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax", aten.log_softmax.int,
 )

@@ -90,8 +90,8 @@ class OpInfo:
     """What rgap-audit knows about one operation type.
 
     Fields the walk and the attack dispatch on: `kind`, `invertible`, `link` (how the op sits in a
-    chain), `jacobian`, `clip`, `homogeneous`, `leak`, `param_rows`. Fields the tracer and the
-    loader read: `rewrite`, `kwarg_names`, `shape_hint`, `tokens`.
+    chain), `jacobian`, `clip`, `homogeneous`, `leak`, `param_rows`. Fields the tracer, the loader
+    and the instance read: `rewrite`, `kwarg_names`, `shape_hint`, `tokens`, `folds_into_cross_entropy`.
     """
 
     name: str  # short name shown in reports
@@ -126,6 +126,10 @@ class OpInfo:
     # this call swaps a 2-d tensor's two dimensions (tracing.py reads x @ W.t() as a Linear with weight W)
     transposes_matrix: Callable[[tuple], bool] | None = None
     param_transposed: bool = False  # the weight Parameter holds W^T of the normalised layer (x @ W)
+    # a head op a cross-entropy loss absorbs, CE(op(z)) = CE(z) (log-softmax over the classes): given (module,
+    # call args, kwargs, output shape), whether this call is one; instance.py then audits the logits z
+    folds_into_cross_entropy: Callable[[nn.Module | None, tuple, dict, tuple[int, ...]], bool] | None = None
+    on_tuple: OpInfo | None = None  # the entry when the call reads one item of a multi-output op's tuple (getitem)
 
 
 OPS: dict[Any, OpInfo] = {}

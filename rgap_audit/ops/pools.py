@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.ops.base import CONSTANT, INVERT, POOL, OpInfo, aten, register
+from rgap_audit.ops.base import CONSTANT, IDENTITY, INVERT, POOL, OpInfo, aten, register
 from rgap_audit.ops.shapes import IDENTITY_OP
 
 _AVG_WHY = "linear: averages each window; the layer below gets forward constraints on window averages only (not invertible)"
@@ -68,11 +68,16 @@ register(OpInfo("mean", POOL, False, _MEAN_WHY, jacobian=CONSTANT), torch.mean, 
 register(
     OpInfo("sum", POOL, False, _MEAN_WHY, jacobian=CONSTANT), torch.sum, "sum", aten.sum.dim_IntList, aten.sum.default
 )
+TUPLE_ITEM = OpInfo(
+    "output-item", IDENTITY, True,
+    "one output of an operation that returns several (an RNN's (output, hidden)): a choice between outputs, no entry dropped",
+    jacobian=CONSTANT,
+)
 register(
     OpInfo(
         "getitem", POOL, False,
         "indexing/slicing: a selection of entries, linear; the entries it drops are lost to the chain",
-        jacobian=CONSTANT,
+        jacobian=CONSTANT, on_tuple=TUPLE_ITEM,
     ),
     operator.getitem,
 )

@@ -66,8 +66,33 @@ register(
 )
 register(_same("transpose", PERMUTE, _RESHAPE_WHY, transposes_matrix=_always), "t", torch.t, aten.t.default)
 register(_same("permute", PERMUTE, _RESHAPE_WHY), "permute", torch.permute, aten.permute.default)
+register(
+    _same("movedim", PERMUTE, _RESHAPE_WHY),
+    "movedim", "moveaxis", "swapaxes", "swapdims", torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims,
+    aten.movedim.int, aten.swapaxes.default,
+)
 register(_same("unsqueeze", RESHAPE, _RESHAPE_WHY), "unsqueeze", torch.unsqueeze, aten.unsqueeze.default)
 register(
     _same("squeeze", RESHAPE, _RESHAPE_WHY),
     "squeeze", torch.squeeze, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
 )
+
+
+# einops (optional): Rearrange is a reshape and a permutation of entries, never a reduction or a repeat
+# (those are einops' Reduce and Repeat layers). torch.fx traces through it only for some patterns; when it
+# is kept as one opaque module this entry says what it does. Its functional form einops.rearrange is
+# traced into view / permute calls (torch.export), which have their own entries above.
+def _einops_rearrange() -> type | None:
+    try:
+        from einops.layers.torch import Rearrange
+    except ImportError:  # einops is not installed: nothing to register
+        return None
+    return Rearrange
+
+
+_REARRANGE = _einops_rearrange()
+if _REARRANGE is not None:
+    register(
+        _same("Rearrange", PERMUTE, "einops Rearrange: a reshape and permutation of entries (no reduction): passes the chain unchanged"),
+        _REARRANGE,
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rgap_audit.analysis import Audit
+from rgap_audit.attack.engine import INTEGER_INPUT
 from rgap_audit.records import Basis, ModelStatus, ModelVerdict, Verification
 from rgap_audit.threads import single_thread
 from rgap_audit.tolerances import EXACT
@@ -39,6 +40,8 @@ def verify(
     Bad input (a checkpoint that does not match, an input of the wrong shape, NaN/Inf gradients) raises
     AuditError; an attack that does not handle the model returns attempted=False with the reason.
     """
+    if not audit.instance.x.is_floating_point():  # token ids: a limit of the attack, before any batch-1 view is built
+        return Verification(attempted=False, confirmed=None, summary=f"Not attempted: {INTEGER_INPUT}.")
     with single_thread():
         client = client_instance(audit.instance, input, weights)
         if client.batch > 1:
