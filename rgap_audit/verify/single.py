@@ -48,7 +48,9 @@ def verify_single(
         c_proj = check(rec.projected, crit, None if m_proj is None else m_proj.rel_error, proj_idx == 0 and rec.projected.input is not None)
     verdict = judge(report, rec, m_plain, m_proj, c_plain, c_proj, crit)
     confirmed, sentence = verdict.confirmed, verdict.sentence
-    if confirmed is False and any(s.rows_lost for s in rec.layers):
+    entered = None if verdict.check is None else verdict.check.entered_at
+    lost_at = [s.node for s in rec.layers if s.rows_lost and (entered is None or s.node == entered)]
+    if confirmed is False and lost_at:  # unknown entries of z where the error entered (or anywhere, when not located)
         sentence += (
             " The analysis takes ReLU activation patterns as known, as R-GAP does; this attack knows a pattern only "
             "once the layer above it is recovered, so zeros it cannot place are unknowns."
