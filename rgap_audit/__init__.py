@@ -5,7 +5,7 @@ Python API (notebooks, tests)::
     from rgap_audit import audit, audit_model, reconstruct
     from rgap_audit.verify import settle, verify
     report = audit(model, (3, 32, 32))          # static rank analysis -> ModelReport
-    result = verify(audit_model(model, (3, 32, 32)))   # --verify: the attack on the audited instance
+    result = verify(audit_model(model, (3, 32, 32)))   # --verify: the attack on the audited input and 2 more seeded ones
     rec = reconstruct(model, grads, (3, 32, 32), "logistic")   # closed-form R-GAP attack on given gradients
 """
 

@@ -76,6 +76,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The audit command's arguments (the `rules` / `rule CODE` subcommands are dispatched before)."""
     p = _Parser(
@@ -123,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--verify", action="store_true", help="reconstruct the input in closed form and report the errors")
     ver.add_argument("--input", metavar="FILE", help="--verify on this input (a saved tensor or an image) instead of a random one")
     ver.add_argument("--weights", metavar="CKPT", help="--verify with these weights (loaded with weights_only=True)")
+    ver.add_argument(
+        "--verify-seeds",
+        type=_positive_int,
+        metavar="N",
+        help="--verify runs the attack on N inputs: the audited one, then seeded random ones (default: config, else 3)",
+    )
+    ver.add_argument(
+        "--leak-psnr",
+        type=_positive_float,
+        metavar="DB",
+        help="--verify counts a reconstruction at PSNR >= DB as a privacy leak (default: config, else 30)",
+    )
+    ver.add_argument(
+        "--leak-ssim",
+        type=_unit_float,
+        metavar="S",
+        help="--verify also counts a reconstruction at SSIM >= S as a privacy leak (default: config, else 0.9)",
+    )
     ver.add_argument(
         "--save-images",
         metavar="DIR",
@@ -207,6 +235,9 @@ def _request(args: argparse.Namespace) -> Request:
         input=args.input,
         weights=args.weights,
         save_images=args.save_images,
+        verify_seeds=args.verify_seeds,
+        leak_psnr=args.leak_psnr,
+        leak_ssim=args.leak_ssim,
         debug=args.debug,
     )
 
@@ -221,6 +252,9 @@ def _audit(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if (args.input or args.weights) and not args.verify:
         print("rgap-audit: error: --input and --weights need --verify", file=sys.stderr)
+        return EXIT_ERROR
+    if (args.verify_seeds or args.leak_psnr or args.leak_ssim) and not args.verify:
+        print("rgap-audit: error: --verify-seeds, --leak-psnr and --leak-ssim need --verify", file=sys.stderr)
         return EXIT_ERROR
     if args.save_images and not (args.verify or args.identifiability):
         print("rgap-audit: error: --save-images needs --verify or --identifiability", file=sys.stderr)

@@ -16,6 +16,9 @@ so a typo never silently disables a setting. Command-line flags override what is
     seed = 0
     input-shape = [3, 32, 32]     # for models that declare none (also "3,32,32")
     memory-budget-mb = 4096
+    verify-seeds = 3              # --verify: inputs the attack runs on
+    leak-psnr = 30.0              # --verify: a reconstruction at PSNR >= this (dB) is a privacy leak ...
+    leak-ssim = 0.9               # ... or at SSIM >= this
 
     [tool.rgap-audit.models.CNN6]  # per model name: above the file's RGAP_MODELS declaration
     input-shape = [3, 32, 32]
@@ -57,6 +60,9 @@ SETTING_KEYS = (
     "seed",
     "input-shape",
     "memory-budget-mb",
+    "verify-seeds",
+    "leak-psnr",
+    "leak-ssim",
     "models",
 )
 TOP_KEYS = SETTING_KEYS + ("format", "per-file-settings", "per-file-ignores")
@@ -78,6 +84,9 @@ class Settings:
     seed: int | None = None
     input_shape: tuple[int, ...] | None = None
     memory_budget_mb: float | None = None
+    verify_seeds: int | None = None
+    leak_psnr: float | None = None
+    leak_ssim: float | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {input_shape, loss, batch_size}
     file_ignores: list[str] = field(default_factory=list)  # from per-file-ignores: added even to --ignore
     path: str | None = None  # the pyproject.toml these came from
@@ -136,10 +145,16 @@ def _value(key: str, value: Any, where: str, table: str) -> Any:
         except ValueError as exc:
             raise AuditError(f"[{table}] {key}: {exc}", file=where) from exc
         return value
-    if key == "memory-budget-mb":
+    if key in ("memory-budget-mb", "leak-psnr"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AuditError(f"[{table}] memory-budget-mb must be a positive number, got {value!r}", file=where)
+            raise AuditError(f"[{table}] {key} must be a positive number, got {value!r}", file=where)
         return float(value)
+    if key == "leak-ssim":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise AuditError(f"[{table}] leak-ssim must be a number in (0, 1], got {value!r}", file=where)
+        return float(value)
+    if key == "verify-seeds":
+        return _positive_int(value, key, where)
     if key == "models":
         if not isinstance(value, dict):
             raise AuditError(f"[{table}] models must be a table of model names", file=where)

@@ -28,7 +28,8 @@ from rgap_audit.records import Finding, Identifiability, ModelReport, Verificati
 from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
 from rgap_audit.suppress import apply as apply_suppressions
 from rgap_audit.threads import single_thread
-from rgap_audit.verify import settle, verify
+from rgap_audit.tolerances import VERIFY_SEEDS
+from rgap_audit.verify import make_criterion, settle, verify
 from rgap_audit.verify.images import safe_name
 
 
@@ -53,6 +54,9 @@ class Request:
     input: str | None = None
     weights: str | None = None
     save_images: str | None = None
+    verify_seeds: int | None = None  # None: the configuration's, else tolerances.VERIFY_SEEDS
+    leak_psnr: float | None = None  # None: the configuration's, else tolerances.LEAK_PSNR_DB
+    leak_ssim: float | None = None
     debug: bool = False
 
 
@@ -188,7 +192,7 @@ class Pipeline:
                 if isinstance(item, AuditError):
                     self.error(item, stage="load")
                     continue
-                report = self._model(item, options)
+                report = self._model(item, options, settings)
                 if report is not None:
                     reports.append(report)
                 del item
@@ -210,7 +214,7 @@ class Pipeline:
             self.result.failed = True
 
     # ------------------------------------------------------------------ one model
-    def _model(self, loaded: LoadedModel, options: AuditOptions) -> ModelReport | None:
+    def _model(self, loaded: LoadedModel, options: AuditOptions, settings: cfg.Settings) -> ModelReport | None:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
         stage = "trace"
@@ -230,7 +234,7 @@ class Pipeline:
         report = audit.report
         if req.identifiability:
             self._step(loaded, "identifiability", lambda: self._identifiability(audit))
-        if req.verify and not self._step(loaded, "verify", lambda: self._verify(audit)):
+        if req.verify and not self._step(loaded, "verify", lambda: self._verify(audit, settings)):
             cause = self.result.errors[-1].cause
             report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed (an error of this run): {cause}")
         return report
@@ -270,9 +274,13 @@ class Pipeline:
             rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=res["plot"],
         )
 
-    def _verify(self, audit: Audit) -> None:
+    def _verify(self, audit: Audit, settings: cfg.Settings) -> None:
         req = self.request
-        result = verify(audit, input=req.input, weights=req.weights, save_images=req.save_images, debug=req.debug)
+        seeds = req.verify_seeds or settings.verify_seeds or VERIFY_SEEDS
+        crit = make_criterion(req.leak_psnr or settings.leak_psnr, req.leak_ssim or settings.leak_ssim)
+        result = verify(
+            audit, input=req.input, weights=req.weights, save_images=req.save_images, debug=req.debug, seeds=seeds, criterion=crit
+        )
         report = audit.report
         report.verification = result
         report.verdict = settle(report.verdict, result, report.batch_size)

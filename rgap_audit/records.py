@@ -194,11 +194,40 @@ class ModelVerdict:
 # ----------------------------------------------------------------------------- --verify
 @dataclass
 class Metrics:
-    """A reconstruction against the truth: relative error, and MSE / PSNR on the original's [min, max] -> [0, 1]."""
+    """A reconstruction against the truth: relative error, and MSE / PSNR / SSIM on the original's [min, max] -> [0, 1]."""
 
     rel_error: float
     mse: float
     psnr_db: float | None  # peak 1.0; None when the MSE is 0
+    ssim: float | None = None  # mean SSIM (Wang et al. 2004, 11x11 Gaussian window); None when not an image
+
+
+@dataclass
+class Criterion:
+    """What --verify counts as recovered, stated in every verification (rgap_audit.verify.criterion)."""
+
+    eps: float  # float64 unit roundoff: the rounding each solve is taken to add
+    factor: float  # a measured error up to factor x the predicted one is within what the conditioning allows
+    leak_psnr_db: float  # a reconstruction is a privacy leak at PSNR >= this (peak 1, input mapped to [0, 1]) ...
+    leak_ssim: float  # ... or at SSIM >= this
+    rule: str  # the definition in words
+
+
+@dataclass
+class VerifyRun:
+    """--verify on one input (one of --verify-seeds): its outcome in one record."""
+
+    seed: int | None  # the input's seed; None for --input
+    confirmed: bool | None
+    rel_error: float | None
+    psnr_db: float | None
+    ssim: float | None
+    leak: bool | None  # PSNR or SSIM at or above the criterion's thresholds
+    within_conditioning: bool | None  # every compared layer's error within what the conditioning allows
+    predicted_error: float | None  # at the model input, of the variant measured
+    error_entered_at: str | None  # node where the error first exceeded what the conditioning allows
+    variant: str | None
+    summary: str
 
 
 @dataclass
@@ -221,6 +250,12 @@ class VerifiedLayer:
     measured_nullity_projected: int | None = None
     carried_in: int | None = None
     measured_nullity_without_pattern: int | None = None  # before the entries a ReLU below zeroes are taken as known
+    solve_gain: float | None = None  # relative error growth of this layer's own solve (1 / sigma_min_rel)
+    link_gain: float | None = None  # relative error growth through the inverted ops above it (0: reads nothing above)
+    predicted_error: float | None = None  # what float64 rounding grows to here through the measured gains (plain)
+    within_conditioning: bool | None = None  # rel_error <= factor x predicted_error; None: undetermined or not predicted
+    predicted_error_projected: float | None = None
+    within_conditioning_projected: bool | None = None
 
 
 @dataclass
@@ -282,7 +317,7 @@ class Verification:
     psnr_db: float | None = None
     scaling: str | None = None
     seconds: float | None = None
-    tolerance: float | None = None  # relative error up to which a recovery counts as exact
+    tolerance: float | None = None  # B > 1: relative error up to which a sample counts as recovered (B = 1: criterion)
     label: float | int | None = None
     label_recovered: float | int | None = None
     label_status: str | None = None
@@ -294,6 +329,18 @@ class Verification:
     warnings: list[str] = field(default_factory=list)
     image: str | None = None
     settled: str | None = None  # the model verdict this measurement changed, and how
+    # what "recovered" means, and the runs on several inputs (B = 1)
+    criterion: Criterion | None = None
+    ssim: float | None = None
+    leak: bool | None = None  # every run's reconstruction a privacy leak by the criterion's thresholds
+    within_conditioning: bool | None = None  # of the first run
+    predicted_error: float | None = None  # of the first run, at the model input
+    error_entered_at: str | None = None  # of the first run that was not within the conditioning
+    runs: list[VerifyRun] = field(default_factory=list)
+    median_rel_error: float | None = None
+    worst_rel_error: float | None = None
+    worst_psnr_db: float | None = None
+    worst_ssim: float | None = None
     # batches (B > 1)
     batch_size: int | None = None
     attack: str | None = None

@@ -30,7 +30,13 @@ CG_TOL = 1e-13  # stop when |F^T r| <= CG_TOL |F^T b| for every right-hand side
 PROBE_TOL = 1e-7  # a random probe recovered to this relative error: the forward rows determine x
 
 # ---- measurements (verification, batch span)
-EXACT = 1e-6  # relative error up to which a recovery counts as exact (float64 recoveries reach ~1e-12)
+EXACT = 1e-6  # B > 1: relative error up to which a sample counts as recovered (float64 recoveries reach ~1e-12)
+
+# ---- what --verify calls recovered (rgap_audit.verify.criterion; B = 1)
+CONDITIONING_FACTOR = 100.0  # measured error <= this x the rounding propagated through the measured gains
+LEAK_PSNR_DB = 30.0  # a reconstruction is a privacy leak at PSNR >= this (peak 1 on the input mapped to [0, 1]) ...
+LEAK_SSIM = 0.9  # ... or at SSIM >= this
+VERIFY_SEEDS = 3  # inputs the attack is run on (the audited one, then seeded random ones)
 COMBINATION_TOL = 1e-6  # relative residual up to which a reconstruction counts as a combination of the samples
 SPAN_RTOL = 1e-10  # singular values of a span sketch above this fraction of the largest count towards its rank
 SPAN_IN_TOL = 1e-8  # relative distance to a row space up to which a sample counts as lying in it
@@ -45,6 +51,9 @@ def summary() -> dict[str, float | str]:
         "attack_reduced_rel": SIGMA_REL_TOL,
         "probe": PROBE_TOL,
         "exact_recovery": EXACT,
+        "conditioning_factor": CONDITIONING_FACTOR,
+        "leak_psnr_db": LEAK_PSNR_DB,
+        "leak_ssim": LEAK_SSIM,
         "combination": COMBINATION_TOL,
         "span_rank_rel": SPAN_RTOL,
         "span_distance": SPAN_IN_TOL,

@@ -125,8 +125,9 @@ class Stages:
         lines = [f"{fmt}|{f.file}:{f.line}:{f.col}: {f.code} {f.message}{' (suppressed)' * f.suppressed}\n" for f in shown]
         return "".join(lines + [f"{fmt}|error {e.stage}: {e.message}\n" for e in errors])
 
-    def verify(self, audit, input=None, weights=None, save_images=None, debug=False):
+    def verify(self, audit, input=None, weights=None, save_images=None, debug=False, seeds=None, criterion=None):
         self.calls["verify"].append({"input": input, "weights": weights, "save_images": save_images})
+        self.calls.setdefault("verify_options", []).append((seeds, criterion))
         return {}
 
 
@@ -278,6 +279,29 @@ def test_verify_flags_are_passed_through(stages, capsys, tmp_path):
     assert stages.calls["verify"] == [{"input": "x.pt", "weights": "w.pt", "save_images": "out"}]
     code, _, err = main(capsys, path, "--weights", "w.pt")
     assert code == 2 and "need --verify" in err
+
+
+def test_verify_seeds_and_leak_thresholds_from_flags_and_config(stages, capsys, tmp_path):
+    path = write(tmp_path, "leaky.py", LEAKY)
+    main(capsys, path, "--verify")
+    seeds, crit = stages.calls["verify_options"][-1]
+    assert (seeds, crit.leak_psnr_db, crit.leak_ssim) == (3, 30.0, 0.9)  # the defaults
+    (tmp_path / "pyproject.toml").write_text("[tool.rgap-audit]\nverify-seeds = 5\nleak-psnr = 40\nleak-ssim = 0.8\n")
+    main(capsys, path, "--verify")
+    seeds, crit = stages.calls["verify_options"][-1]
+    assert (seeds, crit.leak_psnr_db, crit.leak_ssim) == (5, 40.0, 0.8)
+    assert "40 dB" in crit.rule and "SSIM >= 0.8" in crit.rule  # the definition printed with the verification
+    main(capsys, path, "--verify", "--verify-seeds", "2", "--leak-psnr", "25", "--leak-ssim", "0.95")  # flags win
+    seeds, crit = stages.calls["verify_options"][-1]
+    assert (seeds, crit.leak_psnr_db, crit.leak_ssim) == (2, 25.0, 0.95)
+    code, _, err = main(capsys, path, "--verify-seeds", "2")
+    assert code == 2 and "need --verify" in err
+    for bad in (["--verify-seeds", "0"], ["--leak-ssim", "1.5"], ["--leak-psnr", "-3"]):
+        code, _, err = main(capsys, path, "--verify", *bad)
+        assert code == 2 and bad[0] in err
+    (tmp_path / "pyproject.toml").write_text("[tool.rgap-audit]\nleak-ssim = 2\n")
+    code, _, err = main(capsys, path, "--verify")
+    assert code == 2 and "leak-ssim must be a number in (0, 1]" in err and "pyproject.toml" in err
 
 
 def test_allow_no_models_skips_files_without_models(stages, capsys, tmp_path):

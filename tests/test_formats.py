@@ -334,15 +334,17 @@ def test_table_shows_verify_measurements_next_to_the_static_columns():
             VerifiedLayer(
                 node=layer.node, module_path=layer.module_path, op=layer.op, static_verdict=None, static_deficit=None,
                 measured_nullity=7, rel_error=0.25, method="test", residual_grad=None, residual_fwd=None,
-                rel_error_projected=4.2e-12,
+                rel_error_projected=4.2e-12, predicted_error=1e-9, within_conditioning=False, predicted_error_projected=3e-8,
+                within_conditioning_projected=True,
             )
         ],
     )
     text = render("table", [report], [])
     header = next(line for line in text.splitlines() if "rank [K;F]" in line)
-    assert "measured nullity" in header and "rel. error (projected)" in header
+    assert "measured nullity" in header and "rel. error / predicted (projected)" in header
     row = next(line for line in text.splitlines() if line.split()[:2] == [str(layer.index), layer.module_path or layer.node])
-    assert row.rstrip().endswith("4.2e-12") and " 0.25 " in row
+    # each measured error next to what the conditioning predicts; an excess is marked
+    assert row.rstrip().endswith("4.2e-12 / 3e-08") and " 0.25 / 1e-09 EXCEEDS " in row
     assert "verification: Confirmed: measured." in text
     # without measurements the columns are not shown
     report.verification = None

@@ -61,6 +61,11 @@ class LayerStep:
     residual_fwd: float | None = None
     residual_bias: float | None = None  # |sum k - dL/db| / |dL/db|: the bias as a check of k
     sigma_min_rel: float | None = None
+    # error growth (first order, worst case; read by verify's conditioning criterion): a relative error r in the layer
+    # above's input reaches this layer's right-hand side as at most link_gain * r (0: the solve does not read the
+    # layer above), and a relative error r there reaches this layer's input as at most solve_gain * r
+    link_gain: float | None = None  # max |dz/dx'| |x'| / |z - b| over the units the inverted link keeps
+    solve_gain: float | None = None  # 1 / sigma_min_rel of the solved system; the head: its closed form's own
     rel_error: float | None = None  # |x - x_true| / |x_true| of this layer's input, when the truth is given
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -88,6 +93,7 @@ class Reconstruction:
     rel_error: float | None = None
     projected: Reconstruction | None = None
     alternatives: list[torch.Tensor] = field(default_factory=list)  # other inputs that fit the gradient as well
+    input_gain: float | None = None  # link_gain of the ops between the lowest weighted layer and the model input
 
     def best(self) -> Reconstruction:
         """The variant whose re-computed gradient matches best (decidable without the true input)."""
@@ -265,6 +271,25 @@ class _Descent:
     states: list[_State]
     warnings: list[str]
     complete: bool
+    input_gain: float | None = None
+
+
+def _link_gain(link: Link, x_top: torch.Tensor, spec: ConvSpec | None) -> float | None:
+    """How much a relative error of x' (the link's end) can grow into z - b (spec's bias; None: no layer, the model
+    input) through the inverted link: max |dz/dx'| over the units it keeps, times |x'| / |z - b|. Elementwise ops
+    and permutations only (the attack's links), so the inverse Jacobian is the diagonal that `pull` divides by."""
+    z = link.invert(x_top)
+    _, derivs = link.forward(z)
+    inv = link.pull(derivs, torch.ones_like(x_top), "inv").reshape(-1).abs()
+    kept = inv > 0
+    if not bool(kept.any()):
+        return None
+    zb = z.reshape(-1)
+    if spec is not None and spec.bias is not None:
+        n = z.numel() // spec.n_out
+        zb = (z.reshape(n, spec.out_channels, -1) - spec.bias.reshape(1, -1, 1)).reshape(-1)
+    ref = float(zb[kept].norm())
+    return math.inf if ref == 0 else float(inv[kept].max()) * float(x_top.norm()) / ref
 
 
 def _count_given_pattern(ctx: _Context, steps: list[LayerStep], states: list[_State], x: torch.Tensor | None) -> None:
@@ -332,7 +357,8 @@ def _descend(
                 lost = 0 if mask is None else int((~mask).sum())
                 if lost:
                     warnings.append(f"{lost} input entries sit behind an inactive ReLU and are not recovered")
-            return _Descent(z.reshape(1, *ctx.input_shape), layers, states, warnings, True)
+            gain = _link_gain(link, x, None) if link.steps else 1.0
+            return _Descent(z.reshape(1, *ctx.input_shape), layers, states, warnings, True, gain)
         below = link.lower
         t0 = time.perf_counter()
         bspec = ctx.specs[below]
@@ -354,6 +380,7 @@ def _descend(
             step.grad_rank, step.nullity, step.fwd_rows = bspec.n_in, 0, 0
             step.residual_bias = float((k_chain.reshape(-1) - db).norm() / db.norm())
             step.residual_grad = float((torch.outer(db, xi.reshape(-1)) - dw).norm() / dw.norm().clamp_min(1e-300))
+            step.link_gain, step.solve_gain = 0.0, 1.0  # dL/dW and dL/db alone; the system db (x) I has condition 1
             null = torch.zeros(xi.numel(), 0, dtype=torch.float64)
             S = None
         else:
@@ -405,6 +432,8 @@ def _descend(
             step.fwd_rows, step.rows_lost = sol.fwd_rows, int(mask.numel() - mask.sum())
             step.residual_grad, step.residual_fwd = sol.residual_grad, sol.residual_fwd
             step.sigma_min_rel = sol.sigma_min_rel
+            step.solve_gain = None if not sol.sigma_min_rel else 1.0 / sol.sigma_min_rel
+            step.link_gain = _link_gain(link, x, bspec)
             step.residual_bias = _bias_check(bspec, ki, db)
             step.carried_in = 0 if S is None else int(S.shape[1])
             step.notes.extend(sol.notes)
@@ -609,6 +638,7 @@ def attack_graph(
         scored.sort(key=lambda t: (t[0], t[1]))  # (gradient residual, candidate, input or None)
         gres, ci, _ = scored[0]
         cand, dsc = cands[ci], done[ci]
+        head_step.solve_gain = cand.gain
         label_status = "given" if label is not None else "recovered"
         if cand.label is None:
             label_status = "not recoverable"
@@ -653,6 +683,7 @@ def attack_graph(
             gradient_residual=None if gres == math.inf else gres,
             head=head_info,
             alternatives=alt_inputs,
+            input_gain=dsc.input_gain,
         )
         if truth is not None and dsc.input is not None:
             rec.rel_error = _rel(dsc.input, truth["__input__"])
@@ -673,6 +704,7 @@ def attack_graph(
                 gradient_residual=_gradient_residual(ctx, pd.input, cand.label) if pd.complete and pd.input is not None else None,
                 head=head_info,
                 alternatives=[] if pd.input is None else [c * pd.input for c in alt_scales],
+                input_gain=pd.input_gain,
             )
             if truth is not None and pd.input is not None:
                 pr.rel_error = _rel(pd.input, truth["__input__"])

@@ -29,6 +29,7 @@ class HeadCandidate:
     k: torch.Tensor  # dL/dz of the head layer, full shape
     label: float | int | None
     note: str
+    gain: float = 1.0  # relative error of x per unit roundoff of the head's closed form (1: a division; a root's conditioning)
 
 
 @dataclass
@@ -70,6 +71,26 @@ def logistic_roots(t: float) -> list[float]:
     return [r1, r2]
 
 
+def logistic_gain(u: float, wg: float) -> float:
+    """Relative error of x = dL/dw / k per unit roundoff of <w, dL/dw>, for the margin root u.
+
+    k = -y s(-u) (s the logistic function), so rel(x) = s(u) |du|, and du = dt / f'(u) with dt <= eps |w| |dL/dw|
+    (wg = |w| |dL/dw|). At the minimum of f (f' = 0) the root is second-order: du = sqrt(2 dt / |f''(u)|). The
+    smaller of the two estimates is the valid one on either side.
+    """
+    eps = float(np.finfo(float).eps)
+    s_u = float(expit(u))
+
+    def fprime(v: float) -> float:
+        return float(expit(-v)) * (v * float(expit(v)) - 1.0)
+
+    first = s_u * wg / max(abs(fprime(u)), 1e-300)
+    h = 1e-4 * max(1.0, abs(u))
+    f2 = abs(fprime(u + h) - fprime(u - h)) / (2 * h)
+    second = s_u * math.sqrt(2.0 * wg / (eps * max(f2, 1e-300)))
+    return max(1.0, min(first, second))
+
+
 def _labels_pm(label) -> list[float]:
     if label is None:
         return [1.0, -1.0]
@@ -109,10 +130,14 @@ def logistic_head(w: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None, x_
             "logistic loss on one sample"
         )
     cands = []
+    wg = float(w.reshape(-1).to(torch.float64).norm() * g.norm())
     for u in roots:
+        gain = logistic_gain(u, wg)
         for y in _labels_pm(label):
             k = -y * float(expit(-u))
-            cands.append(HeadCandidate((g / k).reshape(x_shape), torch.full(k_shape, k, dtype=torch.float64), y, f"u={u:.6g}, y={y:+g}"))
+            cands.append(
+                HeadCandidate((g / k).reshape(x_shape), torch.full(k_shape, k, dtype=torch.float64), y, f"u={u:.6g}, y={y:+g}", gain)
+            )
     info = {"target": t, "roots": roots, "two_roots": len(roots) == 2}
     warn = []
     if len(roots) == 2:
@@ -212,12 +237,18 @@ def ce_nobias_head(w: torch.Tensor, dw: torch.Tensor, x_shape, k_shape, label=No
             ktrue = softmax(s * v) - np.eye(C)[y]
             mism = float(np.linalg.norm(ktn / s - ktrue)) / max(float(np.linalg.norm(ktn / s)), 1e-300)
             if mism < 1e-6:
+                # s solves h(rho) = 0 with h(rho) = rho (1 - p_y) - |k~_y|: a relative error eps in k~_y moves rho by
+                # eps |k~_y| / |h'(rho)|, i.e. x = s xh by that over rho
+                dr = 1e-6 * rho
+                slope = abs(h(rho + dr) - h(rho - dr)) / (2 * dr)
+                gain = max(1.0, target / max(rho * slope, 1e-300))
                 cands.append(
                     HeadCandidate(
                         (xh * s).reshape(x_shape),
                         torch.from_numpy(ktn / s).reshape(k_shape),
                         y,
                         f"y={y}, s={s:.6g}",
+                        gain,
                     )
                 )
     if not cands:

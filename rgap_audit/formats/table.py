@@ -13,7 +13,7 @@ from rgap_audit.formats._common import error_line, finding_line, ordered, shown,
 from rgap_audit.records import ErrorRecord, Finding, LayerRecord, ModelReport, Verification, VerifiedLayer
 
 HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
-VERIFY_HEADERS = ["measured nullity", "rel. error (plain)", "rel. error (projected)"]
+VERIFY_HEADERS = ["measured nullity", "rel. error / predicted (plain)", "rel. error / predicted (projected)"]
 REASON_WIDTH = 60
 
 
@@ -73,7 +73,11 @@ def layer_rows(report: ModelReport) -> list[list[Any]]:
         )
         if measured is not None:
             m = measured.get(rec.node)
-            row += [None, None, None] if m is None else [m.measured_nullity, _err(m.rel_error), _err(m.rel_error_projected)]
+            row += [None, None, None] if m is None else [
+                m.measured_nullity,
+                _err(m.rel_error, m.predicted_error, m.within_conditioning),
+                _err(m.rel_error_projected, m.predicted_error_projected, m.within_conditioning_projected),
+            ]
         rows.append(row)
     return rows
 
@@ -87,8 +91,31 @@ def _measured_layers(report: ModelReport) -> dict[str, VerifiedLayer] | None:
     return {m.node: m for m in ver.layers}
 
 
-def _err(v: float | None) -> str | None:
-    return None if v is None else f"{v:.2g}"
+def _err(v: float | None, predicted: float | None = None, within: bool | None = None) -> str | None:
+    """A layer's measured error next to the error its conditioning predicts ('-': not predicted); EXCEEDS where
+    the measured error is above what the conditioning allows."""
+    if v is None:
+        return None
+    text = f"{v:.2g} / " + ("-" if predicted is None else f"{predicted:.2g}")
+    return text + (" EXCEEDS" if within is False else "")
+
+
+def run_lines(ver: Verification) -> list[str]:
+    """--verify at B = 1: what "recovered" means, and each run of --verify-seeds."""
+    out = []
+    if ver.criterion is not None:
+        out.append(f"criterion: {ver.criterion.rule}")
+    if len(ver.runs) > 1:
+        parts = []
+        for r in ver.runs:
+            said = {True: "confirmed", False: "not confirmed", None: "neither"}[r.confirmed]
+            err = "no input" if r.rel_error is None else f"rel. error {r.rel_error:.2g}"
+            psnr = "" if r.rel_error is None else (", PSNR inf" if r.psnr_db is None else f", PSNR {r.psnr_db:.1f} dB")
+            ssim = "" if r.ssim is None else f", SSIM {r.ssim:.3f}"
+            where = f", error entered at {r.error_entered_at}" if r.error_entered_at else ""
+            parts.append(f"seed {r.seed} {said} ({err}{psnr}{ssim}{where})")
+        out.append("runs: " + "; ".join(parts))
+    return out
 
 
 def batch_lines(ver: Verification) -> list[str]:
@@ -158,13 +185,14 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         ver = report.verification
         lines.append(f"  verification: {ver.summary}")
         keys = (
-            "outcome", "nearest_sample", "rel_error", "mse", "psnr_db", "seconds", "variant", "label_status", "input",
-            "weights", "scaling", "image",
+            "outcome", "nearest_sample", "rel_error", "mse", "psnr_db", "ssim", "predicted_error", "median_rel_error",
+            "worst_rel_error", "worst_psnr_db", "seconds", "variant", "label_status", "input", "weights", "scaling", "image",
         )
         items = ", ".join(f"{k}={_value(getattr(ver, k))}" for k in keys if getattr(ver, k) is not None)
         if items:
             lines.append(f"    {items}")
         lines.extend(f"    {line}" for line in batch_lines(ver))
+        lines.extend(f"    {line}" for line in run_lines(ver))
     if report.timings:
         total = report.timings.get("total_s", report.timings.get("total"))
         if total is None:

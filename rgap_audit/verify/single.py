@@ -1,5 +1,6 @@
-"""--verify with one sample: R-GAP on the client's gradient, per-layer errors next to the static rows,
-and one sentence saying whether the measurement confirms the static verdict."""
+"""--verify with one sample: R-GAP on the client's gradient, per-layer errors next to the static rows and
+next to what the measured conditioning allows, and one sentence saying whether the run confirms the static
+verdict (verify.judge)."""
 
 from __future__ import annotations
 
@@ -7,62 +8,18 @@ import time
 
 import torch
 
-from rgap_audit.attack.engine import Reconstruction, attack_graph
+from rgap_audit.attack.engine import attack_graph
 from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.instance import Instance
-from rgap_audit.records import Metrics, ModelReport, Verification, VerifiedLayer
-from rgap_audit.tolerances import EXACT
+from rgap_audit.records import Criterion, Metrics, ModelReport, Verification, VerifiedLayer
+from rgap_audit.verify.criterion import check
 from rgap_audit.verify.images import write_image
-from rgap_audit.verify.metrics import best_of, fmt, image_metrics
-
-
-def judge(report: ModelReport, rec: Reconstruction, plain_err: float | None, proj_err: float | None) -> tuple[bool | None, str]:
-    """Whether the measurements confirm the static verdict, and one plain sentence saying so."""
-    v = report.verdict
-    static_def = {r.node: r.deficit for r in report.layers if r.deficit}
-    steps = {s.node: s for s in rec.layers}
-    if rec.input is None:
-        return None, "Not confirmed either way: the attack could not reach the input (" + "; ".join(rec.warnings[-1:]) + ")."
-    best = min(e for e in (plain_err, proj_err) if e is not None)
-    if v.input_recoverable is None:
-        return None, f"The static analysis could not decide; closed-form R-GAP reached relative error {best:.2g}."
-    if v.input_recoverable and not static_def:
-        if plain_err is not None and plain_err <= EXACT:
-            return True, f"Confirmed: the analysis predicts closed-form recovery and R-GAP recovered the input (relative error {plain_err:.2g})."
-        if proj_err is not None and proj_err <= EXACT:
-            lost = [s.node for s in rec.layers if s.nullity]
-            return True, (
-                f"Confirmed: the analysis predicts closed-form recovery and the projected variant recovered the input "
-                f"(relative error {proj_err:.2g}); plain layer-wise R-GAP reached {fmt(plain_err)} because, not knowing "
-                f"the activation pattern the analysis assumes, it finds {', '.join(lost)} undetermined."
-            )
-        return False, f"Not confirmed: the analysis predicts closed-form recovery but R-GAP's relative error is {fmt(best)}."
-    if v.input_recoverable:
-        idx = next((i for i, s in enumerate(rec.layers) if s.node in static_def), None)
-        first = None if idx is None else rec.layers[idx]
-        above_ok = idx is not None and all((s.rel_error or 0.0) <= EXACT for s in rec.layers[:idx])
-        degraded = first is not None and (first.rel_error or 0.0) > EXACT
-        nul = ", ".join(
-            f"{n}: static {d}, measured {steps[n].nullity if n in steps else 'n/a'}" for n, d in static_def.items()
-        )
-        ok = degraded and above_ok and proj_err is not None and proj_err <= EXACT
-        if ok and first is not None:
-            return True, (
-                f"Confirmed: plain layer-wise R-GAP degrades at the deficient layer(s) ({nul}; relative error "
-                f"{first.rel_error:.2g} at {first.node}'s input, {fmt(plain_err)} at the input) and the projected "
-                f"variant recovers the input (relative error {proj_err:.2g}), as the carried deficit of 0 predicts."
-            )
-        return False, (
-            f"Not confirmed: the analysis predicts recovery through the deficient layer(s) ({nul}); measured relative "
-            f"error {fmt(plain_err)} (plain R-GAP) and {fmt(proj_err)} (projected variant)."
-        )
-    if best > EXACT:
-        return True, f"Confirmed: the analysis predicts the input is not recoverable in closed form; R-GAP's best relative error is {best:.2g}."
-    return False, f"Not confirmed: the analysis predicts no closed-form recovery, yet R-GAP reached relative error {best:.2g}."
+from rgap_audit.verify.judge import judge
+from rgap_audit.verify.metrics import best_of, image_metrics
 
 
 def verify_single(
-    client: Instance, report: ModelReport, input: str | None, weights: str | None, save_images: str | None
+    client: Instance, report: ModelReport, input: str | None, weights: str | None, save_images: str | None, crit: Criterion
 ) -> Verification:
     """R-GAP on one sample's gradient; the true input is used only to measure errors."""
     x = client.x
@@ -78,13 +35,22 @@ def verify_single(
     wall = time.perf_counter() - t0
 
     plain_in, plain_idx = best_of(rec, x)
-    proj_in = None
+    proj_in, proj_idx = None, 0
     if rec.projected is not None:
-        proj_in, _ = best_of(rec.projected, x)
-    m_plain = image_metrics(x, plain_in) if plain_in is not None else None
-    m_proj = image_metrics(x, proj_in) if proj_in is not None else None
-    confirmed, sentence = judge(report, rec, None if m_plain is None else m_plain.rel_error, None if m_proj is None else m_proj.rel_error)
-    if confirmed is False and any(s.rows_lost for s in rec.layers):
+        proj_in, proj_idx = best_of(rec.projected, x)
+    m_plain = image_metrics(x, plain_in, shape) if plain_in is not None else None
+    m_proj = image_metrics(x, proj_in, shape) if proj_in is not None else None
+    # against the conditioning: per layer only when the input measured is the one the layers were solved for
+    # (a walk that never reached the input kept one head candidate of several it could not tell apart: not compared)
+    c_plain = check(rec, crit, None if m_plain is None else m_plain.rel_error, plain_idx == 0 and rec.input is not None)
+    c_proj = None
+    if rec.projected is not None:
+        c_proj = check(rec.projected, crit, None if m_proj is None else m_proj.rel_error, proj_idx == 0 and rec.projected.input is not None)
+    verdict = judge(report, rec, m_plain, m_proj, c_plain, c_proj, crit)
+    confirmed, sentence = verdict.confirmed, verdict.sentence
+    entered = None if verdict.check is None else verdict.check.entered_at
+    lost_at = [s.node for s in rec.layers if s.rows_lost and (entered is None or s.node == entered)]
+    if confirmed is False and lost_at:  # unknown entries of z where the error entered (or anywhere, when not located)
         sentence += (
             " The analysis takes ReLU activation patterns as known, as R-GAP does; this attack knows a pattern only "
             "once the layer above it is recovered, so zeros it cannot place are unknowns."
@@ -109,12 +75,20 @@ def verify_single(
             residual_fwd=s.residual_fwd,
             rows_lost=s.rows_lost,
             seconds=s.seconds,
+            solve_gain=s.solve_gain,
+            link_gain=s.link_gain,
         )
+        mine = c_plain.layer(s.node)
+        if mine is not None:
+            entry.predicted_error, entry.within_conditioning = mine.predicted, mine.within
         p = proj_steps.get(s.node)
         if p is not None:
             entry.rel_error_projected = p.rel_error
             entry.measured_nullity_projected = p.nullity_given_pattern if p.nullity_given_pattern is not None else p.nullity
             entry.carried_in = p.carried_in
+            theirs = None if c_proj is None else c_proj.layer(s.node)
+            if theirs is not None:
+                entry.predicted_error_projected, entry.within_conditioning_projected = theirs.predicted, theirs.within
         layers.append(entry)
 
     best: Metrics | None = m_proj if (m_proj and (m_plain is None or m_proj.rel_error < m_plain.rel_error)) else m_plain
@@ -129,9 +103,14 @@ def verify_single(
         rel_error=None if best is None else best.rel_error,
         mse=None if best is None else best.mse,
         psnr_db=None if best is None else best.psnr_db,
-        scaling="MSE and PSNR after mapping the original input's [min, max] to [0, 1]; PSNR peak 1.0",
+        ssim=None if best is None else best.ssim,
+        scaling="MSE, PSNR and SSIM after mapping the original input's [min, max] to [0, 1]; PSNR peak 1.0",
         seconds=wall,
-        tolerance=EXACT,
+        criterion=crit,
+        leak=verdict.leak,
+        within_conditioning=None if verdict.check is None else verdict.check.within,
+        predicted_error=None if verdict.check is None else verdict.check.input_predicted,
+        error_entered_at=None if verdict.check is None else verdict.check.entered_at,
         label=client.labels.tolist()[0],
         label_recovered=rec.label,
         label_status=rec.label_status,
