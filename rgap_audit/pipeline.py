@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rgap_audit import config as cfg
+from rgap_audit import progress
 from rgap_audit.analysis import Audit, audit_instance
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
 from rgap_audit.errors import AuditError
-from rgap_audit.identifiability import instance_identifiability
+from rgap_audit.identifiability import instance_identifiability, plot_spectrum
 from rgap_audit.instance import build_instance
 from rgap_audit.loader import display_path, iter_models, no_network
 from rgap_audit.options import AuditOptions, LoadedModel
@@ -125,11 +126,14 @@ class Pipeline:
         self.request = request
         self.on_error = on_error
         self.result = Result()
+        self.meter = progress.Meter(sys.stderr) if progress.wanted(sys.stderr) else None
 
     def error(self, err: AuditError, file: str | None = None, model: str | None = None) -> None:
         err.file = err.file or file
         err.model = err.model or model
         self.result.errors.append(err)
+        if self.meter is not None:
+            self.meter.clear()
         self.on_error(err)
 
     def check_selection(self) -> bool:
@@ -202,11 +206,24 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one model
     def _model(self, loaded: LoadedModel, options: AuditOptions) -> ModelReport | None:
+        """One model, with a progress line on stderr while it runs when a person watches (rgap_audit.progress)."""
+        meter = self.meter.start(loaded.name) if self.meter is not None else None
+        try:
+            with progress.reporting(meter):
+                return self._model_steps(loaded, options, meter)
+        finally:
+            if meter is not None:
+                meter.clear()
+
+    def _model_steps(self, loaded: LoadedModel, options: AuditOptions, meter: progress.Meter | None) -> ModelReport | None:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
         try:
             with no_network(), captured(req.debug), single_thread():
-                audit = audit_instance(build_instance(loaded, options), options)
+                inst = build_instance(loaded, options)
+                if meter is not None:
+                    meter.totals["walk"] = len(inst.graph.ops())
+                audit = audit_instance(inst, options)
         except AuditError as err:
             self.error(err, loaded.file, loaded.name)
             return None
@@ -239,19 +256,23 @@ class Pipeline:
         """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with
         --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png."""
         loaded = audit.instance.loaded
-        plot = None
-        if self.request.save_images:
-            os.makedirs(self.request.save_images, exist_ok=True)
-            plot = os.path.join(self.request.save_images, f"{safe_name(loaded.name)}-spectrum.png")
         try:
-            res = instance_identifiability(audit.instance, plot=plot)
+            res = instance_identifiability(audit.instance)
         except (ValueError, RuntimeError, MemoryError) as exc:
             raise AuditError(f"identifiability failed: {type(exc).__name__}: {' '.join(str(exc).split())}", loaded.file, loaded.name) from exc
         audit.report.identifiability = Identifiability(
             unknowns=res["unknowns"], gradient_entries=res["gradient_entries"], rank=res["rank"], deficit=res["deficit"],
             locally_unique=res["locally_unique"], sigma_min_rel=res["sigma_min_rel"], singular_values=res["singular_values"],
-            rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=res["plot"],
+            rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=None,
         )
+        if self.request.save_images:  # after the result is kept: a plot that fails removes nothing
+            plot = os.path.join(self.request.save_images, f"{safe_name(loaded.name)}-spectrum.png")
+            try:
+                os.makedirs(self.request.save_images, exist_ok=True)
+                plot_spectrum(res, plot, loaded.name)
+            except OSError as exc:
+                raise AuditError(f"--save-images: cannot write {plot!r}: {exc.strerror or exc}", loaded.file, loaded.name) from exc
+            audit.report.identifiability.plot = plot
 
     def _verify(self, audit: Audit) -> None:
         req = self.request

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 
 
 class Verdict(StrEnum):
@@ -256,6 +256,26 @@ class SpanLeak:
 
 
 @dataclass
+class Tile:
+    """One picture of a reconstruction panel: an 8-bit PNG (base64) and the values its 0 and 255 stand for."""
+
+    kind: str  # "original", "reconstruction" (original's range), "rescaled" (own range), "difference" (|x' - x|)
+    png: str  # base64 of a grey (C = 1, and the difference) or RGB PNG at the input's resolution
+    lo: float
+    hi: float
+
+
+@dataclass
+class Panel:
+    """One row of the reconstruction figure (--verify on an image-shaped input): what it compares and how well."""
+
+    label: str  # "plain R-GAP", "projected variant", "sample 0", ...
+    rel_error: float | None
+    psnr_db: float | None
+    tiles: list[Tile] = field(default_factory=list)
+
+
+@dataclass
 class Verification:
     """What --verify measured: the attack on the instance, and whether it confirms the static verdict."""
 
@@ -281,6 +301,7 @@ class Verification:
     layers: list[VerifiedLayer] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     image: str | None = None
+    panels: list[Panel] = field(default_factory=list)  # the pictures, so that a report renders from the JSON alone
     settled: str | None = None  # the model verdict this measurement changed, and how
     # batches (B > 1)
     batch_size: int | None = None

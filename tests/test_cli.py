@@ -118,7 +118,7 @@ class Stages:
                 f.suppressed = True
         return findings
 
-    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None):
+    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None, exit_code=None, errors=()):
         self.calls["render"].append(fmt)
         shown = [f for f in findings if show_suppressed or not f.suppressed]
         return "".join(f"{fmt}|{f.file}:{f.line}:{f.col}: {f.code} {f.message}{' (suppressed)' * f.suppressed}\n" for f in shown)

@@ -7,6 +7,7 @@ table    per model, one row per step of the walk (torchinfo style), the verdict,
 json     the report: schema_version, tool, models, findings, summary (rgap_audit/schema)
 sarif    SARIF 2.1.0 for GitHub code scanning: rule metadata, stable fingerprints
 github   GitHub Actions workflow commands (::error / ::warning / ::notice annotations)
+html     one self-contained page (figures inline, no network), rendered from the json document
 
 Suppressed findings: the human formats (concise, table, github) show them only with
 show_suppressed; json and sarif always carry them, marked (`suppressed: true` / SARIF
@@ -30,8 +31,11 @@ def render(
     show_suppressed: bool = False,
     rules: Sequence[object] | None = None,
     cwd: str | None = None,
+    exit_code: int | None = None,
+    errors: Sequence[AuditError] = (),
 ) -> str:
-    """Render the reports and findings in one of FORMATS; `rules` and `cwd` only matter for sarif."""
+    """Render the reports and findings in one of FORMATS; `rules` and `cwd` only matter for sarif, `exit_code`
+    (recorded in the document's summary) for json and html, `errors` for html."""
     if fmt == "concise":
         from rgap_audit.formats.concise import render_concise
 
@@ -43,7 +47,7 @@ def render(
     if fmt == "json":
         from rgap_audit.formats.jsonreport import render_json
 
-        return render_json(reports, findings)
+        return render_json(reports, findings, exit_code=exit_code)
     if fmt == "sarif":
         from rgap_audit.formats.sarif import render_sarif
 
@@ -52,6 +56,14 @@ def render(
         from rgap_audit.formats.github import render_github
 
         return render_github(reports, findings, show_suppressed=show_suppressed)
+    if fmt == "html":
+        from rgap_audit.formats.htmlreport import render_html
+        from rgap_audit.formats.jsonreport import error_dict, report_dict
+
+        doc = report_dict(reports, findings, exit_code=exit_code)
+        if errors:
+            doc.setdefault("errors", [error_dict(e) for e in errors])
+        return render_html(doc)
     raise AuditError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
 
 

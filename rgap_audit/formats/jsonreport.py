@@ -11,6 +11,7 @@ from importlib import resources
 from typing import Any
 
 from rgap_audit import __version__
+from rgap_audit.errors import AuditError
 from rgap_audit.formats._common import ordered, summary_dict
 from rgap_audit.records import SCHEMA_VERSION, Finding, ModelReport
 
@@ -34,22 +35,31 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding]) -> dict[str, Any]:
-    """The report as a dict: schema_version, tool, models (ModelReport.to_dict), findings, summary."""
+def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding], *, exit_code: int | None = None) -> dict[str, Any]:
+    """The report as a dict: schema_version, tool, models (ModelReport.to_dict), findings, summary (with the
+    run's exit code when the command line gives it)."""
+    summary = summary_dict(reports, findings)
+    if exit_code is not None:
+        summary["exit_code"] = exit_code
     return _jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "rgap-audit", "version": __version__},
             "models": [r.to_dict() for r in reports],
             "findings": [asdict(f) for f in ordered(findings)],
-            "summary": summary_dict(reports, findings),
+            "summary": summary,
         }
     )
 
 
-def render_json(reports: Sequence[ModelReport], findings: Sequence[Finding]) -> str:
+def error_dict(err: AuditError) -> dict[str, Any]:
+    """One error of the run as the html page shows it (file, line, model, message)."""
+    return {"file": err.file, "line": err.line, "model": err.model, "message": " ".join(str(err.cause).split())}
+
+
+def render_json(reports: Sequence[ModelReport], findings: Sequence[Finding], *, exit_code: int | None = None) -> str:
     """The JSON report text (suppressed findings included, marked `suppressed: true`)."""
-    return json.dumps(report_dict(reports, findings), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(report_dict(reports, findings, exit_code=exit_code), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 @lru_cache(maxsize=1)
