@@ -254,6 +254,7 @@ def _audit(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.output:
         try:
+            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
             with open(args.output, "w", encoding="utf-8") as fh:
                 fh.write(text if text.endswith("\n") or not text else text + "\n")
         except OSError as exc:
@@ -299,6 +300,7 @@ def _render_command(argv: list[str]) -> int:
     text = render_html(doc)
     if args.output:
         try:
+            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
             with open(args.output, "w", encoding="utf-8") as fh:
                 fh.write(text)
         except OSError as exc:

@@ -7,7 +7,7 @@ it. The sink lives in a context variable, so the stages take no extra argument a
 line per layer.
 
 `Meter` is the sink: one line rewritten in place (carriage return, erase to end of line), at most
-`rate` redraws a second, erased when the model is done. It is ours rather than rich or tqdm: what it
+`rate` redraws a second (a new stage and a stage's last unit always), erased when the model is done. It is ours rather than rich or tqdm: what it
 draws is one status line, and the core audit takes no dependency for it.
 """
 
@@ -63,6 +63,7 @@ class Meter:
         self.counts: dict[str, int] = {}
         self.totals: dict[str, int] = {}
         self.last = -float("inf")
+        self.stage = ""
         self.shown = False
 
     def start(self, model: str, totals: Mapping[str, int] | None = None) -> Meter:
@@ -75,9 +76,9 @@ class Meter:
         self.counts[stage] = done
         total = total if total is not None else self.totals.get(stage)
         now = self.clock()
-        if now - self.last < self.interval and not (total and done >= total):
-            return
-        self.last = now
+        if now - self.last < self.interval and stage == self.stage and not (total and done >= total):
+            return  # a new stage and a stage's last unit are always drawn
+        self.last, self.stage = now, stage
         count = f"{done}/{total}" if total else str(done)
         self._write(f"\rrgap-audit: {self.model}: {stage} {count} {label}"[:200] + "\x1b[K")
 

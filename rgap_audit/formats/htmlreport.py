@@ -3,10 +3,10 @@
 The page is readable offline: inline CSS, figures as PNG data URIs (rgap_audit.figures, matplotlib), no
 script at all, and a Content-Security-Policy that forbids loading anything (`default-src 'none'`,
 images from `data:` only). What it shows, in order: the run (models, verdicts, exit status, errors),
-then per model the verdict with what it rests on and its caveats, the rank chart, the layer table
-(the columns of `--format table`), the `--verify` pictures and per-layer errors, the identifiability
-spectrum, any further section of the model (`SECTIONS`: the defences curves hook here), and the
-findings with their rule's text and source location.
+then per model the verdict with what it rests on and its caveats, the rank chart beside `--verify`'s
+per-layer errors, the reconstruction pictures, the identifiability spectrum, any further section of
+the model (`SECTIONS`: the defences curves hook here), the layer table (the columns of `--format
+table`), and the findings with their rule's text and source location.
 
 Because it reads the JSON document and nothing else, an archived report re-renders with
 `rgap-audit render report.json -o report.html`. Keys it does not know (a newer schema, rows of a new
@@ -57,6 +57,7 @@ tr.deficient td { background: #fde0dc; } tr.not-understood td { background: #ece
 .verdict-box { border-left: 5px solid var(--muted); background: var(--alt); padding: .5rem .9rem; margin: .5rem 0 1rem; }
 .verdict-box.true { border-color: var(--bad); } .verdict-box.false { border-color: var(--ok); } .verdict-box.none { border-color: var(--warn); }
 .errors { border-left: 5px solid var(--bad); background: #fdecea; padding: .5rem .9rem; }
+.charts { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; } .charts figure { flex: 1 1 560px; max-width: 680px; }
 figure { margin: .6rem 0 1.2rem; } figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: .85rem; }
 details > summary { cursor: pointer; color: var(--info); }
@@ -305,16 +306,28 @@ def verification_section(model: dict[str, Any]) -> str:
         "reason", "nearest_sample", "image",
     )
     facts = {k: ver[k] for k in keys if ver.get(k) is not None}
-    parts = [f'<section class="verification"><h3>--verify: the closed-form attack, measured</h3><p>{esc(ver.get("summary"))}</p>',
-             generic(facts)]
+    line = []
+    if ver.get("rel_error") is not None:
+        line.append(f"relative error <strong>{esc(err(ver['rel_error']))}</strong>" + (f" ({esc(ver['variant'])})" if ver.get("variant") else ""))
+    if ver.get("psnr_db") is not None:
+        line.append(f"PSNR <strong>{ver['psnr_db']:.1f} dB</strong>")
+    if ver.get("seconds") is not None:
+        line.append(f"{ver['seconds']:.2f} s")
+    if ver.get("input"):
+        line.append(f"input: {esc(ver['input'])}")
+    if ver.get("weights"):
+        line.append(f"weights: {esc(ver['weights'])}")
+    parts = [
+        f'<section class="verification"><h3>--verify: the closed-form attack, measured</h3><p>{esc(ver.get("summary"))}</p>',
+        f"<p>{' · '.join(line)}</p>" if line else "",
+        f"<details><summary>all measurements</summary>{generic(facts)}</details>",
+    ]
     panels = ver.get("panels") or []
     if panels:
         png = figures.reconstruction_png(panels, f"{name}: reconstruction")
         parts.append(figure(png, f"{name}: original, reconstruction, rescaled, difference",
                             "Per row: the original, the reconstruction on the original's value range, the reconstruction "
                             "rescaled to its own range, and the absolute difference (largest over channels)."))
-    parts.append(figure(figures.error_png(model), f"{name}: relative error per layer",
-                        "The attack's relative error at each weighted layer's input (log axis), labelled with the static verdict."))
     if ver.get("per_sample"):
         parts.append("<h4>per sample</h4>" + generic(ver["per_sample"]))
     for key in ("combination", "span_leak"):
@@ -407,14 +420,19 @@ def model_section(i: int, model: dict[str, Any], findings: list[dict[str, Any]])
     )
     parts = [f'<section class="model" id="{anchor(i)}"><h2>{esc(name)} {verdict_badge(model.get("verdict") or {})}</h2>', meta,
              verdict_section(model)]
-    parts.append(figure(figures.rank_png(model), f"{name}: rank against unknowns per layer",
-                        "Per weighted layer: unknowns (grey), rank of [K; F] (blue), the deficit (red) and rank K from the gradient alone (black tick)."))
-    parts.append("<h3>The walk, output first</h3>" + layer_table(model))
+    charts = [
+        figure(figures.rank_png(model), f"{name}: rank against unknowns per layer",
+               "Per weighted layer: unknowns (grey), rank of [K; F] (blue), the deficit (red) and rank K from the gradient alone (black tick)."),
+        figure(figures.error_png(model), f"{name}: relative error per layer",
+               "--verify: the attack's relative error at each weighted layer's input (log axis), labelled with the static verdict."),
+    ]
+    parts.append(f'<div class="charts">{"".join(charts)}</div>')
     for _, render in SECTIONS:
         parts.append(render(model))
     extra = {k: v for k, v in model.items() if k not in _LAID_OUT}
     if extra:
         parts.append("<h3>Further data</h3>" + generic(extra))
+    parts.append("<h3>The walk, output first</h3>" + layer_table(model))
     mine = [f for f in findings if f.get("file") == model.get("file") and f.get("model") == name]
     parts.append(f"<h3>Findings ({len(mine)})</h3>" + findings_table(mine))
     parts.append("</section>")
