@@ -63,6 +63,12 @@ def _sig(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
 
 
+def _tilted(labels: list[str]) -> bool:
+    """Tick labels too long to stand side by side (about 9 characters per slot at this figure width)."""
+    longest = max((len(line) for t in labels for line in t.split("\n")), default=0)
+    return len(labels) > 12 or longest * len(labels) > 9 * max(len(labels), 7)
+
+
 # ----------------------------------------------------------------------------- reconstruction panels
 def _tile_array(tile: dict[str, Any]) -> Any:
     from matplotlib.image import imread
@@ -126,7 +132,7 @@ def rank_figure(model: dict[str, Any]) -> Any | None:
         return None
     Figure = _figure_class()
     n = len(rows)
-    fig = Figure(figsize=(max(6.0, 0.9 * n + 2.5), 4.2), layout="constrained")
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.6 * n + 2.5)), 4.6 if n > 8 else 4.2), layout="constrained")
     ax = fig.add_subplot()
     xs = list(range(n))
     unknowns = [r["unknowns"] for r in rows]
@@ -162,13 +168,14 @@ def rank_figure(model: dict[str, Any]) -> Any | None:
     positive = [u for u in unknowns if u > 0]
     if positive and max(positive) / min(positive) > 30:
         ax.set_yscale("log")
-    ax.set_xticks(xs, [f"{layer_name(r)}\n{r.get('op', '')}" for r in rows], fontsize=8, rotation=0 if n <= 8 else 45,
-                  ha="center" if n <= 8 else "right")
+    names = [f"{layer_name(r)}\n{r.get('op', '')}" for r in rows]
+    tilt = _tilted(names)
+    ax.set_xticks(xs, names, fontsize=8, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel("input directions of the layer")
     ax.set_xlabel("weighted layers, model input at the left")
     ax.set_title(f"{model.get('model', '')}: rank of [K; F] against unknowns per layer", fontsize=11)
     ax.margins(y=0.12)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return fig
 
 
@@ -184,7 +191,7 @@ def error_figure(model: dict[str, Any]) -> Any | None:
     Figure = _figure_class()
     floor = 1e-17
     n = len(layers)
-    fig = Figure(figsize=(max(6.0, 0.9 * n + 2.5), 4.2), layout="constrained")
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.6 * n + 2.5)), 4.6 if n > 8 else 4.2), layout="constrained")
     ax = fig.add_subplot()
     xs = list(range(n))
     for key, marker, label, color in (("rel_error", "o", "plain R-GAP", "#1b7837"), ("rel_error_projected", "s", "projected variant", "#762a83")):
@@ -201,13 +208,14 @@ def error_figure(model: dict[str, Any]) -> Any | None:
         verdict = m.get("static_verdict") or "n/a"
         deficit = m.get("static_deficit")
         labels.append(f"{layer_name(m)}\n{verdict}" + (f"\ndeficit {deficit}" if deficit else ""))
-    ax.set_xticks(xs, labels, fontsize=8, rotation=0 if n <= 8 else 45, ha="center" if n <= 8 else "right")
+    tilt = _tilted(labels)
+    ax.set_xticks(xs, labels, fontsize=8, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     for tick, m in zip(ax.get_xticklabels(), layers):
         tick.set_color(VERDICT_COLORS.get(m.get("static_verdict") or "", "black"))
     ax.set_ylabel("relative error of the layer input")
     ax.set_xlabel("weighted layers, model input at the left; label: static verdict")
     ax.set_title(f"{model.get('model', '')}: --verify, measured error per layer", fontsize=11)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if any(m.get(k) is not None and m[k] < floor for m in layers for k in ("rel_error", "rel_error_projected")):
         ax.text(0.99, 0.02, f"errors below {floor:.0e} drawn at it", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
     return fig

@@ -82,5 +82,22 @@ def test_cli_draws_progress_on_a_terminal_and_keeps_stdout_clean():
     assert doc["models"][0]["model"] == "FCN3" and "\r" not in out and "rgap-audit: FCN3" not in out
     assert "rgap-audit: FCN3: walk 6/6" in tty and "rgap-audit: FCN3: attack" in tty
     assert tty.endswith("\r\x1b[K")  # the line is erased when the model is done
-    out, tty = _run_with_tty_stderr({**env, "CI": "true"})
-    assert json.loads(out)["models"][0]["model"] == "FCN3" and tty == ""
+
+
+def test_no_progress_under_ci_or_pre_commit_even_at_a_terminal(monkeypatch, capsys):
+    from rgap_audit import cli
+
+    for var in ("CI", "PRE_COMMIT"):
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("PRE_COMMIT", raising=False)
+        monkeypatch.setenv(var, "1")
+        tty = _Tty()
+        monkeypatch.setattr(sys, "stderr", tty)
+        assert cli.main(["examples/paper_nets.py:FCN3", "--format", "json"]) == 1
+        assert tty.getvalue() == ""
+        assert json.loads(capsys.readouterr().out)["models"][0]["model"] == "FCN3"
+    monkeypatch.delenv("PRE_COMMIT")
+    tty = _Tty()  # the same in-process run at a terminal does draw: the check above can fail
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert cli.main(["examples/paper_nets.py:FCN3", "--format", "json"]) == 1
+    assert "rgap-audit: FCN3: walk 6/6" in tty.getvalue()

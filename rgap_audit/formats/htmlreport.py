@@ -57,7 +57,8 @@ tr.deficient td { background: #fde0dc; } tr.not-understood td { background: #ece
 .verdict-box { border-left: 5px solid var(--muted); background: var(--alt); padding: .5rem .9rem; margin: .5rem 0 1rem; }
 .verdict-box.true { border-color: var(--bad); } .verdict-box.false { border-color: var(--ok); } .verdict-box.none { border-color: var(--warn); }
 .errors { border-left: 5px solid var(--bad); background: #fdecea; padding: .5rem .9rem; }
-.charts { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; } .charts figure { flex: 1 1 560px; max-width: 680px; }
+.charts { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+.charts figure { flex: 1 1 560px; max-width: 680px; } .charts figure.wide { flex-basis: 100%; max-width: 100%; }
 figure { margin: .6rem 0 1.2rem; } figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: .85rem; }
 details > summary { cursor: pointer; color: var(--info); }
@@ -115,8 +116,10 @@ def _rules() -> dict[str, Any]:
 def figure(png: bytes | None, alt: str, caption: str) -> str:
     if png is None:
         return ""
+    width = int.from_bytes(png[16:20], "big")  # the PNG's IHDR: a wide chart (many layers) gets a row of its own
+    cls = ' class="wide"' if width > 800 else ""
     return (
-        f'<figure><img src="{figures.data_uri(png)}" alt="{esc(alt)}">'
+        f'<figure{cls}><img src="{figures.data_uri(png)}" alt="{esc(alt)}" width="{width}">'
         f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
