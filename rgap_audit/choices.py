@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rgap_audit.records import SEVERITIES
 
-FORMATS = ("concise", "table", "json", "sarif", "github")
+FORMATS = ("concise", "table", "json", "sarif", "github", "html")
 LOSSES = ("logistic", "cross-entropy")
 DEFAULT_FAIL_ON = "warning"
 DEFAULT_MEMORY_BUDGET_MB = 4096.0

@@ -3,6 +3,7 @@
     rgap-audit PATH[:NAME] ...   audit the models of each file (or the named one)
     rgap-audit rules             list the rules
     rgap-audit rule CODE         explain one rule
+    rgap-audit render REPORT.json -o REPORT.html   the html page of an archived JSON report
 
 Exit codes: 0 no unsuppressed finding at or above --fail-on; 1 such findings; 2 usage, config,
 load, trace or verification errors (every broken file or model is reported as one line on stderr,
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="rgap-audit",
         description="Privacy-risk linter for PyTorch model architectures (R-GAP rank analysis of gradient leakage). "
-        "Also: `rgap-audit rules` lists the rules, `rgap-audit rule CODE` explains one. "
+        "Also: `rgap-audit rules` lists the rules, `rgap-audit rule CODE` explains one, "
+        "`rgap-audit render REPORT.json -o REPORT.html` renders a JSON report as a page. "
         "Auditing executes the model file, as importing it would.",
     )
     p.add_argument("targets", nargs="*", metavar="PATH[:NAME]", help="model files; :NAME audits one model of the file")
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         help="output format (default: `format` in the config, else table on a terminal and concise otherwise, "
-        "e.g. in pre-commit and CI; with --output, chosen from the file extension: .json, .sarif)",
+        "e.g. in pre-commit and CI; with --output, chosen from the file extension: .json, .sarif, .html)",
     )
     out.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
     out.add_argument("--show-suppressed", action="store_true", help="also print findings suppressed by `# rgap: ignore[...]`")
@@ -167,6 +169,8 @@ def default_format(output: str | None) -> str:
             return "json"
         if lower.endswith((".sarif", ".sarif.json")):
             return "sarif"
+        if lower.endswith((".html", ".htm")):
+            return "html"
         return "concise"
     if os.environ.get("PRE_COMMIT") or os.environ.get("CI"):
         return "concise"
@@ -270,13 +274,16 @@ def _audit(args: argparse.Namespace) -> int:
         except AuditError as err:
             errors(err, "config")
     fmt = args.format or project.format or default_format(args.output)
+    if (fmt == "html" or args.save_images) and not _figures_available(errors, fmt):
+        return EXIT_ERROR
     result = pipeline.run()
     if not result.reports and not errors.count and fmt in ("concise", "table", "github"):
         return EXIT_OK  # nothing audited, nothing wrong (--allow-no-models); json/sarif still get a (valid, empty) document
+    code = EXIT_ERROR if errors.count else (EXIT_FINDINGS if result.failed else EXIT_OK)
     try:
         text = render(
             fmt, result.reports, result.findings, show_suppressed=args.show_suppressed, rules=result.rules, cwd=os.getcwd(),
-            errors=errors.records(),
+            exit_code=code, errors=errors.records(),
         )
     except AuditError as err:
         errors(err, "report")
@@ -288,6 +295,7 @@ def _audit(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.output:
         try:
+            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
             with open(args.output, "w", encoding="utf-8") as fh:
                 fh.write(text if text.endswith("\n") or not text else text + "\n")
         except OSError as exc:
@@ -297,7 +305,50 @@ def _audit(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if errors.count:
         return EXIT_ERROR
-    return EXIT_FINDINGS if result.failed else EXIT_OK
+    return code
+
+
+def _figures_available(errors: _Errors, fmt: str) -> bool:
+    """The html format and --save-images draw with matplotlib (the `report` extra): say so before any audit runs."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    what = "--format html" if fmt == "html" else "--save-images"
+    errors(AuditError(f"{what} draws its figures with matplotlib, which is not installed: pip install 'rgap-audit[report]'"))
+    return False
+
+
+def _render_command(argv: list[str]) -> int:
+    """`rgap-audit render REPORT.json [-o OUT.html]`: the html page of a JSON report, from that document alone."""
+    import json
+
+    p = _Parser(prog="rgap-audit render", description="Render a JSON report (--format json) as one self-contained html page.")
+    p.add_argument("report", metavar="REPORT.json", help="a report written by --format json")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the page to FILE instead of stdout")
+    args = p.parse_args(argv)
+    try:
+        with open(args.report, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise AuditError(f"cannot read the report: {exc.strerror or exc}", args.report) from exc
+    except json.JSONDecodeError as exc:
+        raise AuditError(f"not a JSON report: {exc.msg} (column {exc.colno})", args.report, line=exc.lineno) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or "schema_version" not in doc:
+        raise AuditError("not an rgap-audit JSON report: no schema_version and models list", args.report)
+    from rgap_audit.formats.htmlreport import render_html
+
+    text = render_html(doc)
+    if args.output:
+        try:
+            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise AuditError(f"cannot write the page: {exc.strerror or exc}", args.output) from exc
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _rules_command(argv: list[str]) -> int:
@@ -330,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             return _rules_command(argv[1:])
         if argv and argv[0] == "rule":
             return _rule_command(argv[1:])
+        if argv and argv[0] == "render":
+            return _render_command(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         return _audit(args)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from rgap_audit import progress
 from rgap_audit.instance import Instance
 from rgap_audit.losses import loss_value
 
@@ -93,7 +94,8 @@ def instance_identifiability(
 ) -> dict[str, Any]:
     """Numerical rank and singular spectrum of d(gradient)/d(input) at the instance.
 
-    `method` is "auto", "dense-svd" or "gram-eigh". With `plot`, the spectrum is drawn to that PNG path.
+    `method` is "auto", "dense-svd" or "gram-eigh". With `plot`, the spectrum is drawn to that PNG path
+    (matplotlib, the `report` extra: rgap_audit.figures.MissingExtra without it).
     Meant for small inputs: it costs one Jacobian product per unknown, so more than `max_unknowns` is
     refused. Returns a JSON-ready dict (see the keys below).
     """
@@ -122,7 +124,10 @@ def instance_identifiability(
         return jvp(g, (x,), (v,))[1]
 
     if method == "dense-svd":
-        cols = [_columns(jv, x, n, s, min(n, s + chunk)) for s in range(0, n, chunk)]
+        cols = []
+        for s in range(0, n, chunk):
+            progress.step("identifiability", "Jacobian columns", s, n)
+            cols.append(_columns(jv, x, n, s, min(n, s + chunk)))
         jac = torch.cat(cols).T.numpy()  # (n_grad, n)
         sv = np.linalg.svd(jac, compute_uv=False)
         sv = np.concatenate([sv, np.zeros(n - sv.size)]) if sv.size < n else sv
@@ -135,9 +140,10 @@ def instance_identifiability(
         def gram_col(v: torch.Tensor) -> torch.Tensor:
             return vjp_fn(jv(v))[0]
 
-        blocks = [
-            _columns(gram_col, x, n, s, min(n, s + chunk)).reshape(-1, n) for s in range(0, n, chunk)
-        ]
+        blocks = []
+        for s in range(0, n, chunk):
+            progress.step("identifiability", "Gram columns", s, n)
+            blocks.append(_columns(gram_col, x, n, s, min(n, s + chunk)).reshape(-1, n))
         gram = torch.cat(blocks).numpy()
         gram = 0.5 * (gram + gram.T)
         lam = np.linalg.eigvalsh(gram)[::-1]
@@ -185,51 +191,13 @@ def instance_identifiability(
     return result
 
 
-def plot_spectrum(result: dict[str, Any], path: str, size: tuple[int, int] = (720, 440)) -> None:
-    """Draw log10(sigma_i / sigma_max) against i, with the rank tolerance, to a PNG (pillow only)."""
-    from PIL import Image, ImageDraw
+def plot_spectrum(result: dict[str, Any], path: str, name: str = "") -> None:
+    """Draw sigma_i / sigma_max against i on a log axis, with the rank threshold and the rank, to a PNG
+    (rgap_audit.figures, matplotlib: the `report` extra)."""
+    from rgap_audit import figures
 
-    w, h = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    sv = np.asarray(result["singular_values"], dtype=np.float64)
-    smax = result["sigma_max"] or 1.0
-    tol_rel = max(result["tolerance_rel"], 1e-300)
-    floor = math.log10(tol_rel) - 1.0
-    with np.errstate(divide="ignore"):
-        ys = np.log10(np.maximum(sv / smax, 10.0**floor))
-    lo = math.floor(min(float(ys.min()) if ys.size else 0.0, math.log10(tol_rel)))
-    hi = 0.0
-    span = max(hi - lo, 1.0)
-    n = max(len(sv), 2)
-
-    def px(i: float, y: float) -> tuple[float, float]:
-        return (left + (w - left - right) * i / (n - 1), top + (h - top - bottom) * (hi - y) / span)
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for e in range(int(lo), int(hi) + 1):
-        _, yy = px(0, e)
-        d.line([left - 4, yy, left, yy], fill="black")
-        d.text((8, yy - 6), f"1e{e}", fill="black")
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        i = round(frac * (len(sv) - 1)) if len(sv) > 1 else 0
-        xx, _ = px(i, lo)
-        d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
-        d.text((xx - 10, h - bottom + 8), str(i + 1), fill="black")
-    _, ty = px(0, math.log10(tol_rel))
-    for xs in range(left, w - right, 12):
-        d.line([xs, ty, min(xs + 6, w - right), ty], fill=(200, 0, 0))
-    pts = [px(i, float(y)) for i, y in enumerate(ys)]
-    if len(pts) > 1:
-        d.line(pts, fill=(0, 70, 200), width=2)
-    elif pts:
-        d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(0, 70, 200))
-    title = (
-        f"singular values of d(gradient)/d(input) / sigma_max: rank {result['rank']} of {result['unknowns']} "
-        f"({result['method']})"
-    )
-    d.text((left, 12), title, fill="black")
-    d.text((w - right - 150, ty - 14), "rank tolerance", fill=(200, 0, 0))
-    d.text((left + (w - left - right) // 2 - 20, h - 22), "index", fill="black")
-    img.save(path, format="PNG")
+    png = figures.spectrum_png({**result, "rank_tol": result["tolerance_rel"]}, name)
+    if png is None:
+        raise ValueError("no singular values to plot (the Jacobian is zero)")
+    with open(path, "wb") as fh:
+        fh.write(png)

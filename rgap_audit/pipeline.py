@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rgap_audit import config as cfg
+from rgap_audit import progress
 from rgap_audit.analysis import Audit, audit_instance
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
 from rgap_audit.errors import AuditError
-from rgap_audit.identifiability import instance_identifiability
+from rgap_audit.identifiability import instance_identifiability, plot_spectrum
 from rgap_audit.instance import build_instance
 from rgap_audit.loader import display_path, iter_models, module_file, no_network
 from rgap_audit.options import AuditOptions, LoadedModel
@@ -130,6 +131,7 @@ class Pipeline:
         self.request = request
         self.on_error = on_error
         self.result = Result()
+        self.meter = progress.Meter(sys.stderr) if progress.wanted(sys.stderr) else None
 
     def error(self, err: AuditError, file: str | None = None, model: str | None = None, stage: str | None = None) -> None:
         """Record one error (with the stage it happened at, unless it says so itself) and report it."""
@@ -137,6 +139,8 @@ class Pipeline:
         err.model = err.model or model
         err.stage = err.stage or stage
         self.result.errors.append(err)
+        if self.meter is not None:
+            self.meter.clear()
         self.on_error(err)
 
     def check_selection(self) -> bool:
@@ -215,6 +219,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one model
     def _model(self, loaded: LoadedModel, options: AuditOptions, settings: cfg.Settings) -> ModelReport | None:
+        """One model, with a progress line on stderr while it runs when a person watches (rgap_audit.progress)."""
+        meter = self.meter.start(loaded.name) if self.meter is not None else None
+        try:
+            with progress.reporting(meter):
+                return self._model_steps(loaded, options, settings, meter)
+        finally:
+            if meter is not None:
+                meter.clear()
+
+    def _model_steps(
+        self, loaded: LoadedModel, options: AuditOptions, settings: cfg.Settings, meter: progress.Meter | None
+    ) -> ModelReport | None:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
         stage = "trace"
@@ -222,6 +238,8 @@ class Pipeline:
             with no_network(), captured(req.debug), single_thread():
                 inst = build_instance(loaded, options)
                 stage = "analysis"
+                if meter is not None:
+                    meter.totals["walk"] = len(inst.graph.ops())
                 audit = audit_instance(inst, options)
         except AuditError as err:
             self.error(err, loaded.file, loaded.name, stage)
@@ -260,19 +278,23 @@ class Pipeline:
         """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with
         --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png."""
         loaded = audit.instance.loaded
-        plot = None
-        if self.request.save_images:
-            os.makedirs(self.request.save_images, exist_ok=True)
-            plot = os.path.join(self.request.save_images, f"{safe_name(loaded.name)}-spectrum.png")
         try:
-            res = instance_identifiability(audit.instance, plot=plot)
+            res = instance_identifiability(audit.instance)
         except (ValueError, RuntimeError, MemoryError) as exc:
             raise AuditError(f"identifiability failed: {type(exc).__name__}: {' '.join(str(exc).split())}", loaded.file, loaded.name) from exc
         audit.report.identifiability = Identifiability(
             unknowns=res["unknowns"], gradient_entries=res["gradient_entries"], rank=res["rank"], deficit=res["deficit"],
             locally_unique=res["locally_unique"], sigma_min_rel=res["sigma_min_rel"], singular_values=res["singular_values"],
-            rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=res["plot"],
+            rank_tol=res["tolerance_rel"], method=res["method"], seconds=res["seconds"], summary=res["summary"], plot=None,
         )
+        if self.request.save_images:  # after the result is kept: a plot that fails removes nothing
+            plot = os.path.join(self.request.save_images, f"{safe_name(loaded.name)}-spectrum.png")
+            try:
+                os.makedirs(self.request.save_images, exist_ok=True)
+                plot_spectrum(res, plot, loaded.name)
+            except OSError as exc:
+                raise AuditError(f"--save-images: cannot write {plot!r}: {exc.strerror or exc}", loaded.file, loaded.name) from exc
+            audit.report.identifiability.plot = plot
 
     def _verify(self, audit: Audit, settings: cfg.Settings) -> None:
         req = self.request

@@ -303,6 +303,26 @@ class SpanLeak:
 
 
 @dataclass
+class Tile:
+    """One picture of a reconstruction panel: an 8-bit PNG (base64) and the values its 0 and 255 stand for."""
+
+    kind: str  # "original", "reconstruction" (original's range), "rescaled" (own range), "difference" (|x' - x|)
+    png: str  # base64 of a grey (C = 1, and the difference) or RGB PNG at the input's resolution
+    lo: float
+    hi: float
+
+
+@dataclass
+class Panel:
+    """One row of the reconstruction figure (--verify on an image-shaped input): what it compares and how well."""
+
+    label: str  # "plain R-GAP", "projected variant", "sample 0", ...
+    rel_error: float | None
+    psnr_db: float | None
+    tiles: list[Tile] = field(default_factory=list)
+
+
+@dataclass
 class Verification:
     """What --verify measured: the attack on the instance, and whether it confirms the static verdict."""
 
@@ -328,6 +348,7 @@ class Verification:
     layers: list[VerifiedLayer] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     image: str | None = None
+    panels: list[Panel] = field(default_factory=list)  # the pictures, so that a report renders from the JSON alone
     settled: str | None = None  # the model verdict this measurement changed, and how
     # what "recovered" means, and the runs on several inputs (B = 1)
     criterion: Criterion | None = None

@@ -72,11 +72,26 @@ def test_verify_confirms_and_writes_the_picture(tmp_path):
     assert "peak 1.0" in out.scaling
     assert [entry.node for entry in out.layers] == [r.node for r in report.layers]
     assert all(entry.static_verdict == "recoverable" and entry.rel_error < 1e-10 for entry in out.layers)
+    import base64
+    import io
+
+    import numpy as np
     from PIL import Image
 
     with Image.open(out.image) as im:
-        w, h = im.size
-    assert w > 3 * h - 20  # original | reconstruction | rescaled, side by side
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # the labelled figure: tiles side by side
+    # the report keeps the pictures: the original tile is the attacked input on its own [min, max], 8 bits
+    x = build_instance(loaded, AuditOptions(seed=3)).x.reshape(28, 28).numpy()
+    (panel,) = out.panels
+    assert panel.label == "plain R-GAP" and panel.rel_error == out.plain.rel_error
+    assert [t.kind for t in panel.tiles] == ["original", "reconstruction", "rescaled", "difference"]
+    tiles = {t.kind: t for t in panel.tiles}
+    pixels = {k: np.asarray(Image.open(io.BytesIO(base64.b64decode(t.png)))) for k, t in tiles.items()}
+    want = np.round((x - x.min()) / (x.max() - x.min()) * 255)
+    np.testing.assert_array_equal(pixels["original"], want)
+    np.testing.assert_array_equal(pixels["reconstruction"], want)  # relative error 1e-10: the same 8-bit picture
+    assert tiles["original"].lo == pytest.approx(x.min()) and tiles["original"].hi == pytest.approx(x.max())
+    assert 0 < tiles["difference"].hi < 1e-9  # |x' - x| on [0, its largest value]
 
 
 def test_verify_is_not_confirmed_when_the_static_verdict_says_safe():

@@ -374,22 +374,20 @@ def test_save_images_one_row_per_sample(tmp_path):
     model = small_fcn()
     out = verify(_loaded(model, SHAPE, "logistic"), AuditOptions(seed=0, batch_size=2), _report(model, SHAPE, "logistic", False, 2),
                  save_images=str(tmp_path))
+    import base64
+    import io
+
     from PIL import Image
 
     x, _ = _seeded(0, 2, SHAPE, "logistic", 1)
     with Image.open(out.image) as im:
-        w, h = im.size
-        rgb = im.convert("RGB")
-        tile = (w - 8) // 3
-        assert w == 3 * tile + 8 and h == 2 * tile + 4  # 3 tiles per row, 2 rows, 4-pixel gaps
-        scale = tile // 7
-        for n in range(2):  # the first tile of row n is sample n on its own [min, max]
-            xn = x[n, 0]
-            lo, hi = float(xn.min()), float(xn.max())
-            for i, j in ((0, 0), (3, 5), (6, 2)):
-                want = round((float(xn[i, j]) - lo) / (hi - lo) * 255)
-                got = rgb.getpixel((j * scale, n * (tile + 4) + i * scale))[0]
-                assert abs(got - want) <= 1
+        assert im.format == "PNG" and im.size[1] > im.size[0] / 4  # the labelled figure: two rows of tiles
+    assert [p.label.split(" (")[0] for p in out.panels] == ["sample 0", "sample 1"]
+    for n, p in enumerate(out.panels):  # row n compares sample n (on its own [min, max]) with its nearest candidate
+        assert p.rel_error == out.per_sample[n].rel_error and p.psnr_db == out.per_sample[n].psnr_db
+        xn = x[n, 0].numpy()
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(p.tiles[0].png))))
+        np.testing.assert_array_equal(got, np.round((xn - xn.min()) / (xn.max() - xn.min()) * 255))
 
 
 MODEL_FILE = """

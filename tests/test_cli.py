@@ -118,7 +118,7 @@ class Stages:
                 f.suppressed = True
         return findings
 
-    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None, errors=()):
+    def render(self, fmt, reports, findings, show_suppressed=False, rules=None, cwd=None, exit_code=None, errors=()):
         self.calls["render"].append(fmt)
         self.calls.setdefault("errors", []).append(list(errors))
         shown = [f for f in findings if show_suppressed or not f.suppressed]

@@ -102,14 +102,27 @@ def test_non_identifiable_input_is_reported():
     assert ok["locally_unique"] and ok["sigma_min_rel"] > 1e-6 and "locally" in ok["summary"]
 
 
-def test_spectrum_plot_is_a_png(tmp_path):
+def test_spectrum_plot_is_a_labelled_png(tmp_path):
+    """The plot draws the measured spectrum relative to sigma_max on a log axis, the rank threshold the
+    rank was counted with as a horizontal line and the rank as a vertical one (matplotlib artists read back)."""
+    pytest.importorskip("matplotlib")
+    from rgap_audit.figures import spectrum_figure
+
     path = tmp_path / "spectrum.png"
     res = identifiability(_seeded(pooled_input), (1, 8), "cross-entropy", plot=str(path))
     assert res["plot"] == str(path)
-    img = Image.open(path)
-    assert img.format == "PNG" and img.size == (720, 440)
-    blue = int(np.all(np.asarray(img.convert("RGB")) == (0, 70, 200), axis=-1).sum())
-    assert blue > 100  # the spectrum line was drawn
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 400
+        assert np.asarray(img.convert("L")).std() > 10  # not a blank canvas
+    ax = spectrum_figure({**res, "rank_tol": res["tolerance_rel"]}).axes[0]
+    assert ax.get_yscale() == "log" and "index" in ax.get_xlabel() and "σ_max" in ax.get_ylabel()
+    sv = np.asarray(res["singular_values"])
+    curve, threshold, rank_line = ax.get_lines()
+    np.testing.assert_allclose(curve.get_ydata()[: res["rank"]], sv[: res["rank"]] / sv[0])
+    assert set(threshold.get_ydata()) == {res["tolerance_rel"]}
+    assert set(rank_line.get_xdata()) == {res["rank"]} == {4}
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("rank threshold") for t in labels) and "rank 4 of 8" in labels
 
 
 def test_refuses_large_inputs():

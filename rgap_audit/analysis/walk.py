@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rgap_audit import ops
+from rgap_audit import ops, progress
 from rgap_audit.analysis.bounds import rank_given_uncertain_above
 from rgap_audit.analysis.forward import forward_side, known_inputs
 from rgap_audit.analysis.joint import InnerLayer, joint_rank
@@ -91,6 +91,7 @@ class Walker:
                 location=location_of(inst.loaded, gn.module_path),
             )
             t0 = time.perf_counter()
+            progress.step("walk", f"{gn.module_path or name} ({info.name})")
             state.k_known[name] = self._k_derivable(name)
             if info.kind == ops.LAYER:
                 self._weighted(name, rec)

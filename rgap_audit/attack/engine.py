@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rgap_audit import links, ops
+from rgap_audit import links, ops, progress
 from rgap_audit.attack.heads import (
     HeadCandidate,
     HeadResult,
@@ -447,6 +447,7 @@ def _descend(
             step.rel_error = float((xi - tx).norm() / tx.norm().clamp_min(1e-300))
         layers.append(step)
         states.append(_State(below, xi, ki, null))
+        progress.step("attack", f"{'projected' if projected else 'plain'}: {step.module_path or below} solved")
         yield step
         layer, x, k = below, xi, ki
 

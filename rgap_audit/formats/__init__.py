@@ -7,6 +7,7 @@ table    per model, one row per step of the walk (torchinfo style), the verdict,
 json     the report: schema_version, tool, models, findings, summary (rgap_audit/schema)
 sarif    SARIF 2.1.0 for GitHub code scanning: rule metadata, stable fingerprints
 github   GitHub Actions workflow commands (::error / ::warning / ::notice annotations)
+html     one self-contained page (figures inline, no network), rendered from the json document
 
 Errors (a file, model or step that failed; exit code 2) are in every format: json's `errors` array and
 summary count, sarif's invocation (toolExecutionNotifications, executionSuccessful false), github's
@@ -34,9 +35,11 @@ def render(
     show_suppressed: bool = False,
     rules: Sequence[object] | None = None,
     cwd: str | None = None,
+    exit_code: int | None = None,
     errors: Sequence[ErrorRecord] = (),
 ) -> str:
-    """Render the reports, findings and errors in one of FORMATS; `rules` and `cwd` only matter for sarif."""
+    """Render the reports, findings and errors in one of FORMATS; `rules` and `cwd` only matter for sarif,
+    `exit_code` (recorded in the document's summary) for json and html."""
     if fmt == "concise":
         from rgap_audit.formats.concise import render_concise
 
@@ -48,7 +51,7 @@ def render(
     if fmt == "json":
         from rgap_audit.formats.jsonreport import render_json
 
-        return render_json(reports, findings, errors)
+        return render_json(reports, findings, errors, exit_code=exit_code)
     if fmt == "sarif":
         from rgap_audit.formats.sarif import render_sarif
 
@@ -57,6 +60,11 @@ def render(
         from rgap_audit.formats.github import render_github
 
         return render_github(reports, findings, show_suppressed=show_suppressed, errors=errors)
+    if fmt == "html":
+        from rgap_audit.formats.htmlreport import render_html
+        from rgap_audit.formats.jsonreport import report_dict
+
+        return render_html(report_dict(reports, findings, errors, exit_code=exit_code))
     raise AuditError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
 
 

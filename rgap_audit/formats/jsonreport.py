@@ -34,9 +34,14 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = ()) -> dict[str, Any]:
+def report_dict(
+    reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = (), *, exit_code: int | None = None
+) -> dict[str, Any]:
     """The report as a dict: schema_version, tool, models (ModelReport.to_dict), findings, errors
-    (file, line, model, stage, message), summary."""
+    (file, line, model, stage, message), summary (with the run's exit code when the command line gives it)."""
+    summary = summary_dict(reports, findings, errors)
+    if exit_code is not None:
+        summary["exit_code"] = exit_code
     return _jsonable(
         {
             "schema_version": SCHEMA_VERSION,
@@ -44,14 +49,16 @@ def report_dict(reports: Sequence[ModelReport], findings: Sequence[Finding], err
             "models": [r.to_dict() for r in reports],
             "findings": [asdict(f) for f in ordered(findings)],
             "errors": [asdict(e) for e in errors],
-            "summary": summary_dict(reports, findings, errors),
+            "summary": summary,
         }
     )
 
 
-def render_json(reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = ()) -> str:
+def render_json(
+    reports: Sequence[ModelReport], findings: Sequence[Finding], errors: Sequence[ErrorRecord] = (), *, exit_code: int | None = None
+) -> str:
     """The JSON report text (suppressed findings included, marked `suppressed: true`; every error of the run)."""
-    return json.dumps(report_dict(reports, findings, errors), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(report_dict(reports, findings, errors, exit_code=exit_code), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 @lru_cache(maxsize=1)

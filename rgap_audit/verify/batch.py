@@ -17,12 +17,12 @@ from rgap_audit.attack.engine import Reconstruction, attack_graph
 from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.instance import Instance, record
 from rgap_audit.links import input_chain
-from rgap_audit.records import Combination, ModelReport, SampleError, SpanLeak, Verification, VerifiedLayer
+from rgap_audit.records import Combination, Metrics, ModelReport, SampleError, SpanLeak, Verification, VerifiedLayer
 from rgap_audit.span import RULE as SPAN_RULE
 from rgap_audit.span import row_space
 from rgap_audit.threads import single_thread
 from rgap_audit.tolerances import COMBINATION_TOL, EXACT, SPAN_IN_TOL, SPAN_RTOL
-from rgap_audit.verify.images import write_image
+from rgap_audit.verify.images import image_shaped, panel, write_figure
 from rgap_audit.verify.metrics import combination_fit, image_metrics
 
 
@@ -284,10 +284,16 @@ def verify_batch(
             )
             for s in rec.layers
         ]
+    if image_shaped(shape) and nearest_rec:
+        result.panels = []
+        for n, r in enumerate(nearest_rec):
+            p = per_sample[n]
+            m = Metrics(p.rel_error or 0.0, p.mse or 0.0, p.psnr_db)
+            result.panels.append(panel(f"sample {n} (nearest candidate: {p.candidate})", x[n], r, m))
     if save_images:
-        if len(shape) == 3 and shape[0] in (1, 3) and nearest_rec:
-            rows = [(f"sample {n}", r) for n, r in enumerate(nearest_rec)]
-            result.image = write_image(save_images, client.loaded, f".batch{batch}", x[0], rows, originals=list(x))
+        if result.panels:
+            title = f"{client.loaded.name}: R-GAP on the summed gradient of {batch} samples"
+            result.image = write_figure(save_images, client.loaded, f".batch{batch}", result.panels, title)
         else:
             result.warnings.append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or no input was reconstructed")
     return result

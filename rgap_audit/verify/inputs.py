@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from rgap_audit import samples
 from rgap_audit.errors import AuditError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -43,7 +44,9 @@ def load_weights(model: torch.nn.Module, path: str, name: str) -> dict[str, torc
 
 
 def load_input(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
-    """One sample: an image file, or a tensor of shape `shape` or (1, *shape)."""
+    """One sample: `sample[:SCENE]` (rgap_audit.samples), an image file, or a tensor of shape `shape` or (1, *shape)."""
+    if samples.parse(path) is not None:
+        return load_sample(path, shape, name).reshape(1, *shape)
     if path.lower().endswith(IMAGE_SUFFIXES):
         return load_image(path, shape, name)
     obj = load_tensor(path, name)
@@ -55,12 +58,32 @@ def load_input(path: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
 def load_batch_input(path: str, shape: tuple[int, ...], batch: int, name: str) -> torch.Tensor:
     """--input for a batch: a saved tensor of shape (B, *shape); an image is one sample and is refused."""
     want = (batch, *shape)
+    scene = samples.parse(path)
+    if scene is not None:
+        if path != samples.KEYWORD:
+            raise AuditError(f"--input: {path!r} is one picture; with --batch-size {batch} use --input sample (B different pictures)", model=name)
+        try:
+            pics = [load_sample(f"sample:{n}", shape, name) for n, _ in samples.batch_names(batch)]
+        except ValueError as exc:
+            raise AuditError(f"--input: {exc}", model=name) from exc
+        return torch.stack([p.flip(-1) if m else p for p, (_, m) in zip(pics, samples.batch_names(batch))])
     if path.lower().endswith(IMAGE_SUFFIXES):
         raise AuditError(f"--input: an image is one sample; with --batch-size {batch} give a saved tensor of shape {want}", model=name)
     obj = load_tensor(path, name)
     if tuple(obj.shape) != want:
         raise AuditError(f"--input: tensor of shape {tuple(obj.shape)}; with --batch-size {batch} the model takes {want}", model=name)
     return obj.detach().to(torch.float64)
+
+
+def load_sample(spec: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """`sample` or `sample:SCENE`: a picture drawn at the model's input size (rgap_audit.samples)."""
+    scene = samples.parse(spec)
+    if scene not in samples.SAMPLES:
+        raise AuditError(f"--input: no sample picture {scene!r} (one of {', '.join(samples.SAMPLES)})", model=name)
+    try:
+        return samples.sample_image(scene, shape)
+    except ValueError as exc:
+        raise AuditError(f"--input {spec}: {exc}", model=name) from exc
 
 
 def load_tensor(path: str, name: str) -> torch.Tensor:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from rgap_audit.attack.engine import attack_graph
 from rgap_audit.errors import AttackUnsupported, AuditError
 from rgap_audit.instance import Instance
 from rgap_audit.records import Criterion, Metrics, ModelReport, Verification, VerifiedLayer
 from rgap_audit.verify.criterion import check
-from rgap_audit.verify.images import write_image
+from rgap_audit.verify.images import image_shaped, panel, write_figure
 from rgap_audit.verify.judge import judge
 from rgap_audit.verify.metrics import best_of, image_metrics
 
@@ -126,10 +124,13 @@ def verify_single(
             f"the gradient admits {1 + len(rec.alternatives)} inputs; the errors are those of the one closest to the truth "
             f"({'the chosen' if plain_idx == 0 else 'an alternative'})"
         )
+    if image_shaped(shape) and plain_in is not None:
+        result.panels = [panel("plain R-GAP", x, plain_in, m_plain)]
+        if proj_in is not None:
+            result.panels.append(panel("projected variant", x, proj_in, m_proj))
     if save_images:
-        if len(shape) == 3 and shape[0] in (1, 3) and plain_in is not None:
-            rows: list[tuple[str, torch.Tensor]] = [("plain", plain_in)] + ([("projected", proj_in)] if proj_in is not None else [])
-            result.image = write_image(save_images, client.loaded, "", x, rows)
+        if result.panels:
+            result.image = write_figure(save_images, client.loaded, "", result.panels, f"{client.loaded.name}: closed-form R-GAP")
         else:
             result.warnings.append("no image written: the input is not image-shaped (C in 1 or 3, H, W) or was not recovered")
     return result
