@@ -379,24 +379,33 @@ def above(lg: LayerGraph, lower: str, env: dict[str, Any], stops: dict[str, str]
         cur = nxt
 
 
-def below(lg: LayerGraph, upper: str, env: dict[str, Any]) -> Link:
+def below(lg: LayerGraph, upper: str, env: dict[str, Any], ends: dict[str, str] | None = None, start: str | None = None) -> Link:
     """From `upper`'s input down to the weighted layer (or model input) below (the attack's direction).
 
     Follows single-input, single-consumer ops only; stops with the reason at a join, a branch or a
-    weighted layer whose output also feeds other ops.
+    weighted layer whose output also feeds other ops. `ends` maps the output cut of each joint segment
+    (rgap_audit.segments) to the segment's name: a link that reaches such a node ends there, with the
+    segment as its lower end. `start`: the node whose value is the link's end when `upper` is a joint
+    segment (its input cut, which feeds several of the segment's ops).
     """
-    ins = lg.data_args(upper)
-    if len(ins) != 1:
-        return Link(None, upper, cut=f"{upper} has {len(ins)} data inputs")
-    node = ins[0]
+    if start is None:
+        ins = lg.data_args(upper)
+        if len(ins) != 1:
+            return Link(None, upper, cut=f"{upper} has {len(ins)} data inputs")
+        node = ins[0]
+    else:
+        node = start
     steps: list[Step] = []
     while True:
         gn = lg.node(node)
+        if ends is not None and node in ends:
+            return Link(ends[node], upper, steps[::-1])
+        branching = lg.graph.out_degree(node) > 1 and not (node == start and not steps)
         if node == lg.input_node or gn.info.kind == ops.LAYER:
-            if lg.graph.out_degree(node) > 1:
+            if branching:
                 return Link(node, upper, steps[::-1], f"{node} feeds {lg.graph.out_degree(node)} consumers (not a chain)")
             return Link(node, upper, steps[::-1])
-        if lg.graph.in_degree(node) != 1 or lg.graph.out_degree(node) != 1:
+        if lg.graph.in_degree(node) != 1 or branching:
             return Link(None, upper, steps[::-1], f"{node} ({gn.info.name}) joins or splits branches: not a chain")
         source = lg.data_args(node)[0]
         steps.append(make_step(lg, node, source, env))

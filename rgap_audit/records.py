@@ -350,6 +350,7 @@ class Verification:
     image: str | None = None
     panels: list[Panel] = field(default_factory=list)  # the pictures, so that a report renders from the JSON alone
     settled: str | None = None  # the model verdict this measurement changed, and how
+    given_pattern: list[str] = field(default_factory=list)  # joint segments solved at the true input's activation patterns
     # what "recovered" means, and the runs on several inputs (B = 1)
     criterion: Criterion | None = None
     ssim: float | None = None

@@ -80,3 +80,16 @@ def joint_segments(lg: LayerGraph) -> list[Segment]:
         layers = tuple(sorted((n for n in nodes if lg.node(n).info.kind == ops.LAYER), key=walk_rank.__getitem__))
         out.append(Segment(f"{a}->{b}", a, b, nodes, layers))
     return out[::-1]
+
+
+def common_module_path(lg: LayerGraph, seg: Segment) -> str:
+    """The longest dotted module path shared by the segment's weighted layers ('' when none): its name in a report."""
+    paths = [p for p in (lg.node(n).module_path for n in seg.layers) if p]
+    if not paths:
+        return ""
+    out: list[str] = []
+    for group in zip(*(p.split(".") for p in paths)):
+        if any(g != group[0] for g in group):
+            break
+        out.append(group[0])
+    return ".".join(out)

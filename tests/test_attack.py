@@ -208,16 +208,23 @@ def test_relu_mlp_reports_lost_rows():
     assert rec.layers[1].rows_lost > 0 and any("ReLU" in n for n in rec.layers[1].notes)
 
 
-def test_walk_stops_at_an_op_it_cannot_invert():
+def test_walk_reads_through_an_op_it_cannot_invert():
+    """Max-pooling has no inverse, but at a fixed arg-max it is linear: the layer below is solved over its own
+    input with the pooled values as forward rows (the one-layer form of a joint segment's solve)."""
     torch.manual_seed(10)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3, bias=False)
     ).double()
     x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
-    rec = reconstruct(model, _grads(model, x, "cross-entropy", 1), (1, 8, 8), "cross-entropy")
-    assert not rec.complete and rec.input is None
-    assert any("MaxPool" in w for w in rec.warnings)
-    assert rec.label == 1
+    grads = _grads(model, x, "cross-entropy", 1)
+    given = reconstruct(model, grads, (1, 8, 8), "cross-entropy", true_input=x)
+    step = given.layers[1]
+    assert "read through MaxPool" in step.method and step.pattern == "given" and step.nullity == 0
+    assert given.complete and _rel(given.input, x) < 1e-10  # 36 gradient + 64 pooled rows determine 64 unknowns
+    assert given.label == 1
+    # from the gradient alone the arg-max pattern is estimated, and the report says so
+    alone = reconstruct(model, grads, (1, 8, 8), "cross-entropy")
+    assert alone.layers[1].pattern == "estimated" and not alone.patterns_given()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -28,7 +28,7 @@ from rgap_audit.links import above
 from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.rank import layer_rank
 from rgap_audit.records import Basis, Chain, LayerRecord, Location, SegmentRecord, TokenLeak, Undetermined, Verdict
-from rgap_audit.segments import Segment, joint_segments
+from rgap_audit.segments import Segment, common_module_path, joint_segments
 
 
 def location_of(loaded: LoadedModel | None, module_path: str | None) -> Location | None:
@@ -244,7 +244,7 @@ class Walker:
         inst, state, lg = self.inst, self.state, self.inst.graph
         u0 = inst.values[seg.start]
         paths = [p for p in (lg.node(n).module_path for n in seg.layers) if p]
-        prefix = _common_prefix(paths)
+        prefix = common_module_path(lg, seg)
         rec = LayerRecord(
             index=index,
             node=seg.name,
@@ -344,15 +344,3 @@ class Walker:
         known = link.constant_entries(self.inst.values[link.lower], self.gen).reshape(u0.shape)
         return known if bool(known.any()) else None
 
-
-def _common_prefix(paths: list[str]) -> str:
-    """The longest dotted module path shared by all of `paths` ('' when none)."""
-    if not paths:
-        return ""
-    parts = [p.split(".") for p in paths]
-    out: list[str] = []
-    for group in zip(*parts):
-        if any(g != group[0] for g in group):
-            break
-        out.append(group[0])
-    return ".".join(out)

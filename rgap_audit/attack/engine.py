@@ -25,6 +25,7 @@ from rgap_audit.attack.heads import (
     ce_nobias_head,
     logistic_head,
 )
+from rgap_audit.attack.segment import DENSE_LIMIT, SegmentProblem, solve_estimated, solve_given
 from rgap_audit.attack.solve import solve_layer
 from rgap_audit.choices import LOSSES
 from rgap_audit.convspec import ConvSpec
@@ -35,6 +36,7 @@ from rgap_audit.links import Link
 from rgap_audit.losses import loss_value
 from rgap_audit.ops import IDENTITY, LAYER, RESHAPE
 from rgap_audit.rank import _tol_rank as rank_rule
+from rgap_audit.segments import Segment, common_module_path, joint_segments
 from rgap_audit.threads import single_thread
 from rgap_audit.tolerances import PRUNE_FACTOR
 
@@ -69,6 +71,7 @@ class LayerStep:
     rel_error: float | None = None  # |x - x_true| / |x_true| of this layer's input, when the truth is given
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    pattern: str | None = None  # a joint segment's activation patterns: "given" (the true input's) or "estimated"
 
 
 @dataclass
@@ -94,6 +97,10 @@ class Reconstruction:
     projected: Reconstruction | None = None
     alternatives: list[torch.Tensor] = field(default_factory=list)  # other inputs that fit the gradient as well
     input_gain: float | None = None  # link_gain of the ops between the lowest weighted layer and the model input
+
+    def patterns_given(self) -> list[str]:
+        """The joint segments solved at the true input's activation patterns (the audit's assumption)."""
+        return [s.node for s in self.layers if s.pattern == "given"]
 
     def best(self) -> Reconstruction:
         """The variant whose re-computed gradient matches best (decidable without the true input)."""
@@ -155,6 +162,9 @@ class _Context:
         self.params: dict[str, tuple[str, str | None]] = {}
         self.grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.raw_grads: dict[str, torch.Tensor] = {}  # as given, per parameter name
+        self.segments: dict[str, Segment] = {sg.name: sg for sg in joint_segments(graph)}
+        self.ends = {sg.end: sg.name for sg in self.segments.values()}
+        self.true_values: dict[str, torch.Tensor] | None = None  # the true input's run, when verifying
         for name in self.lg.weighted():
             try:
                 spec = self.lg.conv_spec(name)
@@ -208,21 +218,39 @@ class _Context:
         return tuple(self.lg.node(name).out_shape or ())
 
     def link_below(self, layer: str) -> Link:
-        """Ops from the layer below's output up to `layer`'s input (rgap_audit.links), cut at the first op
-        the closed-form attack does not invert."""
-        link = links.below(self.lg, layer, self.env)
-        if link.cut is None:
+        """Ops from the unit below's output up to `layer`'s input (rgap_audit.links; `layer` a weighted layer
+        or a joint segment, whose input is its start cut), cut at the first op the closed-form attack does
+        not invert. A joint segment below reads the link as a function (its solve needs no inverse)."""
+        link = self.raw_link_below(layer)
+        if link.cut is None and link.lower not in self.segments:
             stop = link.attack_cut()
             if stop is not None:
                 return Link(None, layer, link.steps, f"{stop.node} ({stop.name}): {stop.info.why}")
         return link
+
+    def raw_link_below(self, layer: str) -> Link:
+        """links.below for a weighted layer or a joint segment, not cut where the attack cannot invert."""
+        seg = self.segments.get(layer)
+        return links.below(self.lg, layer, self.env, self.ends, start=None if seg is None else seg.start)
+
+    def read_through(self, layer: str) -> Segment | None:
+        """A layer below `layer` whose output reaches it only through ops the attack does not invert but
+        can replay (pooling, a linear map): solved as a one-layer segment over its own input, the link read
+        as a function of its output (the same least-squares solve as a joint segment)."""
+        link = self.raw_link_below(layer)
+        if link.cut is not None or link.lower is None or link.lower in self.segments or link.lower == self.lg.input_node:
+            return None
+        if link.attack_cut() is None or not link.steps:
+            return None
+        lower = link.lower
+        return Segment(lower, self.lg.data_args(lower)[0], link.steps[-1].node, (lower, *link.nodes), (lower,))
 
     def positively_homogeneous_below(self, head: str) -> bool:
         """True when every layer below the head is bias-free and every link op commutes with c > 0."""
         layer = head
         while True:
             link = self.link_below(layer)
-            if link.lower is None or link.cut is not None:
+            if link.lower is None or link.cut is not None or link.lower in self.segments:
                 return False
             for s in link.steps:
                 if s.role != ops.PASS and not s.info.homogeneous:
@@ -260,8 +288,9 @@ class _State:
 
     layer: str
     x: torch.Tensor
-    k: torch.Tensor
+    k: torch.Tensor | None
     null: torch.Tensor | None
+    g: torch.Tensor | None = None  # dL/dx, where x is a joint segment's input (a layer's: W^T k)
 
 
 @dataclass
@@ -301,6 +330,8 @@ def _count_given_pattern(ctx: _Context, steps: list[LayerStep], states: list[_St
     values = record(ctx.lg, x.reshape(1, *ctx.input_shape), None).values
     nulls = {st.layer: st.null for st in states}
     for step in steps:
+        if step.node in ctx.segments:
+            continue
         null = nulls.get(step.node)
         if null is None or not null.shape[1] or step.nullity is None:
             continue
@@ -339,17 +370,33 @@ def _descend(
     warnings: list[str] = []
     layers: list[LayerStep] = []
     states: list[_State] = []
-    layer, x, k = start.layer, start.x, start.k
+    layer, x, k, g_top = start.layer, start.x, start.k, start.g
     S = start.null if projected else None
     if S is not None and S.shape[1] == 0:
         S = None
     while True:
-        spec = ctx.specs[layer]
-        g_top = _vjp_input(spec, x, k)
+        if g_top is None:
+            assert k is not None
+            g_top = _vjp_input(ctx.specs[layer], x, k)
         link = ctx.link_below(layer)
+        through = ctx.read_through(layer)
+        if through is not None:
+            link = Link(through.name, layer, [])
         if link.lower is None or link.cut is not None:
             warnings.append(f"the walk stops below {layer}: {link.cut}")
             return _Descent(None, layers, states, warnings, False)
+        if link.lower in ctx.segments or through is not None:
+            seg = through if through is not None else ctx.segments[link.lower]
+            seg_step, seg_state = _segment_step(ctx, seg, link, x, g_top, warnings, one_layer=through is not None, unknown=S)
+            layers.append(seg_step)
+            if seg_state is None:
+                return _Descent(None, layers, states, warnings, False)
+            states.append(seg_state)
+            progress.step("attack", f"{'projected' if projected else 'plain'}: {seg_step.module_path or seg_step.node} solved")
+            yield seg_step
+            layer, x, k, g_top = seg_state.layer, seg_state.x, seg_state.k, seg_state.g
+            S = seg_state.null if (projected and seg_state.null is not None and seg_state.null.shape[1] > 0) else None
+            continue
         if link.lower == ctx.lg.input_node:
             z = link.invert(x)
             if link.clips:
@@ -449,7 +496,80 @@ def _descend(
         states.append(_State(below, xi, ki, null))
         progress.step("attack", f"{'projected' if projected else 'plain'}: {step.module_path or below} solved")
         yield step
-        layer, x, k = below, xi, ki
+        layer, x, k, g_top = below, xi, ki, None
+
+
+def _segment_step(
+    ctx: _Context,
+    seg: Segment,
+    link: Link,
+    x_top: torch.Tensor,
+    g_top: torch.Tensor,
+    warnings: list[str],
+    one_layer: bool = False,
+    unknown: torch.Tensor | None = None,
+) -> tuple[LayerStep, _State | None]:
+    """Solve a joint segment for the value of its input cut (rgap_audit.attack.segment).
+
+    With the true input known (verification) the system is solved at the true activation patterns, the
+    audit's assumption, and also with the patterns estimated from the gradient alone; the walk goes on
+    from the first. Without it, only the estimate exists."""
+    t0 = time.perf_counter()
+    op = ctx.lg.node(seg.name).info.name if one_layer else "segment"
+    step = LayerStep(seg.name, common_module_path(ctx.lg, seg) or None, op, "", math.prod(ctx.lg.node(seg.start).out_shape or ()))
+    try:
+        below = ctx.link_below(seg.name)
+        dws = {n: ctx.grads[n][0] for n in seg.layers}
+        prob = SegmentProblem(ctx.lg, seg, link, below, ctx.env, ctx.specs, dws, x_top, g_top, unknown)
+        size = prob.target.numel() * math.prod(prob.u_shape)
+        truth = None if ctx.true_values is None else ctx.true_values[seg.start].reshape(prob.u_shape)
+        est = solve_estimated(prob) if (truth is None or size <= DENSE_LIMIT) else None
+        sol = solve_given(prob, truth) if truth is not None else est
+    except Exception as exc:  # an op without forward-mode AD, a shape the segment function cannot replay
+        step.method = "not solved"
+        step.notes.append(f"{type(exc).__name__}: {exc}")
+        step.seconds = time.perf_counter() - t0
+        warnings.append(f"the walk stops at joint segment {seg.name}: {type(exc).__name__}: {exc}")
+        return step, None
+    assert sol is not None
+    step.method, step.unknowns, step.nullity = sol.method, sol.unknowns, sol.nullity
+    step.pattern = "given" if truth is not None else "estimated"
+    step.nullity_given_pattern = sol.nullity
+    step.fwd_rows = sol.fwd_rows
+    step.residual_grad, step.residual_fwd = sol.residual_grad, sol.residual_fwd
+    step.sigma_min_rel = sol.sigma_min_rel
+    step.solve_gain = None if not sol.sigma_min_rel else 1.0 / sol.sigma_min_rel
+    step.link_gain = 1.0  # the forward rows read x' itself, scaled by |x'|
+    step.carried_in = 0 if unknown is None else int(unknown.shape[1])
+    step.notes.extend(sol.notes)
+    if truth is not None:
+        step.rel_error = _rel(sol.u, truth)
+        if est is not None:
+            e = _rel(est.u, truth)
+            state = "settled" if est.settled else "did not settle"
+            step.notes.append(
+                f"with the activation patterns estimated from the gradient alone ({est.passes} fixed-point pass(es) "
+                f"from u = 1, {state}) the segment input comes back to relative error {e:.1e}"
+            )
+            warnings.append(
+                f"{'layer' if one_layer else 'joint segment'} {seg.name} solved at the true input's activation patterns (the audit's 'given pattern' "
+                f"assumption); estimated from the gradient alone they give relative error {e:.1e} there"
+            )
+        else:
+            step.notes.append("the pattern estimate was not attempted: the segment's system is too large for repeated solves")
+    step.seconds = time.perf_counter() - t0
+    if one_layer:
+        step.method = step.method.replace("over the segment input", f"over the layer input, read through {_names(link_steps_of(ctx, seg))}")
+    return step, _State(seg.name, sol.u, sol.k_of(seg.name), sol.null_basis, sol.g)
+
+
+def link_steps_of(ctx: _Context, seg: Segment) -> list[str]:
+    """The ops a one-layer segment reads its output through (all of its nodes after the layer)."""
+    return [ctx.lg.node(n).info.name for n in seg.nodes[1:]]
+
+
+def _names(ops_: list[str]) -> str:
+    return ", ".join(dict.fromkeys(ops_))
 
 
 def _solve_linearised(ctx, node, link, spec, xs, dw, x_top, g_top, z_hat, S, gradient_rows="use"):
@@ -593,6 +713,7 @@ def attack_graph(
             values = record(ctx.lg, tx, None).values
             truth = {n: values[ctx.lg.data_args(n)[0]] for n in ctx.lg.weighted()}
             truth["__input__"] = tx
+            ctx.true_values = values
         head, _ = ctx.head_node()
         hres = _head(ctx, head, label)
         attrs = ctx.lg.node(head)

@@ -79,7 +79,13 @@ def verify(
 
 def _demonstrated(verdict: ModelVerdict, result: Verification, batch: int) -> bool:
     """At B = 1, every run's input came back as a privacy leak although the static verdict did not say it would."""
-    return batch == 1 and result.attempted and result.leak is True and verdict.input_recoverable is not True
+    return (
+        batch == 1
+        and result.attempted
+        and result.leak is True
+        and verdict.input_recoverable is not True
+        and not result.given_pattern  # solved at the true patterns: what the analysis assumed, not a demonstration
+    )
 
 
 def settle(verdict: ModelVerdict, result: Verification, batch: int = 1) -> ModelVerdict:

@@ -73,7 +73,7 @@ def judge(
 ) -> Judgement:
     """Confirmed / not confirmed / neither, for the static verdict of `report`, from one run of the attack."""
     v = report.verdict
-    static_def = {r.node: r.deficit for r in report.layers if r.deficit}
+    static_def = {r.node: r.deficit for r in report.layers if r.deficit and not r.in_segment}  # a joint segment decides for its layers
     steps = {s.node: s for s in rec.layers}
     if rec.input is None or (m_plain is None and m_proj is None):
         return Judgement(None, "Not confirmed either way: the attack could not reach the input (" + "; ".join(rec.warnings[-1:]) + ").", None, None)
@@ -82,6 +82,27 @@ def judge(
     assert best is not None
     leak_best = is_leak(best, crit)
     said = f"relative error {best.rel_error:.2g}, {units(best)}"
+    given = rec.patterns_given()
+    if given and v.input_recoverable is None and not static_def:
+        segs = ", ".join(given)
+        if leak_best:
+            return Judgement(
+                True,
+                f"Confirmed given the activation patterns: solved at the true input's patterns (the analysis' assumption), the "
+                f"joint system(s) of {segs} and the layers below recovered the input ({said}{_conditioning_clause(rec, best_chk, crit)}); "
+                "whether an attacker finds those patterns from the gradient alone is not shown (see the segment's notes).",
+                best_chk,
+                True,
+            )
+        return Judgement(
+            False,
+            f"Not confirmed: solved at the true input's activation patterns, the joint system(s) of {segs} did not bring the "
+            f"input back ({said}: {leak_words(best, crit)}"
+            + ("" if best_chk is None or best_chk.entered_at is None else f"; the error entered at {where(rec, best_chk, crit)}")
+            + ")",
+            best_chk,
+            leak_best,
+        )
     if v.input_recoverable is None:
         return Judgement(
             None, f"The static analysis could not decide; closed-form R-GAP reached {said}: {leak_words(best, crit)}.", best_chk, leak_best

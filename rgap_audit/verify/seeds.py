@@ -86,6 +86,7 @@ def combine(results: list[tuple[int | None, Verification]]) -> Verification:
             f"(seed{'s' if len(held) != 1 else ''} {', '.join(held) or 'none'}) and not on seed {odd.seed}: {odd.summary}"
             + _stats(runs, first)
         )
+    first.given_pattern = sorted({g for _s, v in results for g in v.given_pattern})
     seen = set(first.warnings)
     for seed, v in results[1:]:
         for w in v.warnings:

@@ -118,6 +118,7 @@ def verify_single(
         ambiguous_inputs=1 + len(rec.alternatives),
         layers=layers,
         warnings=warnings,
+        given_pattern=rec.patterns_given(),
     )
     if rec.alternatives:
         result.warnings.append(
