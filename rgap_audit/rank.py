@@ -814,6 +814,113 @@ def _forward_columns(
     return m_mat[:, :col], colmap
 
 
+def _elementwise_map(spec: ConvSpec, fwd: ForwardInfo, n: int, big_d: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a link that scales entries of z one by one (fwd.entries): per entry j of x', the entry i(j) of z it
+    reads and its factor s_j (0 where nothing reaches it), from two pushes through fwd.jac; checked on a
+    random third. None when the link is not elementwise after all."""
+    nz = n * spec.n_out
+    shape = (1, n, *spec.out_shape)
+    push = (lambda t: t) if fwd.jac is None else fwd.jac
+    with torch.no_grad():
+        scale = push(torch.ones(shape, dtype=torch.float64)).reshape(-1).numpy()
+        at = push(torch.arange(1, nz + 1, dtype=torch.float64).reshape(shape)).reshape(-1).numpy()
+        gen = torch.Generator().manual_seed(7)
+        r = torch.randn(shape, generator=gen, dtype=torch.float64)
+        pr = push(r).reshape(-1).numpy()
+    if scale.size != big_d:
+        return None
+    live = scale != 0
+    idx = np.full(big_d, -1, dtype=np.int64)
+    ratio = at[live] / scale[live]
+    idx[live] = np.rint(ratio).astype(np.int64) - 1
+    if live.any() and (np.abs(ratio - np.rint(ratio)).max() > 1e-6 or idx[live].min() < 0 or idx[live].max() >= nz):
+        return None
+    expect = np.where(live, scale * r.reshape(-1).numpy()[np.maximum(idx, 0)], 0.0)
+    if not np.allclose(expect, pr, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(pr).max(initial=0.0)))):
+        return None
+    return idx, scale
+
+
+def _grouped_forward_rank(
+    spec: ConvSpec,
+    pieces: list[tuple[int, list[int], np.ndarray]],
+    fwd: ForwardInfo,
+    n: int,
+    big_d: int,
+    want_null: bool,
+    scale: float,
+    amp: float,
+    exact_limit: int,
+) -> tuple[int, float | None, np.ndarray | None, list[tuple[int, int, int, int, int]]] | None:
+    """rank(F Z) of a grouped convolution whose forward rows are entries of z (an elementwise link, nothing
+    carried from above): each group's null directions reach only its own output channels, so F Z is
+    block-diagonal by group and its rank is the sum of the groups' ranks (one small SVD each, the same
+    rule as K's residue blocks). A depthwise layer of 960 channels is 960 blocks of a few columns, where
+    the whole F Z would be a dense (|x'|, d) matrix. None when the structure does not apply."""
+    emap = _elementwise_map(spec, fwd, n, big_d)
+    if emap is None:
+        return None
+    idx, fac = emap
+    g_cnt, cog, cig = spec.groups, spec.out_channels // spec.groups, spec.in_channels // spec.groups
+    out_sp = int(np.prod(spec.out_spatial, dtype=np.int64))
+    live = np.flatnonzero(idx >= 0)
+    zi = idx[live]
+    group_of = (zi % spec.n_out) // (cog * out_sp)
+    order = np.argsort(group_of, kind="stable")
+    bounds = np.searchsorted(group_of[order], np.arange(g_cnt + 1))
+    w = spec.weight.to(torch.float64)
+    by_group: dict[int, list[int]] = {}
+    for pi, (g, _chans, z) in enumerate(pieces):
+        if z.shape[1]:
+            by_group.setdefault(g, []).append(pi)
+    colmap: list[tuple[int, int, int, int, int]] = []
+    col = 0
+    rank = 0
+    rels: list[float] = []
+    nulls: list[tuple[int, np.ndarray]] = []  # (first global column, block null basis)
+    for g in sorted(by_group):
+        rows_j = live[order[bounds[g] : bounds[g + 1]]]
+        z_of = idx[rows_j]  # entries of z these rows read, all in group g's output channels
+        n_idx, rem = np.divmod(z_of, spec.n_out)
+        local = (rem - g * cog * out_sp) + n_idx * cog * out_sp  # (n, co - g*cog, sp) flattened
+        cols: list[np.ndarray] = []
+        g0 = col
+        for pi in by_group[g]:
+            _g, chans, z = pieces[pi]
+            m = z.shape[1]
+            wp = w[g * cog : (g + 1) * cog, [c - g * cig for c in chans]].transpose(0, 1).reshape(len(chans) * cog, 1, *spec.kernel)
+            y = torch.from_numpy(np.ascontiguousarray(z.T)).reshape(m * n, 1, *spec.in_spatial)
+            with torch.no_grad():
+                if spec.ndim == 0:
+                    out = TF.linear(y, wp.reshape(len(chans) * cog, 1))
+                else:
+                    conv = (TF.conv1d, TF.conv2d, TF.conv3d)[spec.ndim - 1]
+                    out = conv(y, wp, None, spec.stride, spec.padding, spec.dilation, 1)
+            # (m, n, nch, cog*out) -> per channel of the piece, columns over (n, cog, out) in group coordinates
+            out = out.reshape(m, n, len(chans), cog * out_sp).permute(2, 0, 1, 3).reshape(len(chans) * m, n * cog * out_sp)
+            cols.append(out.numpy()[:, local].T * fac[rows_j][:, None])
+            for i, c in enumerate(chans):
+                colmap.append((c, pi, 0, m, col + i * m))
+            col += len(chans) * m
+        block = np.hstack(cols) if cols else np.zeros((rows_j.size, 0))
+        if block.size > exact_limit:
+            return None
+        r, rel, nb = _rank_null(block, want_null, scale, amp) if block.size else (0, None, np.eye(block.shape[1]))
+        rank += r
+        if rel is not None:
+            rels.append(rel)
+        if want_null and nb is not None and nb.shape[1]:
+            nulls.append((g0, nb))
+    null_f: np.ndarray | None = None
+    if want_null:
+        null_f = np.zeros((col, sum(nb.shape[1] for _c, nb in nulls)))
+        k0 = 0
+        for c0, nb in nulls:
+            null_f[c0 : c0 + nb.shape[0], k0 : k0 + nb.shape[1]] = nb
+            k0 += nb.shape[1]
+    return rank, (min(rels) if rels else None), null_f, colmap
+
+
 def _f_scale(spec: ConvSpec, fwd: ForwardInfo, n: int, big_d: int, known_np: np.ndarray | None) -> float:
     """An estimate of |F| = |C W|: the largest |F v| over a few seeded random unit vectors v.
 
@@ -1058,6 +1165,21 @@ def layer_rank(
     hi = min(unknowns, rank_k + fwd_rows)
     if not z_ok:
         return result(None, rank_k, hi, "bounds")
+
+    grouped = None
+    if spec.groups > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and fwd.unknown is None:
+        grouped = _grouped_forward_rank(
+            spec, pieces, fwd, n, big_d, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp, exact_limit
+        )
+    if grouped is not None:
+        r_f, rel_f, null_f, colmap = grouped
+        if rel_f is not None:
+            rels.append(rel_f)
+        rank = rank_k + r_f
+        null = None
+        if want_null and null_f is not None and total_x * null_f.shape[1] <= exact_limit:
+            null = null_to_x(colmap, pieces, null_f)
+        return result(rank, rank, rank, "structured-svd", null)
 
     if d_total * big_d > exact_limit:
         # a subset of the null directions: rank(F Z_S) <= rank(F Z), so rank(K) + rank(F Z_S) is a lower bound

@@ -30,6 +30,7 @@ from rgap_audit.rank import ForwardInfo, LayerRank, _rank_null
 from rgap_audit.segments import Segment
 
 TANGENT_CHUNK = 128  # tangents pushed through the segment at once
+SUBBLOCK = "joint-subblock"  # rank = unknowns because one inner layer's own gradient rows have full column rank
 
 
 @dataclass
@@ -89,6 +90,9 @@ def joint_rank(
     if rows_total * unknowns > exact_limit:
         lower = min(unknowns, lo_g)
         upper = min(unknowns, hi_g + fwd_rows)
+        if lower == unknowns:  # a sub-block of M (a layer reading the cut directly) has full column rank already
+            none = torch.zeros(n_full, 0, dtype=torch.float64)
+            return _result(unknowns, unknowns, grad_rows, fwd_rows, unknowns, unknowns, None, SUBBLOCK, None, none, t0)
         return _result(unknowns, None, grad_rows, fwd_rows, lower, upper, None, "bounds", None, None, t0)
     m = _system_matrix(inst, seg, live, fwd, u0, free)
     blocks = m["blocks"]

@@ -19,7 +19,7 @@ import torch
 from rgap_audit import ops, progress
 from rgap_audit.analysis.bounds import rank_given_uncertain_above
 from rgap_audit.analysis.forward import forward_side, known_inputs
-from rgap_audit.analysis.joint import InnerLayer, joint_rank
+from rgap_audit.analysis.joint import SUBBLOCK, InnerLayer, joint_rank
 from rgap_audit.analysis.probe import forward_probe
 from rgap_audit.analysis.rows import measure_param_rows
 from rgap_audit.analysis.state import LayerSystem, WalkState
@@ -316,6 +316,11 @@ class Walker:
         elif res.deficit == 0:
             rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
             rec.reason = f"{what}: rank {res.rank} = {res.unknowns} unknowns: one least-squares solve recovers it"
+            if res.method == SUBBLOCK:
+                rec.reason += (
+                    " (the gradient rows of a layer reading the cut directly have full column rank on their own; "
+                    "the whole system is too large to form)"
+                )
         else:
             rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
             rec.reason = f"{what}: rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"

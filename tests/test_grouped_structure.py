@@ -1,0 +1,63 @@
+"""Grouped (depthwise) layers decided by their block structure: F Z block-diagonal by group, and the
+directions carried from a grouped layer orthonormalised per block. Both against the dense routes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import torch
+
+import rgap_audit.rank as rank_mod
+from examples.depthwise_cnn import RGAP_MODELS as DEPTHWISE
+from examples.mobilenet_cifar import MobileNetV2
+from rgap_audit.analysis import audit_model
+from rgap_audit.analysis.forward import _orthonormal_by_blocks
+
+CASES = {
+    **{name: (d["factory"], d["input_shape"]) for name, d in DEPTHWISE.items()},
+    "mobilenetv2-two-stages": (lambda: MobileNetV2(stages=((2, 4, 2, 1), (2, 8, 1, 2)), stem=4, last=16), (3, 8, 8)),
+}
+
+
+def _records(name: str):
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    rep = audit_model(factory(), shape).report
+    return [(r.node, r.unknowns, r.rank, r.deficit, r.rank_lower, r.rank_upper) for r in rep.layers if r.unknowns is not None], rep.verdict.status
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_grouped_forward_rank_equals_the_dense_reduced_system(name, monkeypatch):
+    used: list[bool] = []
+    real = rank_mod._grouped_forward_rank
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(rank_mod, "_grouped_forward_rank", spy)
+    fast, status_fast = _records(name)
+    monkeypatch.setattr(rank_mod, "_grouped_forward_rank", lambda *a, **k: None)
+    dense, status_dense = _records(name)
+    assert fast == dense and status_fast == status_dense
+    if name in DEPTHWISE:
+        assert any(used), "the depthwise layer took the grouped route"
+
+
+def test_blockwise_orthonormal_basis_spans_the_same_space():
+    rng = np.random.default_rng(3)
+    blocks = []
+    for rows, cols, rk in [(7, 3, 3), (5, 6, 2), (9, 4, 4), (3, 3, 1)] * 20:
+        blocks.append(rng.standard_normal((rows, rk)) @ rng.standard_normal((rk, cols)))
+    t = sla.block_diag(*blocks)
+    perm_r, perm_c = rng.permutation(t.shape[0]), rng.permutation(t.shape[1])
+    t = t[perm_r][:, perm_c]
+    q = _orthonormal_by_blocks(t)
+    assert np.allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-12)
+    ref = sla.orth(t)  # dense SVD basis of the column space
+    assert q.shape[1] >= ref.shape[1]
+    # span(q) contains span(t): every column of t, and the dense basis of its column space, lies in it
+    assert np.linalg.norm(t - q @ (q.T @ t)) <= 1e-10 * np.linalg.norm(t)
+    assert np.linalg.norm(ref - q @ (q.T @ ref)) <= 1e-10 * np.sqrt(ref.shape[1])
