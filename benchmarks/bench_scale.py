@@ -3,6 +3,9 @@
 Cases (each runs in a fresh subprocess, so peak RSS is its own):
 
 * resnet18   - examples/resnet_bn.py:resnet18 (11.7 M parameters, BatchNorm, residual adds), 3x224x224
+* resnet18-cifar - examples/resnet_bn.py:resnet18_cifar (3x3 stem, no max-pool), 3x32x32
+* mobilenetv2-cifar - examples/mobilenet_cifar.py:mobilenetv2_cifar (inverted residuals, depthwise convs), 3x32x32
+* transformer-64x128 - two nn.TransformerEncoderLayer blocks on 64 tokens of width 128, Linear head
 * vgg-chain  - a VGG-style chain of eight 3x3 convolutions with LeakyReLU and stride-2 downsampling
                (bias-free, no pooling, so the R-GAP chain passes every activation), 3x224x224
 * cnn6d-ident - whole-network identifiability of CNN6-d at 3x32x32 (rgap-notes section 3: rank 3072)
@@ -11,15 +14,18 @@ Cases (each runs in a fresh subprocess, so peak RSS is its own):
                peak RSS, relative error of every recovered layer input and of the input
 * vgg-deficient-verify - the same for vgg-chain, which is deficient by counting at its stride-2 layers:
                the reconstruction must fail below the first deficient layer, as the static verdict says
+* resnet-small-verify - audit + --verify of examples/resnet_bn.py:resnet_small (identity and projection
+               shortcuts) at 3x16x16: the joint segments solved at the true patterns
+* resnet18-cifar-verify - audit + --verify of the CIFAR ResNet-18 (its segments by LSQR on jvp/vjp)
 
-Usage:  python benchmarks/bench_scale.py                 (resnet18, vgg-chain, cnn6d-ident)
+Usage:  python benchmarks/bench_scale.py                 (the static cases: resnet18 ... cnn6d-ident)
         python benchmarks/bench_scale.py --cases all     (also the two verify cases)
         python benchmarks/bench_scale.py --case resnet18 (one case in this process; prints JSON)
 
 Peak memory is measured two ways: resource.ru_maxrss (the whole process: torch's tensors included)
 and tracemalloc (Python and numpy allocations only; torch's allocator is invisible to it).
-The issue's targets: static audit of ResNet-18 at 224 in under 30 s on 2 cores with bounded memory;
-the VGG-style chain verifies in minutes.
+The targets: static audit of ResNet-18 at 224 in under 30 s on 2 cores with bounded memory; each 32x32
+model and the transformer in under 15 s; the VGG-style chain verifies in minutes.
 """
 
 from __future__ import annotations
@@ -43,8 +49,47 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-DEFAULT_CASES = ["resnet18", "vgg-chain", "cnn6d-ident"]
-ALL_CASES = DEFAULT_CASES + ["vgg-verify", "vgg-deficient-verify"]
+DEFAULT_CASES = ["resnet18", "resnet18-cifar", "mobilenetv2-cifar", "transformer-64x128", "vgg-chain", "cnn6d-ident"]
+ALL_CASES = DEFAULT_CASES + ["vgg-verify", "vgg-deficient-verify", "resnet-small-verify", "resnet18-cifar-verify"]
+
+
+class Encoder(nn.Module):
+    """Two nn.TransformerEncoderLayer blocks (width 128, 4 heads, MLP 512, post-norm) over 64 tokens,
+    mean-pooled into a Linear head: the standard PyTorch transformer block as vision/text repos use it."""
+
+    def __init__(self, d: int = 128, layers: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(dim=1))
+
+
+def _model(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The network, input shape and loss of a case."""
+    if name == "resnet18":
+        from resnet_bn import resnet18
+
+        return resnet18(), (3, 224, 224), "cross-entropy"
+    if name.startswith("resnet18-cifar"):
+        from resnet_bn import resnet18_cifar
+
+        return resnet18_cifar(), (3, 32, 32), "cross-entropy"
+    if name == "resnet-small-verify":
+        from resnet_bn import resnet_small
+
+        return resnet_small(), (3, 16, 16), "cross-entropy"
+    if name == "mobilenetv2-cifar":
+        from mobilenet_cifar import mobilenetv2_cifar
+
+        return mobilenetv2_cifar(), (3, 32, 32), "cross-entropy"
+    if name == "transformer-64x128":
+        return Encoder(), (64, 128), "cross-entropy"
+    if name == "vgg-verify":
+        return vgg_tall(), (3, 224, 224), "logistic"
+    return vgg_chain(), (3, 224, 224), "logistic"
 
 
 def vgg_chain() -> nn.Sequential:
@@ -126,15 +171,8 @@ def run_case(name: str, trace_memory: bool = True) -> dict:
     """Run one case in this process and measure it (tracemalloc slows Python-heavy code a little)."""
     torch.manual_seed(0)
     out: dict = {"case": name}
-    if name in ("resnet18", "vgg-chain", "vgg-verify", "vgg-deficient-verify"):
-        if name == "resnet18":
-            from resnet_bn import resnet18
-
-            model, shape, loss = resnet18(), (3, 224, 224), "cross-entropy"
-        elif name == "vgg-verify":
-            model, shape, loss = vgg_tall(), (3, 224, 224), "logistic"
-        else:
-            model, shape, loss = vgg_chain(), (3, 224, 224), "logistic"
+    if name != "cnn6d-ident" and name in ALL_CASES:
+        model, shape, loss = _model(name)
         model.eval()
         rss0 = _rss_mb()
         if trace_memory:

@@ -856,61 +856,76 @@ def _grouped_forward_rank(
     carried from above): each group's null directions reach only its own output channels, so F Z is
     block-diagonal by group and its rank is the sum of the groups' ranks (one small SVD each, the same
     rule as K's residue blocks). A depthwise layer of 960 channels is 960 blocks of a few columns, where
-    the whole F Z would be a dense (|x'|, d) matrix. None when the structure does not apply."""
+    the whole F Z would be a dense (|x'|, d) matrix. The columns W Z of many groups come from one
+    grouped convolution (each null vector its own group). None when the structure does not apply."""
+    if spec.ndim == 0:
+        return None
     emap = _elementwise_map(spec, fwd, n, big_d)
     if emap is None:
         return None
     idx, fac = emap
     g_cnt, cog, cig = spec.groups, spec.out_channels // spec.groups, spec.in_channels // spec.groups
     out_sp = int(np.prod(spec.out_spatial, dtype=np.int64))
+    s_sp = int(np.prod(spec.in_spatial, dtype=np.int64))
     live = np.flatnonzero(idx >= 0)
     zi = idx[live]
-    group_of = (zi % spec.n_out) // (cog * out_sp)
-    order = np.argsort(group_of, kind="stable")
-    bounds = np.searchsorted(group_of[order], np.arange(g_cnt + 1))
+    n_row, rem = np.divmod(zi, spec.n_out)
+    co_row, sp_row = np.divmod(rem, out_sp)
+    g_row, col_row = np.divmod(co_row, cog)
+    order = np.argsort(g_row, kind="stable")
+    row_bounds = np.searchsorted(g_row[order], np.arange(g_cnt + 1))
     w = spec.weight.to(torch.float64)
+    conv = (TF.conv1d, TF.conv2d, TF.conv3d)[spec.ndim - 1]
     by_group: dict[int, list[int]] = {}
     for pi, (g, _chans, z) in enumerate(pieces):
         if z.shape[1]:
             by_group.setdefault(g, []).append(pi)
     colmap: list[tuple[int, int, int, int, int]] = []
+    runs: list[tuple[int, int, int, int, int]] = []  # (piece, channel, group, first column, columns)
     col = 0
-    rank = 0
-    rels: list[float] = []
-    nulls: list[tuple[int, np.ndarray]] = []  # (first global column, block null basis)
     for g in sorted(by_group):
-        rows_j = live[order[bounds[g] : bounds[g + 1]]]
-        z_of = idx[rows_j]  # entries of z these rows read, all in group g's output channels
-        n_idx, rem = np.divmod(z_of, spec.n_out)
-        local = (rem - g * cog * out_sp) + n_idx * cog * out_sp  # (n, co - g*cog, sp) flattened
-        cols: list[np.ndarray] = []
-        g0 = col
         for pi in by_group[g]:
             _g, chans, z = pieces[pi]
-            m = z.shape[1]
-            wp = w[g * cog : (g + 1) * cog, [c - g * cig for c in chans]].transpose(0, 1).reshape(len(chans) * cog, 1, *spec.kernel)
-            y = torch.from_numpy(np.ascontiguousarray(z.T)).reshape(m * n, 1, *spec.in_spatial)
-            with torch.no_grad():
-                if spec.ndim == 0:
-                    out = TF.linear(y, wp.reshape(len(chans) * cog, 1))
-                else:
-                    conv = (TF.conv1d, TF.conv2d, TF.conv3d)[spec.ndim - 1]
-                    out = conv(y, wp, None, spec.stride, spec.padding, spec.dilation, 1)
-            # (m, n, nch, cog*out) -> per channel of the piece, columns over (n, cog, out) in group coordinates
-            out = out.reshape(m, n, len(chans), cog * out_sp).permute(2, 0, 1, 3).reshape(len(chans) * m, n * cog * out_sp)
-            cols.append(out.numpy()[:, local].T * fac[rows_j][:, None])
-            for i, c in enumerate(chans):
-                colmap.append((c, pi, 0, m, col + i * m))
-            col += len(chans) * m
-        block = np.hstack(cols) if cols else np.zeros((rows_j.size, 0))
-        if block.size > exact_limit:
-            return None
-        r, rel, nb = _rank_null(block, want_null, scale, amp) if block.size else (0, None, np.eye(block.shape[1]))
-        rank += r
-        if rel is not None:
-            rels.append(rel)
-        if want_null and nb is not None and nb.shape[1]:
-            nulls.append((g0, nb))
+            for c in chans:
+                runs.append((pi, c, g, col, z.shape[1]))
+                colmap.append((c, pi, 0, z.shape[1], col))
+                col += z.shape[1]
+    per_col = n * max(s_sp, cog * out_sp)
+    budget = max(per_col, _CHUNK_ELEMS)
+    rank = 0
+    rels: list[float] = []
+    nulls: list[tuple[int, np.ndarray]] = []  # (first column of the group's block, its null basis)
+    i = 0
+    while i < len(runs):  # chunks of whole groups, each at most `budget` entries of conv input/output
+        j, width = i, 0
+        while j < len(runs) and (width == 0 or (width + runs[j][4]) * per_col <= budget or runs[j][2] == runs[j - 1][2]):
+            width += runs[j][4]
+            j += 1
+        chunk, c_base = runs[i:j], runs[i][3]
+        y = np.empty((n, width, s_sp))
+        kern = torch.empty(width * cog, 1, *spec.kernel, dtype=torch.float64)
+        groups_of = np.empty(width, dtype=np.int64)
+        for pi, c, g, c0, m in chunk:
+            a = c0 - c_base
+            y[:, a : a + m] = pieces[pi][2].reshape(n, s_sp, m).transpose(0, 2, 1)
+            kern[a * cog : (a + m) * cog] = w[g * cog : (g + 1) * cog, c - g * cig].expand(m, cog, *spec.kernel).reshape(m * cog, 1, *spec.kernel)
+            groups_of[a : a + m] = g
+        with torch.no_grad():
+            out = conv(torch.from_numpy(y).reshape(n, width, *spec.in_spatial), kern, None, spec.stride, spec.padding, spec.dilation, width)
+        out_np = out.reshape(n, width, cog, out_sp).numpy()
+        for g in np.unique(groups_of):
+            cols = np.flatnonzero(groups_of == g)
+            r = order[row_bounds[g] : row_bounds[g + 1]]
+            block = out_np[n_row[r][:, None], cols[None, :], col_row[r][:, None], sp_row[r][:, None]] * fac[live[r]][:, None]
+            if block.size > exact_limit:
+                return None
+            rk, rel, nb = _rank_null(block, want_null, scale, amp) if block.shape[0] else (0, None, np.eye(cols.size))
+            rank += rk
+            if rel is not None:
+                rels.append(rel)
+            if want_null and nb is not None and nb.shape[1]:
+                nulls.append((c_base + int(cols[0]), nb))
+        i = j
     null_f: np.ndarray | None = None
     if want_null:
         null_f = np.zeros((col, sum(nb.shape[1] for _c, nb in nulls)))

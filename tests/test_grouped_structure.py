@@ -14,8 +14,25 @@ from examples.mobilenet_cifar import MobileNetV2
 from rgap_audit.analysis import audit_model
 from rgap_audit.analysis.forward import _orthonormal_by_blocks
 
+
+class GroupedPairs(torch.nn.Module):
+    """A grouped convolution with two outputs per group (4 groups, 8 -> 8) under a biased Linear head, which
+    gives its input exactly: the grouped layer's forward rows are its active outputs, nothing carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.head = torch.nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        return self.head(h.flatten(1))
+
+
 CASES = {
     **{name: (d["factory"], d["input_shape"]) for name, d in DEPTHWISE.items()},
+    "grouped-pairs": (GroupedPairs, (3, 6, 6)),
     "mobilenetv2-two-stages": (lambda: MobileNetV2(stages=((2, 4, 2, 1), (2, 8, 1, 2)), stem=4, last=16), (3, 8, 8)),
 }
 
@@ -42,8 +59,8 @@ def test_grouped_forward_rank_equals_the_dense_reduced_system(name, monkeypatch)
     monkeypatch.setattr(rank_mod, "_grouped_forward_rank", lambda *a, **k: None)
     dense, status_dense = _records(name)
     assert fast == dense and status_fast == status_dense
-    if name in DEPTHWISE:
-        assert any(used), "the depthwise layer took the grouped route"
+    if name in DEPTHWISE or name == "grouped-pairs":
+        assert any(used), "the grouped layer took the grouped route"
 
 
 def test_blockwise_orthonormal_basis_spans_the_same_space():
