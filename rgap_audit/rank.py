@@ -42,7 +42,7 @@ import torch.nn.functional as TF
 
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.convtranspose import ConvTransposeSpec
-from rgap_audit.structure import sparse_forward
+from rgap_audit.structure import entry_map, sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
@@ -815,30 +815,11 @@ def _forward_columns(
 
 
 def _elementwise_map(spec: ConvSpec, fwd: ForwardInfo, n: int, big_d: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """For a link that scales entries of z one by one (fwd.entries): per entry j of x', the entry i(j) of z it
-    reads and its factor s_j (0 where nothing reaches it), from two pushes through fwd.jac; checked on a
-    random third. None when the link is not elementwise after all."""
-    nz = n * spec.n_out
-    shape = (1, n, *spec.out_shape)
+    """For a link that scales entries of z one by one (fwd.entries): per entry of x', the entry of z it
+    reads and its factor (structure.entry_map through fwd.jac). None when the link is not elementwise."""
     push = (lambda t: t) if fwd.jac is None else fwd.jac
-    with torch.no_grad():
-        scale = push(torch.ones(shape, dtype=torch.float64)).reshape(-1).numpy()
-        at = push(torch.arange(1, nz + 1, dtype=torch.float64).reshape(shape)).reshape(-1).numpy()
-        gen = torch.Generator().manual_seed(7)
-        r = torch.randn(shape, generator=gen, dtype=torch.float64)
-        pr = push(r).reshape(-1).numpy()
-    if scale.size != big_d:
-        return None
-    live = scale != 0
-    idx = np.full(big_d, -1, dtype=np.int64)
-    ratio = at[live] / scale[live]
-    idx[live] = np.rint(ratio).astype(np.int64) - 1
-    if live.any() and (np.abs(ratio - np.rint(ratio)).max() > 1e-6 or idx[live].min() < 0 or idx[live].max() >= nz):
-        return None
-    expect = np.where(live, scale * r.reshape(-1).numpy()[np.maximum(idx, 0)], 0.0)
-    if not np.allclose(expect, pr, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(pr).max(initial=0.0)))):
-        return None
-    return idx, scale
+    got = entry_map(push, (1, n, *spec.out_shape))
+    return None if got is None or got[0].size != big_d else got
 
 
 def _grouped_forward_rank(
@@ -913,8 +894,10 @@ def _grouped_forward_rank(
         with torch.no_grad():
             out = conv(torch.from_numpy(y).reshape(n, width, *spec.in_spatial), kern, None, spec.stride, spec.padding, spec.dilation, width)
         out_np = out.reshape(n, width, cog, out_sp).numpy()
-        for g in np.unique(groups_of):
-            cols = np.flatnonzero(groups_of == g)
+        present = np.unique(groups_of)
+        edges = np.searchsorted(groups_of, np.append(present, g_cnt))  # groups_of is sorted: runs go group by group
+        for gi, g in enumerate(present):
+            cols = np.arange(edges[gi], edges[gi + 1])
             r = order[row_bounds[g] : row_bounds[g + 1]]
             block = out_np[n_row[r][:, None], cols[None, :], col_row[r][:, None], sp_row[r][:, None]] * fac[live[r]][:, None]
             if block.size > exact_limit:

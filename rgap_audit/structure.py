@@ -78,3 +78,26 @@ def sparse_forward(spec: ConvSpec, n: int, tmap: torch.Tensor | None = None) -> 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).reshape(-1).numpy()
+
+
+def entry_map(push, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a linear map `push` (tensors of `shape` -> tensors) that moves entries one by one (an elementwise
+    scaling, reshapes, permutations, dropped entries): per output entry j, the input entry i(j) it reads
+    (-1 where none) and its factor s_j, from two pushes (ones, and 1..n); checked on a seeded random third.
+    None when the map is not of that kind. Lets J v and J^T v be gathers and scatters instead of autograd."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        scale = push(torch.ones(shape, dtype=torch.float64)).reshape(-1).numpy()
+        at = push(torch.arange(1, n + 1, dtype=torch.float64).reshape(shape)).reshape(-1).numpy()
+        r = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        pr = push(r).reshape(-1).numpy()
+    live = scale != 0
+    idx = np.full(scale.size, -1, dtype=np.int64)
+    ratio = at[live] / scale[live]
+    idx[live] = np.rint(ratio).astype(np.int64) - 1
+    if live.any() and (np.abs(ratio - np.rint(ratio)).max() > 1e-6 or idx[live].min() < 0 or idx[live].max() >= n):
+        return None
+    expect = np.where(live, scale * r.reshape(-1).numpy()[np.maximum(idx, 0)], 0.0)
+    if not np.allclose(expect, pr, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(pr).max(initial=0.0)))):
+        return None
+    return idx, scale

@@ -18,6 +18,7 @@ from rgap_audit.instance import Instance
 from rgap_audit.links import Link
 from rgap_audit.rank import ForwardInfo
 from rgap_audit.records import Chain
+from rgap_audit.structure import entry_map
 
 
 @dataclass
@@ -109,9 +110,19 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     if unknown is None:
         return rows.numpy(), None
     if link.steps:
-        pull = torch.func.vjp(link.fn(), z0)[1]
-        cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
-        t = (cols / (d * d).clamp_min(1e-300)).T
+        fn = link.fn()
+        emap = entry_map(lambda t: torch.func.jvp(fn, (z0,), (t.reshape(z0.shape),))[1], tuple(z0.shape))
+        if emap is not None:  # J^T S as a scatter: each entry of x' reads one entry of z
+            idx, fac = emap
+            s_np = unknown.detach().to(z0.dtype).numpy().reshape(idx.size, -1)
+            live = idx >= 0
+            cols_np = np.zeros((z0.numel(), s_np.shape[1]))
+            np.add.at(cols_np, idx[live], fac[live, None] * s_np[live])
+            t = torch.from_numpy(cols_np) / (d * d).clamp_min(1e-300)[:, None]
+        else:
+            pull = torch.func.vjp(fn, z0)[1]
+            cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
+            t = (cols / (d * d).clamp_min(1e-300)).T
     else:
         t = unknown.to(z0.dtype)
     return rows.numpy(), _orthonormal_by_blocks(t[rows].detach().numpy())
