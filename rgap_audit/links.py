@@ -198,9 +198,25 @@ class Link:
 
     def vjp(self, z0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """v^T J at z0: a row on the end of the link pulled back to z."""
-        pull = torch.func.vjp(self.fn(), z0)[1]
-        (back,) = pull(v)
-        return back
+        return self.vjp_batch(z0, v.unsqueeze(0))[0]
+
+    def vjp_batch(self, z0: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        """Rows vs (d, *end shape) pulled back to z: (d, *z0.shape), by one reverse pass.
+
+        Plain torch.autograd rather than torch.func.vjp: the latter imports torch._dynamo on its first
+        call (about a second, more than the whole audit of a small model) and computes the same numbers.
+        """
+        z = z0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            end = self.fn()(z)
+        out = torch.zeros((vs.shape[0], *z0.shape), dtype=z0.dtype)
+        if not end.requires_grad or vs.shape[0] == 0:
+            return out  # the end does not depend on z
+        for i in range(vs.shape[0]):  # one backward per row, the graph kept between them
+            (back,) = torch.autograd.grad(end, z, vs[i].reshape(end.shape), retain_graph=i + 1 < vs.shape[0], allow_unused=True)
+            if back is not None:
+                out[i] = back
+        return out
 
     def reach(self, z0: torch.Tensor, gen: torch.Generator) -> int:
         """Entries of z that reach the end of the link with a non-zero derivative (a random row pulled back)."""

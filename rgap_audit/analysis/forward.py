@@ -107,8 +107,7 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     if unknown is None:
         return rows.numpy(), None
     if link.steps:
-        pull = torch.func.vjp(link.fn(), z0)[1]
-        cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
+        cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
         t = (cols / (d * d).clamp_min(1e-300)).T
     else:
         t = unknown.to(z0.dtype)
