@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from rgap_audit import __version__, docs
+from rgap_audit import __version__
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB, FORMATS, LOSSES, SEVERITIES
 from rgap_audit.errors import AuditError
 from rgap_audit.records import ErrorRecord
@@ -371,6 +371,8 @@ def _render_command(argv: list[str]) -> int:
 def _rules_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rules", description="List the rules rgap-audit checks.")
     p.parse_args(argv)
+    from rgap_audit import docs
+
     sys.stdout.write(docs.list_rules_text().rstrip("\n") + "\n")
     return EXIT_OK
 
@@ -379,6 +381,8 @@ def _rule_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rule", description="Explain one rule: what it flags, why, how to fix it.")
     p.add_argument("code", help="a rule code, e.g. RGAP101")
     args = p.parse_args(argv)
+    from rgap_audit import docs
+
     try:
         text = docs.explain_rule_text(args.code.upper())
     except (KeyError, LookupError, ValueError) as exc:
