@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rgap_audit import config as cfg
 from rgap_audit import progress
@@ -35,7 +35,37 @@ if TYPE_CHECKING:  # pragma: no cover
 # The loader and the analysis (torch, scipy, networkx), --identifiability and --verify (the attack, scipy.optimize, PIL) are
 # imported where a model is audited, identified or verified: a run over files that define no model, or
 # a static audit, does not pay for what it does not use, and a file served from the results cache
-# (rgap_audit.cache) imports no torch at all (benchmarks/bench_cli.py).
+# (rgap_audit.cache) imports no torch at all (benchmarks/bench_cli.py). They stay attributes of this
+# module (PEP 562 __getattr__), read through _stage() where they are called, so that a caller or a test
+# that replaces `pipeline.build_instance` replaces the stage the run uses.
+_LAZY = {
+    "build_instance": "rgap_audit.instance",
+    "audit_instance": "rgap_audit.analysis",
+    "instance_identifiability": "rgap_audit.identifiability",
+    "plot_spectrum": "rgap_audit.identifiability",
+    "make_criterion": "rgap_audit.verify",
+    "settle": "rgap_audit.verify",
+    "verify": "rgap_audit.verify",
+    "safe_name": "rgap_audit.verify.images",
+    "iter_models": "rgap_audit.loader",
+    "no_network": "rgap_audit.loader",
+    "single_thread": "rgap_audit.threads",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _stage(name: str) -> Any:
+    """A lazily imported stage, as this module holds it now (imported on first use)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 @dataclass
@@ -206,7 +236,8 @@ class Pipeline:
             entry = self._cache_request(path, names, settings)
             key, hit = self._cache.get(entry)
             if hit is not None:
-                self._rules(hit, settings)
+                if hit:
+                    self._rules(hit, settings)
                 return
         errors_before = len(self.result.errors)
         reports = self._load_and_audit(path, names, settings)
@@ -217,8 +248,9 @@ class Pipeline:
 
     def _load_and_audit(self, path: str, names: list[str] | None, settings: cfg.Settings) -> list[ModelReport]:
         """Load the file's models and audit each (errors reported as they happen)."""
-        from rgap_audit.loader import iter_models
         from rgap_audit.options import AuditOptions
+
+        iter_models = _stage("iter_models")
 
         req = self.request
         options = AuditOptions(
@@ -290,11 +322,8 @@ class Pipeline:
         req = self.request
         stage = "trace"
         try:
-            from rgap_audit.analysis import audit_instance
-            from rgap_audit.instance import build_instance
-            from rgap_audit.loader import no_network
-            from rgap_audit.threads import single_thread
-
+            build_instance, audit_instance = _stage("build_instance"), _stage("audit_instance")
+            no_network, single_thread = _stage("no_network"), _stage("single_thread")
             with no_network(), captured(req.debug), single_thread():
                 inst = build_instance(loaded, options)
                 stage = "analysis"
@@ -320,8 +349,7 @@ class Pipeline:
     def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
         """A later step of one model: its failure is one more error, the report (and its findings) stay.
         Returns whether the step succeeded."""
-        from rgap_audit.loader import no_network
-
+        no_network = _stage("no_network")
         req = self.request
         try:
             with no_network(), captured(req.debug):
@@ -339,9 +367,7 @@ class Pipeline:
     def _identifiability(self, audit: Audit) -> None:
         """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with
         --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png."""
-        from rgap_audit.identifiability import instance_identifiability, plot_spectrum
-        from rgap_audit.verify.images import safe_name
-
+        instance_identifiability, plot_spectrum, safe_name = _stage("instance_identifiability"), _stage("plot_spectrum"), _stage("safe_name")
         loaded = audit.instance.loaded
         try:
             res = instance_identifiability(audit.instance)
@@ -363,7 +389,8 @@ class Pipeline:
 
     def _verify(self, audit: Audit, settings: cfg.Settings) -> None:
         from rgap_audit.tolerances import VERIFY_SEEDS
-        from rgap_audit.verify import make_criterion, settle, verify
+
+        make_criterion, settle, verify = _stage("make_criterion"), _stage("settle"), _stage("verify")
 
         req = self.request
         seeds = req.verify_seeds or settings.verify_seeds or VERIFY_SEEDS

@@ -68,12 +68,12 @@ def _json(out: str) -> dict:
 
 
 def _no_analysis(monkeypatch) -> None:
-    import rgap_audit.analysis
+    from rgap_audit import pipeline
 
     def boom(*_a, **_k):
         raise AssertionError("the analysis ran: the result did not come from the cache")
 
-    monkeypatch.setattr(rgap_audit.analysis, "audit_instance", boom)
+    monkeypatch.setattr(pipeline, "audit_instance", boom)
 
 
 def test_a_cached_run_prints_what_a_fresh_run_prints(tmp_path, capsys, monkeypatch):
@@ -205,12 +205,12 @@ def test_a_file_without_models_is_served_from_the_cache(tmp_path, capsys, monkey
     plain.write_text("def helper():\n    return 1\n")
     cdir = str(tmp_path / "cache")
     assert _run(capsys, str(plain), "--allow-no-models", "--cache-dir", cdir) == (0, "", "")
-    import rgap_audit.loader
+    from rgap_audit import pipeline
 
     def boom(*_a, **_k):
         raise AssertionError("the file was loaded again")
 
-    monkeypatch.setattr(rgap_audit.loader, "iter_models", boom)
+    monkeypatch.setattr(pipeline, "iter_models", boom)
     assert _run(capsys, str(plain), "--allow-no-models", "--cache-dir", cdir) == (0, "", "")
 
 
