@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from rgap_audit import __version__, docs
+from rgap_audit import __version__
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB, FORMATS, LOSSES, SEVERITIES
 from rgap_audit.errors import AuditError
 from rgap_audit.records import ErrorRecord
@@ -49,7 +49,7 @@ def _codes(text: str) -> list[str]:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    from rgap_audit.loader import parse_shape
+    from rgap_audit.targets import parse_shape
 
     try:
         return parse_shape(text)
@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ana.add_argument("--identifiability", action="store_true", help="also the whole-network identifiability (Jacobian rank) for small inputs")
     ana.add_argument("--no-config", action="store_true", help="ignore [tool.rgap-audit] in pyproject.toml")
+    ana.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep results here between runs (default: `cache-dir` in the config, else .rgap_audit_cache; env RGAP_AUDIT_CACHE_DIR)",
+    )
+    ana.add_argument("--no-cache", action="store_true", help="neither read nor write the results cache (env RGAP_AUDIT_NO_CACHE=1)")
     ana.add_argument(
         "--allow-no-models",
         action="store_true",
@@ -274,6 +280,7 @@ def _audit(args: argparse.Namespace) -> int:
         except AuditError as err:
             errors(err, "config")
     fmt = args.format or project.format or default_format(args.output)
+    pipeline.request.cache_dir = cache_folder(args, project)
     if (fmt == "html" or args.save_images) and not _figures_available(errors, fmt):
         return EXIT_ERROR
     result = pipeline.run()
@@ -306,6 +313,16 @@ def _audit(args: argparse.Namespace) -> int:
     if errors.count:
         return EXIT_ERROR
     return code
+
+
+def cache_folder(args: argparse.Namespace, project: Any) -> str | None:
+    """The results cache of this run (rgap_audit.cache): --cache-dir, RGAP_AUDIT_CACHE_DIR, `cache-dir` in the
+    working directory's configuration, else .rgap_audit_cache; None with --no-cache or RGAP_AUDIT_NO_CACHE."""
+    from rgap_audit.cache import DEFAULT_DIR
+
+    if args.no_cache or os.environ.get("RGAP_AUDIT_NO_CACHE", "").strip() not in ("", "0"):
+        return None
+    return args.cache_dir or os.environ.get("RGAP_AUDIT_CACHE_DIR") or getattr(project, "cache_dir", None) or DEFAULT_DIR
 
 
 def _figures_available(errors: _Errors, fmt: str) -> bool:
@@ -354,6 +371,8 @@ def _render_command(argv: list[str]) -> int:
 def _rules_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rules", description="List the rules rgap-audit checks.")
     p.parse_args(argv)
+    from rgap_audit import docs
+
     sys.stdout.write(docs.list_rules_text().rstrip("\n") + "\n")
     return EXIT_OK
 
@@ -362,6 +381,8 @@ def _rule_command(argv: list[str]) -> int:
     p = _Parser(prog="rgap-audit rule", description="Explain one rule: what it flags, why, how to fix it.")
     p.add_argument("code", help="a rule code, e.g. RGAP101")
     args = p.parse_args(argv)
+    from rgap_audit import docs
+
     try:
         text = docs.explain_rule_text(args.code.upper())
     except (KeyError, LookupError, ValueError) as exc:

@@ -19,6 +19,7 @@ so a typo never silently disables a setting. Command-line flags override what is
     verify-seeds = 3              # --verify: inputs the attack runs on
     leak-psnr = 30.0              # --verify: a reconstruction at PSNR >= this (dB) is a privacy leak ...
     leak-ssim = 0.9               # ... or at SSIM >= this
+    cache-dir = ".rgap_audit_cache"  # where results are kept between runs, relative to this file
 
     [tool.rgap-audit.models.CNN6]  # per model name: above the file's RGAP_MODELS declaration
     input-shape = [3, 32, 32]
@@ -45,8 +46,8 @@ from typing import Any
 
 from rgap_audit.choices import LOSSES
 from rgap_audit.errors import AuditError
-from rgap_audit.loader import check_call, parse_shape
 from rgap_audit.records import SEVERITIES
+from rgap_audit.targets import check_call, parse_shape
 
 SECTION = "rgap-audit"
 FORMATS = ("concise", "table", "json", "sarif", "github")
@@ -65,7 +66,7 @@ SETTING_KEYS = (
     "leak-ssim",
     "models",
 )
-TOP_KEYS = SETTING_KEYS + ("format", "per-file-settings", "per-file-ignores")
+TOP_KEYS = SETTING_KEYS + ("format", "cache-dir", "per-file-settings", "per-file-ignores")
 MODEL_KEYS = ("input-shape", "loss", "batch-size", "output", "batch-dim", "private-input")
 CALL_SETTINGS = ("output", "batch-dim", "private-input")  # how forward is called (loader.check_call)
 
@@ -79,6 +80,7 @@ class Settings:
     extend_select: list[str] = field(default_factory=list)
     fail_on: str | None = None
     format: str | None = None
+    cache_dir: str | None = None  # the results cache (rgap_audit.cache), resolved against the pyproject's folder
     batch_size: int | None = None
     loss: str | None = None
     seed: int | None = None
@@ -126,6 +128,10 @@ def _value(key: str, value: Any, where: str, table: str) -> Any:
         if value not in FORMATS:
             raise AuditError(f"[{table}] format must be one of {', '.join(FORMATS)}, got {value!r}", file=where)
         return value
+    if key == "cache-dir":
+        if not isinstance(value, str) or not value.strip():
+            raise AuditError(f"[{table}] cache-dir must be a folder path (a non-empty string), got {value!r}", file=where)
+        return os.path.join(os.path.dirname(os.path.abspath(where)), os.path.expanduser(value))
     if key == "loss":
         if value not in LOSSES:
             raise AuditError(f"[{table}] loss must be one of {', '.join(LOSSES)}, got {value!r}", file=where)

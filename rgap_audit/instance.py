@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from rgap_audit import forwardcall, ops
 from rgap_audit.errors import AuditError
 from rgap_audit.layergraph import LayerGraph, build_layer_graph, resolve
 from rgap_audit.losses import choose_loss, loss_value, make_labels
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.tracing import trace
+from rgap_audit.tracing import ShapeProp, trace
 
 
 @dataclass

@@ -182,8 +182,39 @@ class Link:
 
         return run
 
+    def _entrywise(self) -> bool:
+        """Every step moves each entry alone: elementwise ops of unchanged shape, reshapes, permutations."""
+        return all(
+            s.role in (ops.PASS, ops.REORDER) or (s.info.elementwise and s.role != ops.SLICE and s.in_shape == s.out_shape)
+            for s in self.steps
+        )
+
+    def _push(self, z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """J t for an entrywise link: each elementwise step scales by its derivative at the instance
+        (Step.deriv, the diagonal of its Jacobian), reshapes and permutations move the entries. The same
+        products forward-mode AD computes, without torch's forward-AD machinery, whose first use in a
+        process loads and compiles TorchScript decompositions (about half a second)."""
+        with torch.enable_grad():
+            _vals, derivs = self.forward(z0)
+
+        def push(ts: torch.Tensor) -> torch.Tensor:
+            d = ts.shape[0]
+            for s, dv in zip(self.steps, derivs):
+                if s.role == ops.REORDER:
+                    assert s.perm is not None
+                    ts = ts.reshape(d, -1)[:, s.perm]
+                elif dv is not None:
+                    ts = ts.reshape(d, *dv.shape) * dv
+                ts = ts.reshape(d, *s.out_shape)
+            return ts
+
+        return push
+
     def jvp_batch(self, z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Batched Jacobian-vector products at z0: tangents (d, *z0.shape) -> (d, *fn(z0).shape)."""
+        if self._entrywise():
+            push = self._push(z0)
+            return lambda ts: push(ts.reshape(ts.shape[0], *z0.shape))
         fn = self.fn()
 
         def one(t: torch.Tensor) -> torch.Tensor:
@@ -198,9 +229,29 @@ class Link:
 
     def vjp(self, z0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """v^T J at z0: a row on the end of the link pulled back to z."""
-        pull = torch.func.vjp(self.fn(), z0)[1]
-        (back,) = pull(v)
-        return back
+        return self.vjp_batch(z0, v.unsqueeze(0))[0]
+
+    def vjp_batch(self, z0: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        """Rows vs (d, *end shape) pulled back to z: (d, *z0.shape), by one reverse pass.
+
+        Plain torch.autograd of the scalar <v, end> rather than torch.func.vjp, which imports
+        torch._dynamo on its first call, or autograd.grad with grad_outputs, which imports sympy (each
+        about a second, more than the whole audit of a small model). The numbers are the same: the
+        backward of the sum and the product hands v itself to the link's backward.
+        """
+        z = z0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            end = self.fn()(z)
+        out = torch.zeros((vs.shape[0], *z0.shape), dtype=z0.dtype)
+        if not end.requires_grad or vs.shape[0] == 0:
+            return out  # the end does not depend on z
+        for i in range(vs.shape[0]):  # one backward per row, the graph kept between them
+            with torch.enable_grad():
+                inner = (end * vs[i].reshape(end.shape).to(end.dtype)).sum()
+            (back,) = torch.autograd.grad(inner, z, retain_graph=i + 1 < vs.shape[0], allow_unused=True)
+            if back is not None:
+                out[i] = back
+        return out
 
     def reach(self, z0: torch.Tensor, gen: torch.Generator) -> int:
         """Entries of z that reach the end of the link with a non-zero derivative (a random row pulled back)."""
@@ -211,7 +262,10 @@ class Link:
     def constant_entries(self, z0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Entries of the link's end that do not move with z (a ReLU's zeros): True where constant."""
         t = torch.randn(z0.shape, generator=gen, dtype=z0.dtype)
-        moved = torch.func.jvp(self.fn(), (z0,), (t,))[1]
+        if self._entrywise():
+            moved = self._push(z0)(t.unsqueeze(0))[0]
+        else:
+            moved = torch.func.jvp(self.fn(), (z0,), (t,))[1]
         return moved == 0
 
     # ------------------------------------------------------------------ the attack's view (closed-form inverse)

@@ -15,23 +15,57 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from rgap_audit import config as cfg
 from rgap_audit import progress
-from rgap_audit.analysis import Audit, audit_instance
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
 from rgap_audit.errors import AuditError
-from rgap_audit.identifiability import instance_identifiability, plot_spectrum
-from rgap_audit.instance import build_instance
-from rgap_audit.loader import display_path, iter_models, module_file, no_network
-from rgap_audit.options import AuditOptions, LoadedModel
 from rgap_audit.records import Finding, Identifiability, ModelReport, Verification
 from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
 from rgap_audit.suppress import apply as apply_suppressions
-from rgap_audit.threads import single_thread
-from rgap_audit.tolerances import VERIFY_SEEDS
-from rgap_audit.verify import make_criterion, settle, verify
-from rgap_audit.verify.images import safe_name
+from rgap_audit.targets import display_path, module_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rgap_audit.analysis import Audit
+    from rgap_audit.cache import Cache
+    from rgap_audit.cache import Request as CacheRequest
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+# The loader and the analysis (torch, scipy, networkx), --identifiability and --verify (the attack, scipy.optimize, PIL) are
+# imported where a model is audited, identified or verified: a run over files that define no model, or
+# a static audit, does not pay for what it does not use, and a file served from the results cache
+# (rgap_audit.cache) imports no torch at all (benchmarks/bench_cli.py). They stay attributes of this
+# module (PEP 562 __getattr__), read through _stage() where they are called, so that a caller or a test
+# that replaces `pipeline.build_instance` replaces the stage the run uses.
+_LAZY = {
+    "build_instance": "rgap_audit.instance",
+    "audit_instance": "rgap_audit.analysis",
+    "instance_identifiability": "rgap_audit.identifiability",
+    "plot_spectrum": "rgap_audit.identifiability",
+    "make_criterion": "rgap_audit.verify",
+    "settle": "rgap_audit.verify",
+    "verify": "rgap_audit.verify",
+    "safe_name": "rgap_audit.verify.images",
+    "iter_models": "rgap_audit.loader",
+    "no_network": "rgap_audit.loader",
+    "single_thread": "rgap_audit.threads",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _stage(name: str) -> Any:
+    """A lazily imported stage, as this module holds it now (imported on first use)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 @dataclass
@@ -59,6 +93,7 @@ class Request:
     leak_psnr: float | None = None  # None: the configuration's, else tolerances.LEAK_PSNR_DB
     leak_ssim: float | None = None
     debug: bool = False
+    cache_dir: str | None = None  # the results cache (rgap_audit.cache); None: no cache (the CLI sets one unless --no-cache)
 
 
 @dataclass
@@ -132,6 +167,7 @@ class Pipeline:
         self.on_error = on_error
         self.result = Result()
         self.meter = progress.Meter(sys.stderr) if progress.wanted(sys.stderr) else None
+        self._cache: Cache | None = None
 
     def error(self, err: AuditError, file: str | None = None, model: str | None = None, stage: str | None = None) -> None:
         """Record one error (with the stage it happened at, unless it says so itself) and report it."""
@@ -155,9 +191,35 @@ class Pipeline:
         return True
 
     def run(self) -> Result:
-        for path, names in group_targets(self.request.targets).items():
+        req = self.request
+        # --verify's measurements, --save-images' files and --debug's output are never served from the cache
+        if req.cache_dir and not (req.verify or req.save_images or req.debug):
+            from rgap_audit.cache import Cache
+
+            self._cache = Cache(req.cache_dir, self.warn)
+        for path, names in group_targets(req.targets).items():
             self._file(path, names)
         return self.result
+
+    def warn(self, text: str) -> None:
+        """One warning line on stderr (not an error: the exit code does not change)."""
+        if self.meter is not None:
+            self.meter.clear()
+        print(f"rgap-audit: warning: {text}", file=sys.stderr, flush=True)
+
+    def _cache_request(self, path: str, names: list[str] | None, settings: cfg.Settings) -> CacheRequest:
+        """What identifies this file's entry: the options that change a report (the selection, --fail-on
+        and the format do not: rules and formats run again on cached reports)."""
+        from rgap_audit.cache import Request as CacheRequest
+
+        req = self.request
+        opts = {
+            "input_shape": req.input_shape, "batch_size": req.batch_size, "loss": req.loss,
+            "seed": req.seed if req.seed is not None else (settings.seed or 0),
+            "memory_budget_mb": req.memory_budget_mb or settings.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB,
+            "identifiability": req.identifiability, "allow_no_models": req.allow_no_models, "no_config": req.no_config,
+        }
+        return CacheRequest(path, None if names is None else tuple(names), opts, settings.path)
 
     # ------------------------------------------------------------------ one file
     def _file(self, path: str, names: list[str] | None) -> None:
@@ -169,6 +231,28 @@ class Pipeline:
             except AuditError as err:
                 self.error(err, stage="config")
                 return
+        entry, key = None, None
+        if self._cache is not None:
+            entry = self._cache_request(path, names, settings)
+            key, hit = self._cache.get(entry)
+            if hit is not None:
+                if hit:
+                    self._rules(hit, settings)
+                return
+        errors_before = len(self.result.errors)
+        reports = self._load_and_audit(path, names, settings)
+        if self._cache is not None and entry is not None and key is not None and len(self.result.errors) == errors_before:
+            self._cache.put(entry, key, reports)  # before the rules: what is stored is the analysis alone
+        if reports:
+            self._rules(reports, settings)
+
+    def _load_and_audit(self, path: str, names: list[str] | None, settings: cfg.Settings) -> list[ModelReport]:
+        """Load the file's models and audit each (errors reported as they happen)."""
+        from rgap_audit.options import AuditOptions
+
+        iter_models = _stage("iter_models")
+
+        req = self.request
         options = AuditOptions(
             batch_size=req.batch_size,
             loss=req.loss,
@@ -205,8 +289,11 @@ class Pipeline:
                 close = getattr(items, "close", None)  # the loader's sys.path entry goes now, not when the generator is collected
                 if close is not None:
                     close()
-        if not reports:
-            return
+        return reports
+
+    def _rules(self, reports: list[ModelReport], settings: cfg.Settings) -> None:
+        """The rules and suppressions over one file's reports, fresh or from the cache."""
+        req = self.request
         self.result.reports.extend(reports)
         try:
             found = self._findings(reports, settings)
@@ -235,6 +322,8 @@ class Pipeline:
         req = self.request
         stage = "trace"
         try:
+            build_instance, audit_instance = _stage("build_instance"), _stage("audit_instance")
+            no_network, single_thread = _stage("no_network"), _stage("single_thread")
             with no_network(), captured(req.debug), single_thread():
                 inst = build_instance(loaded, options)
                 stage = "analysis"
@@ -260,6 +349,7 @@ class Pipeline:
     def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
         """A later step of one model: its failure is one more error, the report (and its findings) stay.
         Returns whether the step succeeded."""
+        no_network = _stage("no_network")
         req = self.request
         try:
             with no_network(), captured(req.debug):
@@ -277,6 +367,7 @@ class Pipeline:
     def _identifiability(self, audit: Audit) -> None:
         """--identifiability: rank and spectrum of d(gradient)/d(input) on the audited instance; with
         --save-images DIR the spectrum is plotted to DIR/MODEL-spectrum.png."""
+        instance_identifiability, plot_spectrum, safe_name = _stage("instance_identifiability"), _stage("plot_spectrum"), _stage("safe_name")
         loaded = audit.instance.loaded
         try:
             res = instance_identifiability(audit.instance)
@@ -297,6 +388,10 @@ class Pipeline:
             audit.report.identifiability.plot = plot
 
     def _verify(self, audit: Audit, settings: cfg.Settings) -> None:
+        from rgap_audit.tolerances import VERIFY_SEEDS
+
+        make_criterion, settle, verify = _stage("make_criterion"), _stage("settle"), _stage("verify")
+
         req = self.request
         seeds = req.verify_seeds or settings.verify_seeds or VERIFY_SEEDS
         crit = make_criterion(req.leak_psnr or settings.leak_psnr, req.leak_ssim or settings.leak_ssim)

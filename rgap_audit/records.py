@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 
 
 class Verdict(StrEnum):
@@ -414,6 +414,7 @@ class ModelReport:
     identifiability: Identifiability | None = None
     output: str | None = None  # which of forward's outputs the loss sees, when it returns several ("[0] of the tuple ...")
     private_input: str | None = None  # which of forward's arguments is the input, when it takes several, and its batch dim
+    cached: bool = False  # served from the results cache (rgap_audit.cache): the stored report of an unchanged file
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""

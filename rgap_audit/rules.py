@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 import string
 import tomllib
@@ -116,6 +117,12 @@ def _type_of(hint: Any) -> FieldType:
 
 
 def _record_fields(cls: type) -> dict[str, FieldType]:
+    return dict(_record_fields_once(cls))
+
+
+@functools.cache
+def _record_fields_once(cls: type) -> dict[str, FieldType]:
+    """Resolving a record's type hints is most of the time loading the rules takes: once per class."""
     hints = typing.get_type_hints(cls)
     return {f.name: _type_of(hints[f.name]) for f in dataclasses.fields(cls)}
 

@@ -110,8 +110,8 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     if unknown is None:
         return rows.numpy(), None
     if link.steps:
-        fn = link.fn()
-        emap = entry_map(lambda t: torch.func.jvp(fn, (z0,), (t.reshape(z0.shape),))[1], tuple(z0.shape))
+        push = link.jvp_batch(z0)
+        emap = entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
         if emap is not None:  # J^T S as a scatter: each entry of x' reads one entry of z
             idx, fac = emap
             s_np = unknown.detach().to(z0.dtype).numpy().reshape(idx.size, -1)
@@ -120,8 +120,7 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
             np.add.at(cols_np, idx[live], fac[live, None] * s_np[live])
             t = torch.from_numpy(cols_np) / (d * d).clamp_min(1e-300)[:, None]
         else:
-            pull = torch.func.vjp(fn, z0)[1]
-            cols = torch.func.vmap(lambda v: pull(v.reshape(end.shape))[0].reshape(-1))(unknown.T.to(z0.dtype))  # (d, n_z)
+            cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
             t = (cols / (d * d).clamp_min(1e-300)).T
     else:
         t = unknown.to(z0.dtype)

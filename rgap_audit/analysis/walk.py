@@ -18,15 +18,16 @@ import torch
 
 from rgap_audit import ops, progress
 from rgap_audit.analysis.bounds import rank_given_uncertain_above
-from rgap_audit.analysis.forward import forward_side, known_inputs
+from rgap_audit.analysis.forward import ForwardSide, forward_side, known_inputs
 from rgap_audit.analysis.joint import SUBBLOCK, InnerLayer, joint_rank
 from rgap_audit.analysis.probe import forward_probe
 from rgap_audit.analysis.rows import measure_param_rows
 from rgap_audit.analysis.state import LayerSystem, WalkState
+from rgap_audit.convtranspose import ConvTransposeSpec
 from rgap_audit.instance import Instance
 from rgap_audit.links import above
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.rank import layer_rank
+from rgap_audit.rank import LayerRank, layer_rank
 from rgap_audit.records import Basis, Chain, LayerRecord, Location, SegmentRecord, TokenLeak, Undetermined, Verdict
 from rgap_audit.segments import Segment, common_module_path, joint_segments
 
@@ -42,6 +43,13 @@ def location_of(loaded: LoadedModel | None, module_path: str | None) -> Location
                 return loaded.layer_locations[path]
             path = path.rpartition(".")[0]
     return loaded.location
+
+
+def _basis_would_fit(res: LayerRank, total_x: int, exact_limit: int) -> bool:
+    """Whether rank.layer_rank would have kept the null basis had it been asked for (an exact rank from
+    the reduced system keeps it when total_x * deficit <= exact_limit): so that a layer whose basis was
+    not computed reports the same `undetermined` bounds as before."""
+    return res.rank is not None and res.deficit is not None and total_x * res.deficit <= exact_limit
 
 
 class Walker:
@@ -172,7 +180,8 @@ class Walker:
             rec.frozen = True
         side = forward_side(inst, state, name, self.gen)
         known = known_inputs(inst, state, name, n_samples, tuple(spec.in_shape), self.gen)
-        res = layer_rank(spec, k, side.info, known=known, want_null=True, exact_limit=self.options.exact_rank_limit)  # type: ignore[arg-type]
+        want_null = self._null_read_below(name, spec, side)
+        res = layer_rank(spec, k, side.info, known=known, want_null=want_null, exact_limit=self.options.exact_rank_limit)  # type: ignore[arg-type]
         if side.uncertain is not None:
             res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
         elif res.rank is None and side.chain == Chain.FULL and n_samples == 1:
@@ -188,7 +197,8 @@ class Walker:
         rec.samples = n_samples
         state.nulls[name] = res.null_basis
         state.systems[name] = LayerSystem(name, spec, k, side.info, known, res)
-        if res.null_basis is None and res.deficit != 0:  # the layer below learns only how many directions are lost
+        kept = res.null_basis is not None or (not want_null and _basis_would_fit(res, n_samples * spec.n_in, self.options.exact_rank_limit))
+        if not kept and res.deficit != 0:  # the layer below learns only how many directions are lost
             state.carried[name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
             rec.undetermined = Undetermined(*state.carried[name])
         leak = gn.info.leak(ops.LeakContext(module, spec, x_in, k, n_samples)) if gn.info.leak is not None else None
@@ -236,6 +246,16 @@ class Walker:
         if name in self.inner:
             rec.in_segment = self.inner[name]
             rec.reason += f"; layer-wise only: inside joint segment {self.inner[name]}, whose joint rank decides what reaches the layer below"
+
+    def _null_read_below(self, name: str, spec: object, side: ForwardSide) -> bool:
+        """Whether a basis of this layer's undetermined directions is worth computing: only a layer whose
+        links are read from below (forward.forward_side) uses it. The input layer's is read by nobody, and
+        for a small CIFAR CNN its full SVD was most of the audit (the rank itself needs singular values
+        only, by the same rule). Transposed convolutions and layers under bounded ones keep it (their
+        rank code reads it)."""
+        if any(link.upper == name for link in self.state.above.values()):
+            return True
+        return isinstance(spec, ConvTransposeSpec) or side.uncertain is not None or side.info.none
 
     # ------------------------------------------------------------------ joint segments
     def _segment(self, seg: Segment, index: int) -> LayerRecord:

@@ -198,6 +198,8 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         if total is None:
             total = sum(report.timings.values())
         lines.append(f"  audited in {total:.2f} s")
+    if report.cached:
+        lines.append("  from the cache: the model's sources, configuration, options and tool versions are unchanged since that audit")
     mine = ordered(shown([f for f in findings if f.model == report.model and f.file == report.file], show_suppressed))
     if mine:
         lines.append("findings:")

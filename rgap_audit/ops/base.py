@@ -9,6 +9,7 @@ means one `register(OpInfo(...), targets...)` call in the family module it belon
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,22 @@ def register(info: OpInfo, *targets: Any) -> OpInfo:
     return info
 
 
+# Entries for classes of optional libraries, registered once the user's code has imported that library
+# (a model built from its layers imported it before we see it), so that an audit never imports it itself.
+_WHEN_IMPORTED: dict[str, Callable[[Any], None]] = {}
+
+
+def register_when_imported(module_name: str, enter: Callable[[Any], None]) -> None:
+    """Call `enter(module)` the first time a table lookup finds `module_name` in sys.modules."""
+    _WHEN_IMPORTED[module_name] = enter
+    _register_imported()
+
+
+def _register_imported() -> None:
+    for name in [n for n in _WHEN_IMPORTED if n in sys.modules]:
+        _WHEN_IMPORTED.pop(name)(sys.modules[name])
+
+
 def renamed(info: OpInfo, name: str) -> OpInfo:
     """The same entry under another report name (conv1d / conv2d ...)."""
     return replace(info, name=name)
@@ -158,6 +175,8 @@ def lookup(target: Any, module: nn.Module | None = None) -> OpInfo:
 
     With a module, the entry of its nearest registered class, refined for this instance (`OpInfo.instance`).
     """
+    if _WHEN_IMPORTED:
+        _register_imported()
     if module is not None:
         mro = type(module).__mro__
         for i, cls in enumerate(mro):
@@ -186,6 +205,8 @@ def lookup(target: Any, module: nn.Module | None = None) -> OpInfo:
 
 def registered_module(module: nn.Module) -> bool:
     """Whether some class of `module` (other than nn.Module itself) has an entry."""
+    if _WHEN_IMPORTED:
+        _register_imported()
     return any(cls in OPS for cls in type(module).__mro__ if cls is not nn.Module)
 
 

@@ -4,11 +4,13 @@ memory order) and permutations (transpose, permute). They pass the chain unchang
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rgap_audit.ops.base import CONSTANT, IDENTITY, PASS, PERMUTE, REORDER, RESHAPE, OpInfo, aten, register
+from rgap_audit.ops.base import CONSTANT, IDENTITY, PASS, PERMUTE, REORDER, RESHAPE, OpInfo, aten, register, register_when_imported
 
 _RESHAPE_WHY = "a permutation of entries: passes the chain unchanged"
 _IDENTITY_WHY = "identity in eval mode: passes the chain unchanged"
@@ -82,17 +84,11 @@ register(
 # (those are einops' Reduce and Repeat layers). torch.fx traces through it only for some patterns; when it
 # is kept as one opaque module this entry says what it does. Its functional form einops.rearrange is
 # traced into view / permute calls (torch.export), which have their own entries above.
-def _einops_rearrange() -> type | None:
-    try:
-        from einops.layers.torch import Rearrange
-    except ImportError:  # einops is not installed: nothing to register
-        return None
-    return Rearrange
-
-
-_REARRANGE = _einops_rearrange()
-if _REARRANGE is not None:
+def _enter_rearrange(module: Any) -> None:
     register(
         _same("Rearrange", PERMUTE, "einops Rearrange: a reshape and permutation of entries (no reduction): passes the chain unchanged"),
-        _REARRANGE,
+        module.Rearrange,
     )
+
+
+register_when_imported("einops.layers.torch", _enter_rearrange)  # never imported by us: a model using it did
