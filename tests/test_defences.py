@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import sys
@@ -113,7 +114,7 @@ def test_measured_error_grows_with_sigma_within_its_spread(swept):
     *_, noise = swept
     pts = noise.points
     first_above = next(i for i, p in enumerate(pts) if p.median_rel_error is None or p.median_rel_error > noise.threshold)
-    for a, b in zip(pts[:first_above], pts[1 : first_above + 1]):
+    for a, b in itertools.pairwise(pts[: first_above + 1]):
         lo_b = min(e for e in b.rel_errors if e is not None)
         assert b.median_rel_error is None or b.median_rel_error >= min(e for e in a.rel_errors if e is not None)
         assert lo_b >= 0.5 * max(e for e in a.rel_errors if e is not None)

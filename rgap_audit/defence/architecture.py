@@ -218,14 +218,15 @@ def architecture_defence(
         entry = editable(module)
         if entry is None:
             continue
-        width = int(getattr(module, entry.width))
-        if getattr(module, "groups", 1) == 1 and width > 1:
+        args = entry.arguments(module)
+        width = int(args[entry.width])
+        if args.get("groups", 1) == 1 and width > 1:
             found += _widths(search, node, path, entry.width, width)
         if entry.spatial:
-            stride = [int(s) for s in module.stride]
+            stride = [int(s) for s in args["stride"]]
             e = search.run(node, path, STRIDE, stride, [s + 1 for s in stride], f"{path}: stride {tuple(stride)} -> {tuple(s + 1 for s in stride)}")
             found += [e] if e is not None and _works(e) else []
-            kernel = [int(k) for k in module.kernel_size]
+            kernel = [int(k) for k in args["kernel_size"]]
             if all(k > 1 for k in kernel):
                 e = search.run(node, path, KERNEL, kernel, [k - 1 for k in kernel], f"{path}: kernel {tuple(kernel)} -> {tuple(k - 1 for k in kernel)}")
                 found += [e] if e is not None and _works(e) else []
