@@ -431,6 +431,7 @@ class LayerNoiseGain:
     link_gain: float | None  # error growth through the inverted ops above it
     noise_to_signal: float | None  # |noise| / |dL/dW| of this layer at sigma = 1 (clip_norm * sqrt(entries) / |dL/dW|)
     input_error_per_sigma: float | None  # measured: the input's relative error per unit sigma with noise on this layer alone
+    # (0: below the noiseless run's rounding error at the probe sigma)
     amplification: float | None  # input_error_per_sigma / noise_to_signal: how much the attack amplifies this layer's noise
     bound_amplification: float | None  # the worst case of the same from the gains (solve_gain x the gains below)
     share: float | None  # this layer's part of the predicted input error variance (0..1)
