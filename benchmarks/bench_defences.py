@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import paper_nets
+import torch
 
 from rgap_audit.defence import defences
 
@@ -24,8 +25,10 @@ def main(names: list[str]) -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     for name in names:
         make, shape = MODELS[name]
+        torch.manual_seed(0)  # the weights the command line audits (factories run under --seed 0)
+        model = make()
         t = time.perf_counter()
-        found = defences(make(), shape, loss="logistic", name=name)
+        found = defences(model, shape, loss="logistic", name=name)
         wall = time.perf_counter() - t
         noise, comp, batch, arch = found.noise, found.compression, found.batch, found.architecture
         runs = (noise.attack_runs if noise else 0) + (comp.attack_runs if comp else 0)
