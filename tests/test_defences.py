@@ -263,3 +263,20 @@ def test_batch_threshold_points_are_the_audits_at_each_batch_size():
     stop = next((p.batch_size for p in found.points if p.input_recoverable is not True), None)
     assert found.batch_stop == stop and stop is not None and stop > 1
     assert "RGAP403" in found.caveat and found.verification is not None and found.verification.batch_size == stop
+
+
+def test_python_api_returns_the_record_the_parts_compute():
+    from rgap_audit import defences
+    from rgap_audit.defence import DefenceOptions
+
+    torch.manual_seed(0)
+    model = fcn3()
+    found = defences(model, (1, 28, 28), loss="logistic", options=DefenceOptions(parts=("compression", "architecture")))
+    assert found.noise is None and found.batch is None and found.compression is not None and found.architecture is not None
+    inst = audit_model(model, (1, 28, 28), loss="logistic").instance
+    direct = compression_defence(inst)
+    assert [(p.method, p.keep_fraction, p.rel_error) for p in found.compression.points] == [
+        (p.method, p.keep_fraction, p.rel_error) for p in direct.points
+    ]
+    with pytest.raises(ValueError, match="unknown defence part"):
+        defences(model, (1, 28, 28), options=DefenceOptions(parts=("bogus",)))

@@ -107,7 +107,7 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def macs(report: ModelReport, specs: dict[str, Any]) -> int:
+def macs(specs: dict[str, Any]) -> int:
     """Multiply-adds per sample of the weighted layers (weight entries x output positions), from the ranked specs."""
     total = 0
     for spec in specs.values():
@@ -126,7 +126,7 @@ def _audit(module: nn.Module, loaded: LoadedModel, options: AuditOptions) -> tup
                         memory_budget_mb=options.memory_budget_mb, exact_rank_limit=options.exact_rank_limit)
     with single_thread():
         audited = audit_instance(build_instance(edited, opts), opts)
-    return audited.report, macs(audited.report, {n: s.spec for n, s in audited.systems.items()})
+    return audited.report, macs({n: s.spec for n, s in audited.systems.items()})
 
 
 class _Search:
