@@ -162,7 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--save-images",
         metavar="DIR",
-        help="--verify writes original / reconstruction PNGs here; --identifiability its singular spectrum",
+        help="--verify writes original / reconstruction PNGs here; --identifiability its singular spectrum; --defences its curves",
+    )
+    dfn = p.add_argument_group("defences (measure what stops the attack)")
+    dfn.add_argument(
+        "--defences",
+        nargs="?",
+        const="all",
+        metavar="PARTS",
+        help="measure the noise (DP-SGD), compression, batch size and architecture edit that stop the closed-form attack "
+        "(comma list of noise, compression, batch, architecture; default all)",
+    )
+    dfn.add_argument("--clip-norm", type=_positive_float, metavar="C", help="--defences: per-sample clipping norm (default: the instance's gradient norm)")
+    dfn.add_argument("--dp-rounds", type=_positive_int, metavar="T", help="--defences: rounds for the epsilon of T releases (default 100)")
+    dfn.add_argument("--dp-sample-rate", type=_unit_float, metavar="Q", help="--defences: client sampling rate per round (default 0.01)")
+    dfn.add_argument("--dp-delta", type=_unit_float, metavar="DELTA", help="--defences: delta of (epsilon, delta) (default 1e-5)")
+    dfn.add_argument(
+        "--defence-threshold", type=_positive_float, metavar="E", help="--defences: the attack is stopped above this relative error (default 0.5)"
     )
     return p
 
@@ -249,7 +265,23 @@ def _request(args: argparse.Namespace) -> Request:
         leak_psnr=args.leak_psnr,
         leak_ssim=args.leak_ssim,
         debug=args.debug,
+        defences=_defence_options(args),
     )
+
+
+def _defence_options(args: argparse.Namespace) -> Any:
+    """--defences and its knobs as DefenceOptions (None without --defences); bad part names raise ValueError."""
+    if not args.defences:
+        return None
+    from rgap_audit.defence import PARTS, DefenceOptions
+
+    parts = PARTS if args.defences == "all" else tuple(p.strip() for p in args.defences.split(",") if p.strip())
+    opts = DefenceOptions(parts=parts)
+    for attr, value in (("clip_norm", args.clip_norm), ("rounds", args.dp_rounds), ("sample_rate", args.dp_sample_rate),
+                        ("delta", args.dp_delta), ("threshold", args.defence_threshold)):
+        if value is not None:
+            setattr(opts, attr, value)
+    return opts
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -266,9 +298,20 @@ def _audit(args: argparse.Namespace) -> int:
     if (args.verify_seeds or args.leak_psnr or args.leak_ssim) and not args.verify:
         print("rgap-audit: error: --verify-seeds, --leak-psnr and --leak-ssim need --verify", file=sys.stderr)
         return EXIT_ERROR
-    if args.save_images and not (args.verify or args.identifiability):
-        print("rgap-audit: error: --save-images needs --verify or --identifiability", file=sys.stderr)
+    if args.save_images and not (args.verify or args.identifiability or args.defences):
+        print("rgap-audit: error: --save-images needs --verify, --identifiability or --defences", file=sys.stderr)
         return EXIT_ERROR
+    knobs = (args.clip_norm, args.dp_rounds, args.dp_sample_rate, args.dp_delta, args.defence_threshold)
+    if any(k is not None for k in knobs) and not args.defences:
+        print("rgap-audit: error: --clip-norm, --dp-rounds, --dp-sample-rate, --dp-delta and --defence-threshold need --defences", file=sys.stderr)
+        return EXIT_ERROR
+    if args.defences and args.defences != "all":
+        from rgap_audit.defence import PARTS
+
+        bad = [p for p in args.defences.split(",") if p.strip() not in PARTS]
+        if bad:
+            print(f"rgap-audit: error: --defences: unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}", file=sys.stderr)
+            return EXIT_ERROR
     errors = _Errors(args.debug)
     pipeline = Pipeline(_request(args), errors)
     if not pipeline.check_selection():

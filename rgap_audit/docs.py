@@ -23,6 +23,7 @@ GROUPS = {
     "RGAP2": "Layers",
     "RGAP3": "The chain",
     "RGAP4": "Limits and assumptions of the analysis",
+    "RGAP5": "Defences (--defences, measured)",
 }
 WIDTH = 88
 # How severities are assigned: what a CI gate on --fail-on decides (README, "What the audit computes")
@@ -34,7 +35,8 @@ SEVERITY_POLICY = (
     "leaks internal features, not the training sample: a warning (RGAP205), as features can still be",
     "inverted where the layers below allow it, which is what the model verdict decides. Per-layer ranks",
     "and the batch assumption are info (RGAP202, RGAP203, RGAP204, RGAP301, RGAP403); what the analysis",
-    "could not decide (RGAP401, RGAP402) and the span a batch reveals (RGAP404) are warnings.",
+    "could not decide (RGAP401, RGAP402) and the span a batch reveals (RGAP404) are warnings. What",
+    "--defences measured stops the closed-form attack is info (RGAP501, RGAP502, RGAP503, RGAP504).",
 )
 
 

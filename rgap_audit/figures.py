@@ -4,6 +4,7 @@
     rank_figure(model)                     rank of [K; F] against unknowns per weighted layer, the deficit marked
     error_figure(model)                    --verify's per-layer relative error (log axis) next to the static verdict
     spectrum_figure(identifiability)       singular values of d(gradient)/d(input), the rank threshold drawn
+    noise_figure(defences.noise)           --defences: the attack's error against sigma, measured and predicted
 
 Each has a `*_png` twin returning the PNG bytes (None where the figure has nothing to show).
 
@@ -252,6 +253,49 @@ def spectrum_figure(ident: dict[str, Any], name: str = "") -> Any | None:
     return fig
 
 
+def noise_figure(noise: dict[str, Any], name: str = "") -> Any | None:
+    """--defences: the attack's relative error against the noise multiplier sigma (log-log): the median over noise
+    draws with their range, the first-order prediction, the worst-case bound, the threshold and the sigma found;
+    None when nothing was measured."""
+    points = [p for p in noise.get("points") or [] if p.get("sigma")]
+    if not points:
+        return None
+    Figure = _figure_class()
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    sig = [float(p["sigma"]) for p in points]
+
+    def finite(vals: list[Any]) -> list[float]:
+        return [float(v) for v in vals if v is not None]
+
+    med = [p.get("median_rel_error") for p in points]
+    lo = [min(finite(p.get("rel_errors") or []), default=float("nan")) for p in points]
+    hi = [max(finite(p.get("rel_errors") or []), default=float("nan")) for p in points]
+    ax.fill_between(sig, lo, hi, color=RANK_COLOR, alpha=0.2, label="measured: range over noise draws")
+    ax.plot(sig, [float("nan") if m is None else m for m in med], color=RANK_COLOR, marker="o", label="measured: median")
+    pred = [p.get("predicted_rel_error") for p in points]
+    if any(v is not None for v in pred):
+        ax.plot(sig, [float("nan") if v is None else v for v in pred], color="black", linestyle="--",
+                label="predicted (first order, per-layer probes)")
+    bound = [p.get("bound_rel_error") for p in points]
+    if any(v is not None for v in bound):
+        ax.plot(sig, [float("nan") if v is None else v for v in bound], color="#7f7f7f", linestyle=":",
+                label="worst case from the gains")
+    thr = noise.get("threshold")
+    if thr:
+        ax.axhline(float(thr), color=DEFICIT_COLOR, linewidth=1.2, label=f"threshold {thr:g}")
+    stop = noise.get("sigma_stop")
+    if stop:
+        ax.axvline(float(stop), color=DEFICIT_COLOR, linestyle="--", linewidth=1, label=f"σ that stops it: {stop:.2g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("noise multiplier σ (noise std σ · C, C = clip norm)")
+    ax.set_ylabel("relative error |x' − x| / |x|")
+    ax.set_title(f"{name + ': ' if name else ''}R-GAP against DP-SGD noise", fontsize=11)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
 # ----------------------------------------------------------------------------- as PNG bytes
 def _png_or_none(fig: Any | None) -> bytes | None:
     return None if fig is None else _png(fig)
@@ -271,3 +315,7 @@ def error_png(model: dict[str, Any]) -> bytes | None:
 
 def spectrum_png(ident: dict[str, Any], name: str = "") -> bytes | None:
     return _png_or_none(spectrum_figure(ident, name))
+
+
+def noise_png(noise: dict[str, Any], name: str = "") -> bytes | None:
+    return _png_or_none(noise_figure(noise, name))

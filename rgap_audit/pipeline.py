@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rgap_audit import config as cfg
 from rgap_audit import progress
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
+from rgap_audit.defence import DefenceOptions, run_defences
 from rgap_audit.errors import AuditError
 from rgap_audit.records import Finding, Identifiability, ModelReport, Verification
 from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
@@ -94,6 +95,7 @@ class Request:
     leak_ssim: float | None = None
     debug: bool = False
     cache_dir: str | None = None  # the results cache (rgap_audit.cache); None: no cache (the CLI sets one unless --no-cache)
+    defences: DefenceOptions | None = None  # --defences: what to measure (rgap_audit.defence)
 
 
 @dataclass
@@ -344,7 +346,21 @@ class Pipeline:
         if req.verify and not self._step(loaded, "verify", lambda: self._verify(audit, settings)):
             cause = self.result.errors[-1].cause
             report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed (an error of this run): {cause}")
+        if req.defences is not None:
+            self._step(loaded, "defences", lambda: self._defences(audit, options))
         return report
+
+    def _defences(self, audit: Audit, options: AuditOptions) -> None:
+        """--defences: noise, compression, batch size, architecture edits; with --save-images the noise curve and the
+        reconstructions at three noise levels are written to DIR/MODEL-defences-*.png."""
+        assert self.request.defences is not None
+        with single_thread():
+            found = run_defences(audit, options, self.request.defences)
+        audit.report.defences = found
+        if self.request.save_images and found.noise is not None:  # after the result is kept: a figure that fails removes nothing
+            from rgap_audit.defence.images import write_noise_figures
+
+            write_noise_figures(self.request.save_images, audit.instance.loaded, found.noise)
 
     def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
         """A later step of one model: its failure is one more error, the report (and its findings) stay.

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 
 
 class Verdict(StrEnum):
@@ -395,6 +395,163 @@ class Identifiability:
     plot: str | None = None
 
 
+# ----------------------------------------------------------------------------- --defences
+@dataclass
+class NoisePoint:
+    """The attack on clipped, noised gradients at one noise multiplier sigma: one run per noise seed."""
+
+    sigma: float  # noise multiplier: Gaussian noise of standard deviation sigma * clip_norm on every entry
+    rel_errors: list[float | None]  # per noise seed: |x' - x| / |x| of the best reconstruction (None: nothing came back)
+    psnr_db: list[float | None]  # per noise seed (peak 1, the input mapped to [0, 1])
+    median_rel_error: float | None
+    predicted_rel_error: float | None  # first order: sigma x the per-layer probes' input errors added in quadrature
+    bound_rel_error: float | None  # first-order worst case from the noiseless run's per-layer gains
+
+
+@dataclass
+class PrivacyCost:
+    """What a noise multiplier costs in differential privacy, from a maintained accountant (never by hand)."""
+
+    sigma: float
+    delta: float
+    epsilon_one_release: float | None  # one Gaussian release (sample rate 1, one step); None: not computed
+    rounds: int  # T
+    sample_rate: float  # q
+    epsilon_rounds: float | None  # T rounds at sampling rate q
+    accountant: str  # e.g. "opacus 1.6.0 RDPAccountant"
+    note: str | None = None  # why a value is missing
+
+
+@dataclass
+class LayerNoiseGain:
+    """How one weighted layer's conditioning amplifies noise in its own gradient, up to the model input."""
+
+    node: str
+    module_path: str | None
+    solve_gain: float | None  # 1 / sigma_min_rel of the system the attack solved (the number behind RGAP204)
+    link_gain: float | None  # error growth through the inverted ops above it
+    noise_to_signal: float | None  # |noise| / |dL/dW| of this layer at sigma = 1 (clip_norm * sqrt(entries) / |dL/dW|)
+    input_error_per_sigma: float | None  # measured: the input's relative error per unit sigma with noise on this layer alone
+    # (0: below the noiseless run's rounding error at the probe sigma)
+    amplification: float | None  # input_error_per_sigma / noise_to_signal: how much the attack amplifies this layer's noise
+    bound_amplification: float | None  # the worst case of the same from the gains (solve_gain x the gains below)
+    share: float | None  # this layer's part of the predicted input error variance (0..1)
+
+
+@dataclass
+class NoiseDefence:
+    """DP-SGD-style noise: per-sample clipping to clip_norm, Gaussian noise sigma * clip_norm, the attack measured."""
+
+    clip_norm: float
+    clip_norm_source: str  # "the instance's gradient norm" or "--clip-norm"
+    threshold: float  # the attack is stopped at a relative error above this
+    seeds: int  # noise draws per sigma
+    points: list[NoisePoint]
+    sigma_stop: float | None  # median over seeds of the smallest sigma whose error exceeds the threshold (log-log interpolated)
+    sigma_stop_low: float | None  # spread over seeds
+    sigma_stop_high: float | None
+    sigma_stop_predicted: float | None  # where the first-order prediction (per-layer probes) reaches the threshold
+    sigma_stop_bound: float | None  # where the first-order worst case reaches it: below this the attack is not stopped
+    probe_sigma: float  # the noise multiplier of the per-layer probes
+    privacy: PrivacyCost | None
+    layers: list[LayerNoiseGain]
+    attack_runs: int
+    seconds: float
+    summary: str
+    panels: list[Panel] = field(default_factory=list)  # reconstructions at three noise levels (image-shaped inputs)
+    image: str | None = None  # --save-images: the PNG of error against sigma
+
+
+@dataclass
+class CompressionPoint:
+    """The attack on a compressed gradient: top-k per tensor or per-tensor quantisation."""
+
+    method: str  # "top-k", "fp16", "int8"
+    keep_fraction: float | None  # top-k: fraction of each tensor's entries kept
+    bits: int | None  # quantisation: bits per entry
+    rel_error: float | None
+    psnr_db: float | None
+    stops: bool  # rel_error above the threshold (or nothing recovered)
+
+
+@dataclass
+class CompressionDefence:
+    """Gradient compression as FL stacks ship it, measured on the audited input (deterministic: one run per level)."""
+
+    threshold: float
+    points: list[CompressionPoint]
+    topk_stop: float | None  # the largest kept fraction of the sweep that stops the attack
+    quantisation_stop: str | None  # the widest quantisation that stops it ("fp16", "int8"), None: neither
+    attack_runs: int
+    seconds: float
+    summary: str
+
+
+@dataclass
+class BatchPoint:
+    """The static verdict at one batch size."""
+
+    batch_size: int
+    status: ModelStatus
+    input_recoverable: bool | None
+    input_deficit: int | None
+
+
+@dataclass
+class BatchDefence:
+    """The smallest batch size at which the static verdict stops saying recoverable."""
+
+    max_batch: int
+    points: list[BatchPoint]
+    batch_stop: int | None  # None: recoverable at every batch size tried
+    caveat: str  # RGAP403: each sample's dL/dz is taken from the instance (the attacker's best case)
+    verification: Verification | None  # --verify's batch attack at batch_stop, when run
+    seconds: float
+    summary: str
+
+
+@dataclass
+class ArchitectureEdit:
+    """One single edit of the model (machine-readable: apply it with rgap_audit.defence.architecture.apply_edit)."""
+
+    layer: str  # dotted module path of the edited layer
+    node: str  # its torch.fx node in the original model
+    attribute: str  # "out_channels" / "out_features", "stride", "kernel_size", "pool_after"
+    old: list[int]  # the attribute's value before (per spatial dim for stride / kernel; [] for pool_after)
+    new: list[int]  # after (pool_after: the average pool's kernel, per spatial dim)
+    status: ModelStatus  # the re-audit's verdict
+    input_deficit: int | None  # directions of the model input left undetermined after the edit
+    params_lost: int  # parameters of the whole model lost (negative: gained)
+    params_lost_layer_pct: float  # of the edited layer's own parameters, in percent
+    macs_lost: int  # multiply-adds per sample lost (negative: gained)
+    text: str  # "conv 0: out_channels 12 -> 8"
+
+
+@dataclass
+class ArchitectureDefence:
+    """Single edits that make the input not recoverable, re-audited in full, cheapest first."""
+
+    tried: int  # edited models audited
+    not_tried: int  # candidate edits left when the time budget was spent
+    edits: list[ArchitectureEdit]  # those that work, ranked by cost (parameters, then multiply-adds, lost)
+    best: ArchitectureEdit | None
+    failed: list[str]  # edits that could not be built or audited, with the reason
+    seconds: float
+    summary: str
+
+
+@dataclass
+class Defences:
+    """--defences: the noise, compression, batch size and architecture change that stop the closed-form attack."""
+
+    noise: NoiseDefence | None = None
+    compression: CompressionDefence | None = None
+    batch: BatchDefence | None = None
+    architecture: ArchitectureDefence | None = None
+    skipped: list[str] = field(default_factory=list)  # parts not run, with the reason
+    seconds: float = 0.0
+
+
 @dataclass
 class ModelReport:
     file: str
@@ -415,6 +572,7 @@ class ModelReport:
     output: str | None = None  # which of forward's outputs the loss sees, when it returns several ("[0] of the tuple ...")
     private_input: str | None = None  # which of forward's arguments is the input, when it takes several, and its batch dim
     cached: bool = False  # served from the results cache (rgap_audit.cache): the stored report of an unchanged file
+    defences: Defences | None = None  # --defences (rgap_audit.defence)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""
@@ -435,7 +593,7 @@ def plain(obj: Any) -> Any:
 
 
 SEVERITIES = ("info", "warning", "error")  # ascending
-STAGES = ("usage", "config", "load", "trace", "analysis", "identifiability", "verify", "rules", "report")  # where an error happened
+STAGES = ("usage", "config", "load", "trace", "analysis", "identifiability", "verify", "defences", "rules", "report")  # where an error happened
 
 
 @dataclass

@@ -215,3 +215,37 @@ def write_source(tmp: Path, name: str = "mlp.py", source: str = MLP_SOURCE) -> s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source, encoding="utf-8")
     return str(path)
+
+
+def defended(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> ModelReport:
+    """The leaky MLP with a --defences section: every part measured (the RGAP5xx rules fire on it)."""
+    from rgap_audit.records import (
+        ArchitectureDefence,
+        ArchitectureEdit,
+        BatchDefence,
+        BatchPoint,
+        CompressionDefence,
+        CompressionPoint,
+        Defences,
+        NoiseDefence,
+        NoisePoint,
+        PrivacyCost,
+    )
+
+    report = leaky_mlp(file, source)
+    report.model = "DefendedMLP"
+    edit = ArchitectureEdit("fc1", "fc1", "out_features", [32], [16], ModelStatus.DEFICIENT, 12, 1040, 50.0, 1024, "fc1: out_features 32 -> 16")
+    report.defences = Defences(
+        noise=NoiseDefence(
+            clip_norm=1.0, clip_norm_source="--clip-norm", threshold=0.5, seeds=2,
+            points=[NoisePoint(1e-3, [0.1, 0.2], [30.0, 25.0], 0.15, 0.12, 3.0), NoisePoint(1e-2, [1.1, 1.5], [5.0, 3.0], 1.3, 1.2, 30.0)],
+            sigma_stop=4e-3, sigma_stop_low=3e-3, sigma_stop_high=5e-3, sigma_stop_predicted=4.2e-3, sigma_stop_bound=1.7e-4,
+            probe_sigma=1e-4, privacy=PrivacyCost(4e-3, 1e-5, 3.1e5, 100, 0.01, 2.0e6, "opacus RDPAccountant"),
+            layers=[], attack_runs=5, seconds=1.0, summary="R-GAP's relative error exceeds 0.5 from sigma = 0.004",
+        ),
+        compression=CompressionDefence(0.5, [CompressionPoint("top-k", 0.9, None, 2.0, 1.0, True)], 0.9, None, 1, 0.1, "top-k 90 % stops it"),
+        batch=BatchDefence(4, [BatchPoint(1, ModelStatus.LEAKS_EXACTLY, True, 0), BatchPoint(2, ModelStatus.DEFICIENT, False, 30)], 2,
+                           "RGAP403 caveat", None, 0.5, "from batch size 2 the static verdict is deficient"),
+        architecture=ArchitectureDefence(4, 0, [edit], edit, [], 2.0, "fc1: out_features 32 -> 16 makes the input not recoverable"),
+    )
+    return report

@@ -362,11 +362,33 @@ def identifiability_section(model: dict[str, Any]) -> str:
 
 
 def defences_section(model: dict[str, Any]) -> str:
-    """Hook for the defences curves (a `defences` key of the model): rendered generically until its own figure exists."""
+    """--defences (a `defences` key of the model): each part's summary, the error against sigma with its prediction,
+    the reconstructions at three noise levels, then every measurement (generically, so newer keys still show)."""
     value = model.get("defences")
     if value is None:
         return ""
-    return f'<section class="defences" id="defences-{esc(model.get("model"))}"><h3>Defences</h3>{generic(value)}</section>'
+    name = model.get("model", "")
+    parts = [f'<section class="defences" id="defences-{esc(name)}"><h3>Defences: what stops the closed-form attack (measured)</h3>']
+    if isinstance(value, dict):
+        items = [(k, value.get(k)) for k in ("noise", "compression", "batch", "architecture")]
+        lines = [f"<li><strong>{esc(k)}</strong>: {esc(v.get('summary'))}</li>" for k, v in items if isinstance(v, dict) and v.get("summary")]
+        if lines:
+            parts.append(f"<ul>{''.join(lines)}</ul>")
+        noise = value.get("noise")
+        if isinstance(noise, dict):
+            parts.append(figure(figures.noise_png(noise, name), f"{name}: relative error against the noise multiplier",
+                                "The attack's relative error at each noise multiplier sigma (median and range over noise draws), "
+                                "the first-order prediction from per-layer probes, the worst case from the attack's gains, and the threshold."))
+            if noise.get("panels"):
+                parts.append(figure(figures.reconstruction_png(noise["panels"], f"{name}: R-GAP at three noise levels"),
+                                    f"{name}: reconstructions at three noise levels",
+                                    "Per row one noise multiplier: original, reconstruction, rescaled reconstruction, difference."))
+        shown = {k: (({kk: vv for kk, vv in v.items() if kk != "panels"}) if isinstance(v, dict) else v) for k, v in value.items()}
+        parts.append(f"<details><summary>all measurements</summary>{generic(shown)}</details>")
+    else:
+        parts.append(generic(value))
+    parts.append("</section>")
+    return "".join(parts)
 
 
 # Model-level sections after the layer table, in page order: (JSON key, renderer). A new kind of result adds

@@ -10,6 +10,7 @@ from typing import Any
 from tabulate import tabulate
 
 from rgap_audit.formats._common import error_line, finding_line, ordered, shown, summary_line
+from rgap_audit.formats.defences import defence_lines
 from rgap_audit.records import ErrorRecord, Finding, LayerRecord, ModelReport, Verification, VerifiedLayer
 
 HEADERS = ["#", "node", "op", "input", "unknowns", "grad rows", "fwd rows", "rank K", "rank [K;F]", "deficit", "verdict"]
@@ -193,6 +194,8 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
             lines.append(f"    {items}")
         lines.extend(f"    {line}" for line in batch_lines(ver))
         lines.extend(f"    {line}" for line in run_lines(ver))
+    if report.defences is not None:
+        lines.extend(defence_lines(report.defences))
     if report.timings:
         total = report.timings.get("total_s", report.timings.get("total"))
         if total is None:
