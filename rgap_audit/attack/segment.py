@@ -44,6 +44,7 @@ from rgap_audit.segments import Segment
 DENSE_LIMIT = 20_000_000  # entries of J formed and decomposed densely
 TANGENT_CHUNK = 64
 LSQR_ITERS = 3000
+LSQR_SECONDS = 15.0  # per solve: a segment too large for the dense route gets at most this much LSQR
 ESTIMATE_PASSES = 3
 
 
@@ -205,10 +206,15 @@ def solve(prob: SegmentProblem, u_p: torch.Tensor, free: torch.Tensor, bound: to
             return g.detach().reshape(-1)[idx].numpy()
 
         op = spl.LinearOperator((m, n), matvec=mv, rmatvec=rmv, dtype=np.float64)
-        out = spl.lsqr(op, rhs.numpy(), atol=1e-14, btol=1e-14, iter_lim=LSQR_ITERS)
+        t1 = time.perf_counter()
+        rmv(mv(np.ones(n)))  # one product each way: the iteration budget follows from their cost
+        per_iter = max(time.perf_counter() - t1, 1e-6)
+        limit_iters = max(10, min(LSQR_ITERS, int(LSQR_SECONDS / per_iter)))
+        out = spl.lsqr(op, rhs.numpy(), atol=1e-14, btol=1e-14, iter_lim=limit_iters)
         sol, iters = out[0], int(out[2])
         method = "joint least squares over the segment input (LSQR on jvp/vjp)"
-        notes.append(f"LSQR stopped after {iters} iterations (istop {int(out[1])}); no nullity is claimed")
+        why = f"the {LSQR_SECONDS:g} s budget" if iters >= limit_iters and limit_iters < LSQR_ITERS else f"istop {int(out[1])}"
+        notes.append(f"LSQR stopped after {iters} iterations ({why}); no nullity is claimed")
     u = fixed.reshape(-1).clone()
     u[idx] = torch.from_numpy(np.ascontiguousarray(sol))
     u = u.reshape(prob.u_shape)
