@@ -13,8 +13,9 @@ import contextlib
 import io
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rgap_audit import config as cfg
 from rgap_audit import progress
@@ -25,9 +26,10 @@ from rgap_audit.identifiability import instance_identifiability, plot_spectrum
 from rgap_audit.instance import build_instance
 from rgap_audit.loader import display_path, iter_models, module_file, no_network
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import Finding, Identifiability, ModelReport, Verification
+from rgap_audit.records import BatchPoint, Finding, Identifiability, ModelReport, Verification
 from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
 from rgap_audit.suppress import apply as apply_suppressions
+from rgap_audit.sweep import batch_point
 from rgap_audit.threads import single_thread
 from rgap_audit.tolerances import VERIFY_SEEDS
 from rgap_audit.verify import make_criterion, settle, verify
@@ -59,6 +61,7 @@ class Request:
     leak_psnr: float | None = None  # None: the configuration's, else tolerances.LEAK_PSNR_DB
     leak_ssim: float | None = None
     debug: bool = False
+    batch_sizes: list[int] | None = None  # --batch-sizes: one audit per batch size (the report is the first's)
 
 
 @dataclass
@@ -234,6 +237,9 @@ class Pipeline:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
         stage = "trace"
+        if req.batch_sizes:
+            options = replace(options, batch_size=req.batch_sizes[0])
+        t0 = time.perf_counter()
         try:
             with no_network(), captured(req.debug), single_thread():
                 inst = build_instance(loaded, options)
@@ -241,6 +247,7 @@ class Pipeline:
                 if meter is not None:
                     meter.totals["walk"] = len(inst.graph.ops())
                 audit = audit_instance(inst, options)
+            seconds = time.perf_counter() - t0
         except AuditError as err:
             self.error(err, loaded.file, loaded.name, stage)
             return None
@@ -255,7 +262,35 @@ class Pipeline:
         if req.verify and not self._step(loaded, "verify", lambda: self._verify(audit, settings)):
             cause = self.result.errors[-1].cause
             report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed (an error of this run): {cause}")
+        if req.batch_sizes:
+            report.batch_sweep = self._sweep(loaded, options, settings, audit, seconds)
         return report
+
+    def _sweep(self, loaded: LoadedModel, options: AuditOptions, settings: cfg.Settings, first: Audit, first_s: float) -> list[BatchPoint]:
+        """--batch-sizes: the first size is the model's report; every other size is one more audit (and
+        --verify on its summed gradient), kept as a BatchPoint. A size that fails is one more error."""
+        req = self.request
+        assert req.batch_sizes
+        points = [batch_point(first.report, first_s)]
+        for b in req.batch_sizes[1:]:
+            opts = replace(options, batch_size=b)
+            t0 = time.perf_counter()
+            try:
+                with no_network(), captured(req.debug), single_thread():
+                    audit = audit_instance(build_instance(loaded, opts), opts)
+            except AuditError as err:
+                self.error(err, loaded.file, loaded.name, "analysis")
+                continue
+            except Exception as exc:
+                if req.debug:
+                    raise
+                self.error(internal_error(exc, loaded.file, loaded.name), stage="analysis")
+                continue
+            seconds = time.perf_counter() - t0
+            if req.verify and not self._step(loaded, "verify", lambda a=audit: self._verify(a, settings)):
+                audit.report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed: {self.result.errors[-1].cause}")
+            points.append(batch_point(audit.report, seconds))
+        return points
 
     def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
         """A later step of one model: its failure is one more error, the report (and its findings) stay.

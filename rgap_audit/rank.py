@@ -845,8 +845,13 @@ def layer_rank(
     exact_limit: int = 40_000_000,
     known: torch.Tensor | None = None,
     rhs: SystemRHS | None = None,
+    elimination: str = "auto",
 ) -> LayerRank:
     """Exact numerical rank of [K; F] for one layer, by residue blocks of K and the reduced F Z.
+
+    At B > 1 with per-sample forward rows (fwd.entries, nothing carried from above) the forward rows may
+    be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
+    reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
 
     With `rhs` the system is also solved (the attack): the minimum-norm x = K^+ dW + Z (F Z)^+ r,
     from the factorisations that decide the rank, so that the attack's nullity is the audit's by
@@ -942,6 +947,15 @@ def layer_rank(
                 notes.append(f"{got}: decided by the dense reduced system")
             else:
                 proof = got
+    # ---- a batch with per-sample forward rows: eliminate them first when that reduced system is smaller
+    forward_first_route = False
+    if proof is None and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_min > 0:
+        from rgap_audit.batchrank import forward_first_cost
+
+        if elimination == "auto":
+            forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
+        else:
+            forward_first_route = elimination == "forward-first"
     if proof is not None:
         need_z = False  # the forward rows settle the layer: K only for its rank
     elif fwd.none:
@@ -1003,6 +1017,22 @@ def layer_rank(
         return result(
             unknowns, unknowns, unknowns, "sparse-ldl", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, solution
         )
+
+    if forward_first_route:
+        from rgap_audit.batchrank import forward_first
+
+        assert fwd.entries is not None
+        got = forward_first(spec, k_np, fwd.entries[0], known_np, want_null=want_null, exact_limit=exact_limit)
+        if isinstance(got, str):
+            notes.append(f"forward-first elimination: {got}")
+        else:
+            if got.sigma_min_rel is not None:
+                rels.append(got.sigma_min_rel)
+            notes.append(
+                f"batch elimination, forward rows first: sum over samples of rank(F_n) = {got.rank_forward} "
+                f"({got.patterns} distinct per-sample block(s)), rank(K Z_F) = {got.rank_reduced}"
+            )
+            return result(got.rank, got.rank, got.rank, "batch-elimination", got.null_basis)
 
     if not k_exact or rank_k is None:
         hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)

@@ -1,0 +1,126 @@
+"""Batch systems (B = 2..4): the forward-first block elimination against dense truth and against the
+gradient-first route.
+
+Claim: with per-sample forward rows (an entrywise link above: LeakyReLU slopes, a ReLU mask, known
+input entries per sample) rank([K; F]) = sum_n rank(F_n) + rank(K Z_F) (rgap_audit.batchrank), and
+its null basis spans the null space of the batch system. Oracle: rank.dense_system builds K by autograd
+(the jacobian of x -> dL/dW) and F from the jacobians of the layer and of the link, over all samples at
+once; its rank is one SVD of the stacked matrix (tests/test_rank.dense_rank). Nothing in the oracle
+knows about samples, residue blocks or null spaces. The two routes of rank.layer_rank are also
+compared with each other where both fit.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rgap_audit.convspec import ConvSpec
+from rgap_audit.rank import ForwardInfo, dense_system, layer_rank
+from tests.test_rank import dense_rank
+
+CASES = {
+    # wide per-sample forward rows (stride 2): deficient batch systems
+    "conv2d-s2-down": dict(cin=3, cout=4, k=(3, 3), h=(7, 7), s=(2, 2), p=(1, 1), groups=1),
+    # K Z_F with more rows than columns: the batch system has full column rank
+    "conv2d-s2-full": dict(cin=2, cout=6, k=(3, 3), h=(6, 6), s=(2, 2), p=(1, 1), groups=1),
+    "conv1d-groups": dict(cin=4, cout=4, k=(3,), h=(9,), s=(2,), p=(0,), groups=2),
+    "linear": dict(cin=6, cout=2, k=(), h=(), s=(), p=(), groups=1),
+}
+
+
+def _spec(cfg: dict, gen: torch.Generator) -> ConvSpec:
+    w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["k"], generator=gen, dtype=torch.float64)
+    if not cfg["k"]:
+        return ConvSpec.linear(w, None)
+    return ConvSpec.conv(w, None, (cfg["cin"], *cfg["h"]), cfg["s"], cfg["p"], 1, cfg["groups"])
+
+
+def _forward(spec: ConvSpec, n: int, kind: str, gen: torch.Generator) -> ForwardInfo:
+    """The forward rows an entrywise link gives, with `entries` set as the walk sets them."""
+    shape = (n, *spec.out_shape)
+    if kind == "leaky":
+        slope = torch.where(torch.rand(shape, generator=gen) > 0.5, 1.0, 0.2).to(torch.float64)
+        return ForwardInfo(jac=lambda t: t * slope, entries=(np.arange(n * spec.n_out), None))
+    mask = (torch.rand(shape, generator=gen) > 0.3).to(torch.float64)
+    if kind == "relu-shared":  # every sample with the same pattern: one per-sample block factorised
+        mask = mask[:1].expand(shape).contiguous()
+    rows = torch.nonzero(mask.reshape(-1)).reshape(-1).numpy()
+    return ForwardInfo(jac=lambda t: t * mask, entries=(rows, None))
+
+
+def _null_ok(res, kd: np.ndarray, fd: np.ndarray, known: torch.Tensor | None) -> None:
+    v = res.null_basis
+    assert v is not None and v.shape[1] == res.deficit
+    v = v.numpy()
+    if known is not None:
+        kn = known.reshape(-1).numpy()
+        assert np.abs(v[kn]).max(initial=0.0) == 0.0
+        v = v[~kn]
+    assert np.abs(v.T @ v - np.eye(v.shape[1])).max(initial=0.0) < 1e-9
+    if v.shape[1]:
+        assert np.abs(kd @ v).max() <= 1e-9 * np.abs(kd).max()
+        assert np.abs(fd @ v).max() <= 1e-9 * np.abs(fd).max()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("kind", ["leaky", "relu", "relu-shared", "known"])
+def test_forward_first_matches_dense(name: str, n: int, kind: str) -> None:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{n}-{kind}".encode()))
+    spec = _spec(CASES[name], gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    fwd = _forward(spec, n, "leaky" if kind == "known" else kind, gen)
+    known = (torch.rand(n, *spec.in_shape, generator=gen) > 0.7) if kind == "known" else None
+    kd, fd = dense_system(spec, k, fwd, known)
+    truth = dense_rank(kd, fd)
+    forced = layer_rank(spec, k, fwd, known=known, elimination="forward-first")
+    # K alone settles a layer whose gradient rows have full column rank: no elimination is tried
+    assert forced.method == ("batch-elimination" if dense_rank(kd) < kd.shape[1] else "structured-svd"), forced.notes
+    assert forced.rank == truth and forced.deficit == kd.shape[1] - truth
+    assert forced.rank_grad == dense_rank(kd)
+    _null_ok(forced, kd, fd, known)
+    other = layer_rank(spec, k, fwd, known=known, elimination="gradient-first")
+    assert other.method == "structured-svd" and other.rank == truth
+    auto = layer_rank(spec, k, fwd, known=known)
+    assert auto.rank == truth
+
+
+def test_shared_pattern_is_factorised_once() -> None:
+    """LeakyReLU (every entry reaches the layer above): all samples share F_n, one block is solved."""
+    from rgap_audit.batchrank import forward_first
+
+    gen = torch.Generator().manual_seed(3)
+    spec = _spec(CASES["conv2d-s2-down"], gen)
+    n = 4
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64).numpy()
+    got = forward_first(spec, k, np.arange(n * spec.n_out), None, want_null=False, exact_limit=10**8)
+    assert not isinstance(got, str)
+    assert got.patterns == 1
+    # sum_n rank(F_n): each F_n = W (64 x 147) has full row rank
+    assert got.rank_forward == n * spec.n_out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_auto_picks_the_smaller_reduced_system(n: int) -> None:
+    """CNN6's conv2 shape (12 -> 36, k3 s2 p1, 17x17): per-sample forward rows 2916 of 3468 unknowns, so
+    K Z_F (3888 x 552 B) is far smaller than F Z_K (2916 B x (3468 B - rank K)): auto eliminates F first.
+    At B = 2 both routes are exact and agree; at B = 3 the gradient-first route only bounds the rank
+    (its reduced system exceeds the exact limit) and the exact rank lies within its bounds."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(36, 12, 3, 3, generator=gen, dtype=torch.float64) / 10
+    spec = ConvSpec.conv(w, None, (12, 17, 17), (2, 2), (1, 1), 1, 1)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    fwd = _forward(spec, n, "leaky", gen)
+    auto = layer_rank(spec, k, fwd, want_null=False)
+    assert auto.method == "batch-elimination"
+    assert auto.rank is not None and auto.rank <= n * 2916 + 3888
+    ref = layer_rank(spec, k, fwd, want_null=False, elimination="gradient-first")
+    assert auto.rank_grad == ref.rank_grad
+    if n == 2:
+        assert ref.method == "structured-svd" and auto.rank == ref.rank
+    else:
+        assert ref.method == "bounds" and ref.rank_lower <= auto.rank <= ref.rank_upper
