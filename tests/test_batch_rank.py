@@ -30,6 +30,8 @@ CASES = {
     "conv1d-groups": dict(cin=4, cout=4, k=(3,), h=(9,), s=(2,), p=(0,), groups=2),
     "linear": dict(cin=6, cout=2, k=(), h=(), s=(), p=(), groups=1),
 }
+# K Z_F wide (576 x 448 B) and row-deficient (the C_out^2 ties of K with F): the pivoted-Cholesky certificate
+WIDE = dict(cin=8, cout=8, k=(3, 3), h=(9, 9), s=(2, 2), p=(1, 1), groups=1)
 
 
 def _spec(cfg: dict, gen: torch.Generator) -> ConvSpec:
@@ -124,3 +126,72 @@ def test_auto_picks_the_smaller_reduced_system(n: int) -> None:
         assert ref.method == "structured-svd" and auto.rank == ref.rank
     else:
         assert ref.method == "bounds" and ref.rank_lower <= auto.rank <= ref.rank_upper
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_wide_deficient_reduced_system_matches_dense(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K Z_F with more columns than its 576 rows and a row deficit: settled by the pivoted Cholesky route
+    (batchrank._pivoted_rank), rank and null basis against the dense SVD of [K; F]."""
+    from rgap_audit import batchrank
+
+    settled = []
+    original = batchrank._pivoted_rank
+    monkeypatch.setattr(batchrank, "_pivoted_rank", lambda *a, **kw: settled.append(original(*a, **kw)) or settled[-1])
+    gen = torch.Generator().manual_seed(11 + n)
+    spec = _spec(WIDE, gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    fwd = _forward(spec, n, "leaky", gen)
+    kd, fd = dense_system(spec, k, fwd)
+    res = layer_rank(spec, k, fwd, elimination="forward-first")
+    assert res.method == "batch-elimination"
+    assert res.rank == dense_rank(kd, fd)
+    assert res.deficit and res.deficit > 0
+    assert settled and settled[-1] is not None  # the certificate, not the SVD fallback, decided it
+    _null_ok(res, kd, fd, None)
+
+
+@pytest.mark.parametrize("rank", [150, 299, 300])
+def test_pivoted_rank_against_svd(rank: int) -> None:
+    """The certified rank of a wide matrix (300 x 500) of a known rank equals numpy's SVD rule; its null
+    basis is orthonormal and annihilated."""
+    from rgap_audit.batchrank import _reduced_rank
+
+    rng = np.random.default_rng(rank)
+    a = rng.standard_normal((300, rank)) @ rng.standard_normal((rank, 500))
+    s = np.linalg.svd(a, compute_uv=False)
+    truth = int((s > max(a.shape) * np.finfo(float).eps * s[0]).sum())
+    r, _rel, null = _reduced_rank(a, True, 0.0, 1.0)
+    assert r == truth == rank
+    assert null is not None and null.shape == (500, 500 - rank)
+    assert np.abs(null.T @ null - np.eye(500 - rank)).max() < 1e-9
+    assert np.abs(a @ null).max() < 1e-9 * np.abs(a).max()
+
+
+TALL = dict(cin=2, cout=4, k=(3, 3), h=(5, 5), s=(1, 1), p=(1, 1), groups=1)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("where", ["random", "in-range"])
+def test_carried_directions_per_sample_proof(n: int, where: str) -> None:
+    """Directions carried from the layer above mix the samples; the forward rows' full column rank is
+    proven per sample (batchrank.carried_forward_proof) or, where carried directions lie in range(F) and
+    take rank away, refused and decided otherwise. Both against the dense SVD of [K; F] with the carried
+    directions projected out (rank.dense_system)."""
+    gen = torch.Generator().manual_seed(5 * n + (where == "in-range"))
+    spec = _spec(TALL, gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    big = n * spec.n_out
+    if where == "random":
+        q = torch.linalg.qr(torch.randn(big, 20, generator=gen, dtype=torch.float64))[0]
+    else:  # directions W v: the forward rows lose them
+        v = torch.randn(4, n, *spec.in_shape, generator=gen, dtype=torch.float64)
+        wv = spec.forward(v.reshape(4 * n, *spec.in_shape), with_bias=False).reshape(4, big).T
+        q = torch.linalg.qr(torch.cat([wv, torch.randn(big, 6, generator=gen, dtype=torch.float64)], dim=1))[0]
+    fwd = ForwardInfo(unknown=q, entries=(np.arange(big), q.numpy()))
+    kd, fd = dense_system(spec, k, fwd)
+    res = layer_rank(spec, k, fwd)
+    assert res.rank == dense_rank(kd, fd)
+    if where == "random":
+        assert res.method == "batch-angles" and res.deficit == 0
+    else:
+        assert res.method != "batch-angles"
