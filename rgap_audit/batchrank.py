@@ -329,8 +329,8 @@ def carried_forward_proof(
         key = rows.tobytes() + b"|" + cols.tobytes()
         per.setdefault(key, (rows, cols))
         blocks.append((key, sel[order]))
-    dense = {key: w1[rows][:, cols].toarray() for key, (rows, cols) in per.items()}
-    grams = {key: f.T @ f for key, f in dense.items()}
+    dense = {key: w1[rows][:, cols].tocsr() for key, (rows, cols) in per.items()}  # sparse F_n
+    grams = {key: np.asarray((f.T @ f).todense()) for key, f in dense.items()}
     lam_max = 0.0
     for g in grams.values():
         if g.size:
@@ -366,9 +366,9 @@ def carried_forward_proof(
         m, c = f.shape
         nb = np.random.default_rng(1).standard_normal((m, m - c))
         for _ in range(2):
-            nb = nb - f @ sla.cho_solve(factor, f.T @ nb, check_finite=False)
+            nb = nb - np.asarray(f @ sla.cho_solve(factor, np.asarray(f.T @ nb), check_finite=False))
             nb = sla.qr(nb, mode="economic", check_finite=False)[0]
-        leak = float(np.linalg.norm(f.T @ nb)) / math.sqrt(lam_i) if nb.size else 0.0
+        leak = float(np.linalg.norm(np.asarray(f.T @ nb))) / math.sqrt(lam_i) if nb.size else 0.0
         lefts[key] = (nb, leak)
     rows_nq = sum(lefts[key][0].shape[1] for key, _ in blocks)
     if rows_nq < d:

@@ -218,6 +218,8 @@ class Walker:
         else:
             rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
+        if res.method.startswith("batch-") and res.notes:  # how the batch system was eliminated (rank.py / batchrank.py)
+            rec.reason += f" ({res.notes[-1]})"
         if side.chain != Chain.FULL:
             rec.reason += f" ({side.why})"
         if frozen:
