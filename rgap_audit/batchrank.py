@@ -95,7 +95,7 @@ def _sample_block(spec: ConvSpec, rows: np.ndarray, cols: np.ndarray, dense_limi
         lu, tau, ref2, floor = base
         size = c if tall else m
         op = spla.LinearOperator((size, size), matvec=lu.solve, dtype=np.float64)
-        rel = math.sqrt(floor)
+        rel: float | None = math.sqrt(floor)
         try:  # sigma_min to two digits (the largest eigenvalue of the inverse); the proven floor otherwise
             mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(size), return_eigenvectors=False)[0])
             rel = math.sqrt((1.0 / mu + tau) / ref2)
@@ -204,7 +204,7 @@ def forward_first(
     per = _per_sample(spec, n, rows_idx, known_np)
     solved: dict[tuple[bytes, bytes], tuple[int, float | None, np.ndarray]] = {}
     nulls: list[np.ndarray] = []
-    for i, (rows, cols) in enumerate(per):
+    for rows, cols in per:
         key = (rows.tobytes(), cols.tobytes())
         if key not in solved:
             got = _sample_block(spec, rows, cols, exact_limit, seed=len(solved))
@@ -228,9 +228,9 @@ def forward_first(
         d_i = nb.shape[1]
         if d_i == 0:
             continue
-        full = np.zeros((spec.n_in, d_i))
-        full[cols] = nb
-        full = full.reshape(cin, s_sp, d_i)
+        flat = np.zeros((spec.n_in, d_i))
+        flat[cols] = nb
+        full = flat.reshape(cin, s_sp, d_i)
         for g, (chans, blk) in enumerate(blocks):
             part = blk[:, i * s_sp : (i + 1) * s_sp]  # (rows_g, S): sample i's columns of the group's block
             a[g * cig * rows_g : (g + 1) * cig * rows_g, col : col + d_i] = (part[None] @ full[chans]).reshape(cig * rows_g, d_i)
@@ -334,7 +334,10 @@ def carried_forward_proof(
     lam_max = 0.0
     for g in grams.values():
         if g.size:
-            lam_max = max(lam_max, float(spla.eigsh(g, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).standard_normal(g.shape[0]), return_eigenvectors=False)[0]) if g.shape[0] > 1 else float(g[0, 0]))
+            top = float(g[0, 0]) if g.shape[0] == 1 else float(
+                spla.eigsh(g, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).standard_normal(g.shape[0]), return_eigenvectors=False)[0]
+            )
+            lam_max = max(lam_max, top)
     ref2 = lam_max * (1 + 1e-3)
     if ref2 <= 0:
         return "the forward rows are zero"

@@ -10,6 +10,7 @@ turns arguments into a `Request` and the `Result` into output and an exit code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -287,7 +288,7 @@ class Pipeline:
                 self.error(internal_error(exc, loaded.file, loaded.name), stage="analysis")
                 continue
             seconds = time.perf_counter() - t0
-            if req.verify and not self._step(loaded, "verify", lambda a=audit: self._verify(a, settings)):
+            if req.verify and not self._step(loaded, "verify", functools.partial(self._verify, audit, settings)):
                 audit.report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed: {self.result.errors[-1].cause}")
             points.append(batch_point(audit.report, seconds))
         return points

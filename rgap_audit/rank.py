@@ -1039,17 +1039,17 @@ def layer_rank(
         from rgap_audit.batchrank import forward_first
 
         assert fwd.entries is not None
-        got = forward_first(spec, k_np, fwd.entries[0], known_np, want_null=want_null, exact_limit=exact_limit)
-        if isinstance(got, str):
-            notes.append(f"forward-first elimination: {got}")
+        elim = forward_first(spec, k_np, fwd.entries[0], known_np, want_null=want_null, exact_limit=exact_limit)
+        if isinstance(elim, str):
+            notes.append(f"forward-first elimination: {elim}")
         else:
-            if got.sigma_min_rel is not None:
-                rels.append(got.sigma_min_rel)
+            if elim.sigma_min_rel is not None:
+                rels.append(elim.sigma_min_rel)
             notes.append(
-                f"batch elimination, forward rows first: sum over samples of rank(F_n) = {got.rank_forward} "
-                f"({got.patterns} distinct per-sample block(s)), rank(K Z_F) = {got.rank_reduced}"
+                f"batch elimination, forward rows first: sum over samples of rank(F_n) = {elim.rank_forward} "
+                f"({elim.patterns} distinct per-sample block(s)), rank(K Z_F) = {elim.rank_reduced}"
             )
-            return result(got.rank, got.rank, got.rank, "batch-elimination", got.null_basis)
+            return result(elim.rank, elim.rank, elim.rank, "batch-elimination", elim.null_basis)
 
     if not k_exact or rank_k is None:
         hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)

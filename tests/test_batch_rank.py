@@ -219,13 +219,14 @@ def test_walk_batch_deficits_match_dense_chain_system(case: str, batch: int, req
     """Every layer's deficit of the walk at B = 2..4 (the batch routes among them) against ONE dense system
     over all layer inputs of the chain, built by autograd (tests/oracles.dense_chain_deficits, as the B = 1
     oracle of tests/test_analysis.py)."""
-    from oracles import dense_chain_deficits
     from test_analysis import CASES as CHAINS
     from test_analysis import _walk_deficits
 
+    from oracles import dense_chain_deficits
+
     if case == "relu-mlp" and batch >= 3:
         request.applymarker(_RELU_MLP_B3)
-    make, shape, loss = CHAINS[case] if case in CHAINS else (_down_chain, (2, 6, 6), "logistic")
+    make, shape, loss = CHAINS.get(case, (_down_chain, (2, 6, 6), "logistic"))
     torch.manual_seed(3)
     model = make()
     assert _walk_deficits(model, shape, loss, batch) == dense_chain_deficits(model, shape, loss, batch=batch)
