@@ -218,8 +218,9 @@ class Walker:
         else:
             rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
-        if res.method.startswith("batch-") and res.notes:  # how the batch system was eliminated (rank.py / batchrank.py)
-            rec.reason += f" ({res.notes[-1]})"
+        batch_notes = [t for t in res.notes if t.startswith(("batch", "forward-first", "per-sample"))]
+        if batch_notes and (res.method.startswith("batch-") or res.rank is None):  # how the batch system was eliminated, or why not
+            rec.reason += f" ({batch_notes[-1]})"
         if side.chain != Chain.FULL:
             rec.reason += f" ({side.why})"
         if frozen:
