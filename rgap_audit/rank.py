@@ -941,7 +941,8 @@ def layer_rank(
     proof: ForwardProof | None = None
     batch_proof: float | None = None  # a batch's forward rows proven full column rank per sample (batchrank)
     notes: list[str] = []
-    per_sample = n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and elimination != "gradient-first"
+    batch_rows = n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None  # per-sample forward rows
+    per_sample = batch_rows and elimination != "gradient-first"
     if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample:  # a batch: per-sample blocks below
         rows_idx, carried = fwd.entries
         n_carried = 0 if carried is None else carried.shape[1]
@@ -977,7 +978,7 @@ def layer_rank(
         # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
         # (rank(K) + rank of F on a subset of Z), worth it only while the null bases are cheap
         z_cost = sum((class_cols[ci].size if keep is None else keep.size) ** 2 for _g, ci, keep in plan.values())
-        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40
+        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40 or (batch_rows and d_min * d_min <= 2 * exact_limit)
 
     blocks: dict[tuple, _Block] = {}
     kp_cache: dict[int, np.ndarray] = {}

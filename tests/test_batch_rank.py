@@ -108,26 +108,27 @@ def test_shared_pattern_is_factorised_once() -> None:
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_auto_picks_the_smaller_reduced_system(n: int) -> None:
-    """CNN6's conv2 shape (12 -> 36, k3 s2 p1, 17x17): per-sample forward rows 2916 of 3468 unknowns, so
-    K Z_F (3888 x 552 B) is far smaller than F Z_K (2916 B x (3468 B - rank K)): auto eliminates F first.
-    At B = 2 both routes are exact and agree; at B = 3 the gradient-first route's F Z exceeds the exact
-    limit: its Gram summed over the samples (batch-gram) must agree, or its bounds contain the rank."""
+    """A CNN6-conv2-like layer (6 -> 18, k3 s2 p1, 13x13): per-sample forward rows 882 of 1014 unknowns, so
+    K Z_F (972 x 132 B) is far smaller than F Z_K (882 B x (1014 B - rank K)): auto eliminates F first, and
+    the gradient-first route agrees; with a smaller exact limit that route's F Z no longer fits and its
+    Gram summed over the samples (batch-gram) must agree, or its bounds contain the rank."""
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(36, 12, 3, 3, generator=gen, dtype=torch.float64) / 10
-    spec = ConvSpec.conv(w, None, (12, 17, 17), (2, 2), (1, 1), 1, 1)
+    w = torch.randn(18, 6, 3, 3, generator=gen, dtype=torch.float64) / 10
+    spec = ConvSpec.conv(w, None, (6, 13, 13), (2, 2), (1, 1), 1, 1)
     k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
     fwd = _forward(spec, n, "leaky", gen)
     auto = layer_rank(spec, k, fwd, want_null=False)
     assert auto.method == "batch-elimination"
-    assert auto.rank is not None and auto.rank <= n * 2916 + 3888
+    assert auto.rank is not None and auto.rank <= n * 882 + 972
     ref = layer_rank(spec, k, fwd, want_null=False, elimination="gradient-first")
-    assert auto.rank_grad == ref.rank_grad
-    if n == 2:
-        assert ref.method == "structured-svd" and auto.rank == ref.rank
-    elif ref.rank is not None:  # F Z too large to hold: its Gram summed over the samples (batch-gram)
-        assert ref.method == "batch-gram" and auto.rank == ref.rank == auto.unknowns
+    assert ref.method == "structured-svd" and auto.rank == ref.rank and auto.rank_grad == ref.rank_grad
+    small = layer_rank(spec, k, fwd, want_null=False, elimination="gradient-first", exact_limit=2_000_000)
+    if small.method == "batch-gram":
+        assert small.rank == auto.rank == auto.unknowns
+    elif small.rank is not None:
+        assert small.method == "structured-svd" and small.rank == auto.rank
     else:
-        assert ref.method == "bounds" and ref.rank_lower <= auto.rank <= ref.rank_upper
+        assert small.method == "bounds" and small.rank_lower <= auto.rank <= small.rank_upper
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -232,3 +233,49 @@ def test_walk_batch_deficits_match_dense_chain_system(case: str, batch: int, req
     torch.manual_seed(3)
     model = make()
     assert _walk_deficits(model, shape, loss, batch) == dense_chain_deficits(model, shape, loss, batch=batch)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_forward_null_gram_matches_dense(n: int) -> None:
+    """F Z too large for the exact limit (forced, a small layer): its Gram summed over the samples
+    (batchrank.forward_null_gram) proves full column rank exactly where the dense SVD of [K; F] says so;
+    the Gram itself equals (F Z)^T (F Z) formed densely."""
+    from rgap_audit import batchrank
+
+    gen = torch.Generator().manual_seed(21 + n)
+    spec = _spec(CASES["conv2d-s2-full"], gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    fwd = _forward(spec, n, "leaky", gen)
+    kd, fd = dense_system(spec, k, fwd)
+    truth = dense_rank(kd, fd)
+    full = layer_rank(spec, k, fwd, elimination="gradient-first")
+    d, big = kd.shape[1] - full.rank_grad, n * spec.n_out
+    limit = d * d // 2 + 1  # F Z (big x d) over the limit, its Gram (d x d) within twice the limit
+    assert limit < d * big
+    res = layer_rank(spec, k, fwd, elimination="gradient-first", exact_limit=limit)
+    assert full.rank == truth
+    if res.method == "batch-gram":
+        assert res.rank == truth == kd.shape[1]
+    else:
+        assert res.method == "bounds" and res.rank_lower <= truth <= res.rank_upper
+    assert res.method == "batch-gram" or truth < kd.shape[1]
+    # the Gram against the dense product: Z = null(K) from the dense K, F = the layer's rows (scale-free)
+    z = np.linalg.svd(kd)[2][dense_rank(kd):].T
+    f_rows = dense_system(spec, k, ForwardInfo())[1]
+    h, _, _ = batchrank.forward_null_gram(spec, n, np.arange(n * spec.n_out), [(0, list(range(spec.in_channels)), _per_channel(z, spec, n))])
+    zc = _per_channel(z, spec, n)
+    zfull = np.zeros((n * spec.n_in, spec.in_channels * zc.shape[1]))
+    s_sp = spec.n_in // spec.in_channels
+    for c in range(spec.in_channels):
+        for i in range(n):
+            zfull[i * spec.n_in + c * s_sp : i * spec.n_in + (c + 1) * s_sp, c * zc.shape[1] : (c + 1) * zc.shape[1]] = zc[i * s_sp : (i + 1) * s_sp]
+    dense_h = (f_rows @ zfull).T @ (f_rows @ zfull)
+    assert np.abs(h - dense_h).max() <= 1e-9 * np.abs(dense_h).max()
+
+
+def _per_channel(z: np.ndarray, spec: ConvSpec, n: int) -> np.ndarray:
+    """Any (N*S, d) basis for the Gram identity check: the dense null basis restricted to channel 0's entries,
+    in (sample, position) rows (the identity holds for any per-channel blocks)."""
+    s_sp = spec.n_in // spec.in_channels
+    rows = np.concatenate([np.arange(i * spec.n_in, i * spec.n_in + s_sp) for i in range(n)])
+    return np.linalg.qr(z[rows][:, : min(z.shape[1], 8)])[0]
