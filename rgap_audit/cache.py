@@ -17,7 +17,7 @@ everything the reports depend on:
 What is cached are the reports (records.ModelReport); the rules, suppressions and formats run again on
 every run, so the selection, --fail-on and the format are not part of the key and a cached run prints
 what a fresh one prints (each report marked `cached`). Files whose run met an error are never cached.
---verify, --save-images and --debug runs neither read nor write the cache (the attack's measurements
+--verify, --save-images, --debug, --defences and --batch-sizes runs neither read nor write the cache (the attack's measurements
 are not cached). An entry is a header line with the key, then a pickle read by an unpickler that
 accepts rgap_audit.records' classes only; anything else, a truncated file or a key line that does not
 parse, is a corrupt entry: ignored with a warning and rewritten, never trusted.

@@ -67,6 +67,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """`1,2,4,8` or `1..64` (doubling from the first to at most the last): distinct positive sizes, in order."""
+    text = text.strip()
+    if ".." in text:
+        lo_s, _, hi_s = text.partition("..")
+        lo, hi = _positive_int(lo_s.strip()), _positive_int(hi_s.strip())
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"empty range {text!r}: {hi} < {lo}")
+        sizes = []
+        while lo <= hi:
+            sizes.append(lo)
+            lo *= 2
+        return sizes
+    sizes = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,2,4 or 1..64, got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -116,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     ana = p.add_argument_group("analysis")
     ana.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's input shape, for every model audited (overrides declarations)")
     ana.add_argument("--batch-size", type=_positive_int, metavar="B", help="samples that share one gradient (default: declaration, config, else 1)")
+    ana.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        metavar="B1,B2,..|LO..HI",
+        help="one audit per batch size (a comma list, or LO..HI: LO, 2 LO, 4 LO, ... up to HI): a table of the verdict under "
+        "each attacker, the input directions undetermined and the time per size (default format: table)",
+    )
     ana.add_argument("--loss", choices=LOSSES, help="training loss (default: declaration, config, else logistic for one output, cross-entropy otherwise)")
     ana.add_argument("--seed", type=int, help="seed of the random instance (default 0)")
     ana.add_argument(
@@ -251,6 +277,7 @@ def _request(args: argparse.Namespace) -> Request:
         fail_on=args.fail_on,
         input_shape=args.input_shape,
         batch_size=args.batch_size,
+        batch_sizes=args.batch_sizes,
         loss=args.loss,
         seed=args.seed,
         memory_budget_mb=args.memory_budget_mb,
@@ -312,6 +339,9 @@ def _audit(args: argparse.Namespace) -> int:
         if bad:
             print(f"rgap-audit: error: --defences: unknown part(s) {', '.join(bad)}; choose from {', '.join(PARTS)}", file=sys.stderr)
             return EXIT_ERROR
+    if args.batch_size and args.batch_sizes:
+        print("rgap-audit: error: give --batch-size or --batch-sizes, not both", file=sys.stderr)
+        return EXIT_ERROR
     errors = _Errors(args.debug)
     pipeline = Pipeline(_request(args), errors)
     if not pipeline.check_selection():
@@ -322,7 +352,7 @@ def _audit(args: argparse.Namespace) -> int:
             project = cfg.settings_for(os.getcwd())
         except AuditError as err:
             errors(err, "config")
-    fmt = args.format or project.format or default_format(args.output)
+    fmt = args.format or project.format or ("table" if args.batch_sizes and not args.output else default_format(args.output))
     pipeline.request.cache_dir = cache_folder(args, project)
     if (fmt == "html" or args.save_images) and not _figures_available(errors, fmt):
         return EXIT_ERROR

@@ -10,27 +10,30 @@ turns arguments into a `Request` and the `Result` into output and an exit code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from rgap_audit import config as cfg
 from rgap_audit import progress
 from rgap_audit.choices import DEFAULT_FAIL_ON, DEFAULT_MEMORY_BUDGET_MB
-from rgap_audit.defence import DefenceOptions, run_defences
 from rgap_audit.errors import AuditError
-from rgap_audit.records import Finding, Identifiability, ModelReport, Verification
+from rgap_audit.records import BatchPoint, Finding, Identifiability, ModelReport, Verification
 from rgap_audit.rules import Rule, RuleError, evaluate, fails, load_rules, select_rules
 from rgap_audit.suppress import apply as apply_suppressions
+from rgap_audit.sweep import batch_point
 from rgap_audit.targets import display_path, module_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from rgap_audit.analysis import Audit
     from rgap_audit.cache import Cache
     from rgap_audit.cache import Request as CacheRequest
+    from rgap_audit.defence import DefenceOptions
     from rgap_audit.options import AuditOptions, LoadedModel
 
 # The loader and the analysis (torch, scipy, networkx), --identifiability and --verify (the attack, scipy.optimize, PIL) are
@@ -51,6 +54,7 @@ _LAZY = {
     "iter_models": "rgap_audit.loader",
     "no_network": "rgap_audit.loader",
     "single_thread": "rgap_audit.threads",
+    "run_defences": "rgap_audit.defence",
 }
 
 
@@ -96,6 +100,7 @@ class Request:
     debug: bool = False
     cache_dir: str | None = None  # the results cache (rgap_audit.cache); None: no cache (the CLI sets one unless --no-cache)
     defences: DefenceOptions | None = None  # --defences: what to measure (rgap_audit.defence)
+    batch_sizes: list[int] | None = None  # --batch-sizes: one audit per batch size (the report is the first's)
 
 
 @dataclass
@@ -194,8 +199,9 @@ class Pipeline:
 
     def run(self) -> Result:
         req = self.request
-        # --verify's measurements, --save-images' files and --debug's output are never served from the cache
-        if req.cache_dir and not (req.verify or req.save_images or req.debug):
+        # --verify's measurements, --save-images' files, --debug's output, --defences' sweeps and --batch-sizes' audits
+        # are never served from the cache
+        if req.cache_dir and not (req.verify or req.save_images or req.debug or req.defences is not None or req.batch_sizes):
             from rgap_audit.cache import Cache
 
             self._cache = Cache(req.cache_dir, self.warn)
@@ -323,6 +329,9 @@ class Pipeline:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
         stage = "trace"
+        if req.batch_sizes:
+            options = replace(options, batch_size=req.batch_sizes[0])
+        t0 = time.perf_counter()
         try:
             build_instance, audit_instance = _stage("build_instance"), _stage("audit_instance")
             no_network, single_thread = _stage("no_network"), _stage("single_thread")
@@ -332,6 +341,7 @@ class Pipeline:
                 if meter is not None:
                     meter.totals["walk"] = len(inst.graph.ops())
                 audit = audit_instance(inst, options)
+            seconds = time.perf_counter() - t0
         except AuditError as err:
             self.error(err, loaded.file, loaded.name, stage)
             return None
@@ -348,12 +358,15 @@ class Pipeline:
             report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed (an error of this run): {cause}")
         if req.defences is not None:
             self._step(loaded, "defences", lambda: self._defences(audit, options))
+        if req.batch_sizes:
+            report.batch_sweep = self._sweep(loaded, options, settings, audit, seconds)
         return report
 
     def _defences(self, audit: Audit, options: AuditOptions) -> None:
         """--defences: noise, compression, batch size, architecture edits; with --save-images the noise curve and the
         reconstructions at three noise levels are written to DIR/MODEL-defences-*.png."""
         assert self.request.defences is not None
+        single_thread, run_defences = _stage("single_thread"), _stage("run_defences")
         with single_thread():
             found = run_defences(audit, options, self.request.defences)
         audit.report.defences = found
@@ -361,6 +374,34 @@ class Pipeline:
             from rgap_audit.defence.images import write_noise_figures
 
             write_noise_figures(self.request.save_images, audit.instance.loaded, found.noise)
+
+    def _sweep(self, loaded: LoadedModel, options: AuditOptions, settings: cfg.Settings, first: Audit, first_s: float) -> list[BatchPoint]:
+        """--batch-sizes: the first size is the model's report; every other size is one more audit (and
+        --verify on its summed gradient), kept as a BatchPoint. A size that fails is one more error."""
+        req = self.request
+        assert req.batch_sizes
+        build_instance, audit_instance, no_network = _stage("build_instance"), _stage("audit_instance"), _stage("no_network")
+        single_thread = _stage("single_thread")
+        points = [batch_point(first.report, first_s)]
+        for b in req.batch_sizes[1:]:
+            opts = replace(options, batch_size=b)
+            t0 = time.perf_counter()
+            try:
+                with no_network(), captured(req.debug), single_thread():
+                    audit = audit_instance(build_instance(loaded, opts), opts)
+            except AuditError as err:
+                self.error(err, loaded.file, loaded.name, "analysis")
+                continue
+            except Exception as exc:
+                if req.debug:
+                    raise
+                self.error(internal_error(exc, loaded.file, loaded.name), stage="analysis")
+                continue
+            seconds = time.perf_counter() - t0
+            if req.verify and not self._step(loaded, "verify", functools.partial(self._verify, audit, settings)):
+                audit.report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed: {self.result.errors[-1].cause}")
+            points.append(batch_point(audit.report, seconds))
+        return points
 
     def _step(self, loaded: LoadedModel, stage: str, step: Callable[[], None]) -> bool:
         """A later step of one model: its failure is one more error, the report (and its findings) stay.

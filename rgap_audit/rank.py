@@ -221,7 +221,9 @@ def _tol_rank(s: np.ndarray, shape: tuple[int, int], scale: float = 0.0, amp: fl
     return r, (float(s[r - 1] / ref) if r else None)
 
 
-def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0, gram: np.ndarray | None = None) -> float | None:
+def _gram_full_rank(
+    a: np.ndarray, scale: float = 0.0, amp: float = 1.0, gram: np.ndarray | None = None, shape: tuple[int, int] | None = None
+) -> float | None:
     """sigma_min / reference when the Gram matrix G proves a has full rank min(shape), else None.
 
     Proof: a Cholesky factorisation of G - tau I with tau = floor * reference^2 succeeds, so every
@@ -229,9 +231,10 @@ def _gram_full_rank(a: np.ndarray, scale: float = 0.0, amp: float = 1.0, gram: n
     Gram's rounding (~n eps in lambda) and 100 times the rank tolerance of _tol_rank. Small G are
     simply diagonalised; for large ones a Cholesky is ~4x cheaper than an eigen-decomposition and
     the extreme eigenvalues (hence the reported sigma_min / reference) come from Lanczos (ARPACK,
-    relative accuracy 1e-4) on G and on (G - tau I)^-1 through the factor. `gram`: G when the caller has it.
+    relative accuracy 1e-4) on G and on (G - tau I)^-1 through the factor. `gram`: G when the caller has it,
+    `shape`: a's shape when a itself is not formed (then `gram` is required).
     """
-    m, n = a.shape
+    m, n = a.shape if shape is None else shape
     g = gram if gram is not None else (a.T @ a if m >= n else a @ a.T)
     size = g.shape[0]
     floor = max(_GRAM_SAFE, (100.0 * max(m, n) * _EPS * amp) ** 2)
@@ -950,8 +953,13 @@ def layer_rank(
     exact_limit: int = 40_000_000,
     known: torch.Tensor | None = None,
     rhs: SystemRHS | None = None,
+    elimination: str = "auto",
 ) -> LayerRank:
     """Exact numerical rank of [K; F] for one layer, by residue blocks of K and the reduced F Z.
+
+    At B > 1 with per-sample forward rows (fwd.entries, nothing carried from above) the forward rows may
+    be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
+    reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
 
     With `rhs` the system is also solved (the attack): the minimum-norm x = K^+ dW + Z (F Z)^+ r,
     from the factorisations that decide the rank, so that the attack's nullity is the audit's by
@@ -1036,18 +1044,38 @@ def layer_rank(
     # ---- the forward rows alone, when they are entries of z and K cannot settle the layer by itself:
     # a sparse proof that F has full column rank settles rank = unknowns without Z or F Z
     proof: ForwardProof | None = None
+    batch_proof: float | None = None  # a batch's forward rows proven full column rank per sample (batchrank)
     notes: list[str] = []
-    if fwd.entries is not None and not fwd.none and d_min > 0:
+    batch_rows = n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None  # per-sample forward rows
+    per_sample = batch_rows and elimination != "gradient-first"
+    if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample:  # a batch: per-sample blocks below
         rows_idx, carried = fwd.entries
         n_carried = 0 if carried is None else carried.shape[1]
-        if rows_idx.size - n_carried >= unknowns:
+        if rows_idx.size - n_carried >= unknowns and n > 1 and not solving and carried is not None:
+            from rgap_audit.batchrank import carried_forward_proof
+
+            angles = carried_forward_proof(spec, n, rows_idx, carried, known_np, exact_limit)
+            if isinstance(angles, str):
+                notes.append(f"per-sample forward proof: {angles}")
+            else:
+                batch_proof = angles
+        if rows_idx.size - n_carried >= unknowns and batch_proof is None:
             cols_idx = None if known_np is None else np.flatnonzero(~known_np.reshape(-1))
             got = forward_full_rank(spec, n, rows_idx, cols_idx, carried, cache=fwd.cache, measure=fwd.measure)
             if isinstance(got, str):
                 notes.append(f"{got}: decided by the dense reduced system")
             else:
                 proof = got
-    if proof is not None:
+    # ---- a batch with per-sample forward rows: eliminate them first when that reduced system is smaller
+    forward_first_route = False
+    if proof is None and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_min > 0:
+        from rgap_audit.batchrank import forward_first_cost
+
+        if elimination == "auto":
+            forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
+        else:
+            forward_first_route = elimination == "forward-first"
+    if proof is not None or batch_proof is not None:
         need_z = False  # the forward rows settle the layer: K only for its rank
     elif fwd.none:
         need_z = want_null and total_x * d_min <= exact_limit
@@ -1055,7 +1083,7 @@ def layer_rank(
         # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
         # (rank(K) + rank of F on a subset of Z), worth it only while the null bases are cheap
         z_cost = sum((class_cols[ci].size if keep is None else keep.size) ** 2 for _g, ci, keep in plan.values())
-        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40
+        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40 or (batch_rows and d_min * d_min <= 2 * exact_limit)
 
     blocks: dict[tuple, _Block] = {}
     kp_cache: dict[int, np.ndarray] = {}
@@ -1102,12 +1130,32 @@ def layer_rank(
             notes=notes,
         )
 
+    if batch_proof is not None:
+        rels.append(batch_proof)
+        notes.append("batch: the forward rows alone have full column rank, proven per sample with the carried directions' angles")
+        return result(unknowns, unknowns, unknowns, "batch-angles", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
     if proof is not None:  # rank [K; F] = unknowns whatever K is: F alone has full column rank
         rels.append(proof.rel)
         solution = _forward_solution(spec, fwd, rhs, proof, known_np, n) if solving else None
         return result(
             unknowns, unknowns, unknowns, "sparse-ldl", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, solution
         )
+
+    if forward_first_route:
+        from rgap_audit.batchrank import forward_first
+
+        assert fwd.entries is not None
+        elim = forward_first(spec, k_np, fwd.entries[0], known_np, want_null=want_null, exact_limit=exact_limit)
+        if isinstance(elim, str):
+            notes.append(f"forward-first elimination: {elim}")
+        else:
+            if elim.sigma_min_rel is not None:
+                rels.append(elim.sigma_min_rel)
+            notes.append(
+                f"batch elimination, forward rows first: sum over samples of rank(F_n) = {elim.rank_forward} "
+                f"({elim.patterns} distinct per-sample block(s)), rank(K Z_F) = {elim.rank_reduced}"
+            )
+            return result(elim.rank, elim.rank, elim.rank, "batch-elimination", elim.null_basis)
 
     if not k_exact or rank_k is None:
         hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)
@@ -1179,6 +1227,17 @@ def layer_rank(
             null = null_to_x(colmap, pieces, null_f)
         return result(rank, rank, rank, "structured-svd", null)
 
+    if d_total * big_d > exact_limit and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_total * d_total <= 2 * exact_limit:
+        # a batch whose F Z is too large to hold: its Gram from the per-sample forward Grams (batchrank)
+        from rgap_audit.batchrank import forward_null_gram
+
+        h_mat, f_norm, m_rows = forward_null_gram(spec, n, fwd.entries[0], pieces)
+        rel_h = _gram_full_rank(np.empty((0, 0)), f_norm, z_amp, gram=h_mat, shape=(m_rows, d_total))
+        if rel_h is not None:
+            rels.append(rel_h)
+            notes.append(f"batch: F Z ({m_rows} x {d_total}) proven full column rank from its Gram, summed over the samples")
+            return result(unknowns, unknowns, unknowns, "batch-gram", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
+        notes.append(f"batch: the Gram of F Z ({m_rows} x {d_total}) does not prove full column rank; bounds")
     if d_total * big_d > exact_limit:
         # a subset of the null directions: rank(F Z_S) <= rank(F Z), so rank(K) + rank(F Z_S) is a lower bound
         n_sel = max(1, exact_limit // max(1, big_d))

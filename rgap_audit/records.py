@@ -189,6 +189,28 @@ class ModelVerdict:
     basis: Basis
     summary: str
     caveats: list[str] = field(default_factory=list)
+    attacker: str | None = None  # B > 1: which attacker the verdict describes (each sample's dL/dz known, RGAP403)
+
+
+@dataclass
+class BatchPoint:
+    """--batch-sizes: the audit at one batch size, both attackers side by side.
+
+    (a) given each sample's dL/dz (the static verdict, RGAP403's upper bound); (b) from the summed
+    gradient alone: what the first layer's weight gradient span reveals (RGAP404, a Linear reading the
+    input), and with --verify what R-GAP on the summed gradient recovered."""
+
+    batch_size: int
+    status: ModelStatus  # attacker (a)
+    basis: Basis
+    input_deficit: int | None  # input directions undetermined for attacker (a); None when only bounded
+    input_deficit_lower: int | None  # proven bounds on it (equal to it when exact); None when no input layer was ranked
+    input_deficit_upper: int | None
+    summary: str  # attacker (a): the verdict's summary
+    span_rank: int | None  # attacker (b): rank of the first Linear's weight gradient (None: no Linear reads the input, or B = 1)
+    span_leak: bool | None  # attacker (b): that span holds every sample (RGAP404); None when not measured
+    summed: str  # attacker (b) in one sentence (the span, and --verify's outcome on the summed gradient when run)
+    seconds: float  # the audit at this batch size (instance and analysis)
 
 
 # ----------------------------------------------------------------------------- --verify
@@ -488,8 +510,8 @@ class CompressionDefence:
 
 
 @dataclass
-class BatchPoint:
-    """The static verdict at one batch size."""
+class BatchVerdictPoint:
+    """The static verdict at one batch size (--defences' batch threshold)."""
 
     batch_size: int
     status: ModelStatus
@@ -502,7 +524,7 @@ class BatchDefence:
     """The smallest batch size at which the static verdict stops saying recoverable."""
 
     max_batch: int
-    points: list[BatchPoint]
+    points: list[BatchVerdictPoint]
     batch_stop: int | None  # None: recoverable at every batch size tried
     caveat: str  # RGAP403: each sample's dL/dz is taken from the instance (the attacker's best case)
     verification: Verification | None  # --verify's batch attack at batch_stop, when run
@@ -573,6 +595,7 @@ class ModelReport:
     private_input: str | None = None  # which of forward's arguments is the input, when it takes several, and its batch dim
     cached: bool = False  # served from the results cache (rgap_audit.cache): the stored report of an unchanged file
     defences: Defences | None = None  # --defences (rgap_audit.defence)
+    batch_sweep: list[BatchPoint] | None = None  # --batch-sizes: one audit per batch size (this report is the first)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""

@@ -223,7 +223,7 @@ def defended(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> ModelRepo
         ArchitectureDefence,
         ArchitectureEdit,
         BatchDefence,
-        BatchPoint,
+        BatchVerdictPoint,
         CompressionDefence,
         CompressionPoint,
         Defences,
@@ -244,7 +244,7 @@ def defended(file: str = "models/mlp.py", source: str = MLP_SOURCE) -> ModelRepo
             layers=[], attack_runs=5, seconds=1.0, summary="R-GAP's relative error exceeds 0.5 from sigma = 0.004",
         ),
         compression=CompressionDefence(0.5, [CompressionPoint("top-k", 0.9, None, 2.0, 1.0, True)], 0.9, None, 1, 0.1, "top-k 90 % stops it"),
-        batch=BatchDefence(4, [BatchPoint(1, ModelStatus.LEAKS_EXACTLY, True, 0), BatchPoint(2, ModelStatus.DEFICIENT, False, 30)], 2,
+        batch=BatchDefence(4, [BatchVerdictPoint(1, ModelStatus.LEAKS_EXACTLY, True, 0), BatchVerdictPoint(2, ModelStatus.DEFICIENT, False, 30)], 2,
                            "RGAP403 caveat", None, 0.5, "from batch size 2 the static verdict is deficient"),
         architecture=ArchitectureDefence(4, 0, [edit], edit, [], 2.0, "fc1: out_features 32 -> 16 makes the input not recoverable"),
     )

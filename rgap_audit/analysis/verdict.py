@@ -30,6 +30,7 @@ CAVEAT_BATCH = (
     "With {b} samples sharing one gradient, the per-sample dL/dz is taken from the instance: "
     "an upper bound on what an attacker knows."
 )
+ATTACKER_PER_SAMPLE = "given each sample's dL/dz (RGAP403: an upper bound on any attacker of the summed gradient)"
 
 
 @dataclass
@@ -235,4 +236,5 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
         basis=row.basis,
         summary=summary,
         caveats=caveats,
+        attacker=ATTACKER_PER_SAMPLE if inst.batch > 1 else None,
     )

@@ -228,6 +228,9 @@ class Walker:
         else:
             rec.verdict, rec.basis = Verdict.DEFICIENT, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} of {res.unknowns} unknowns: {res.deficit} directions undetermined"
+        batch_notes = [t for t in res.notes if t.startswith(("batch", "forward-first", "per-sample"))]
+        if batch_notes and (res.method.startswith("batch-") or res.rank is None):  # how the batch system was eliminated, or why not
+            rec.reason += f" ({batch_notes[-1]})"
         if side.chain != Chain.FULL:
             rec.reason += f" ({side.why})"
         if frozen:

@@ -15,7 +15,7 @@ from rgap_audit.analysis import Audit, audit_instance
 from rgap_audit.errors import AuditError
 from rgap_audit.instance import build_instance
 from rgap_audit.options import AuditOptions, LoadedModel
-from rgap_audit.records import BatchDefence, BatchPoint, ModelReport
+from rgap_audit.records import BatchDefence, BatchVerdictPoint, ModelReport
 from rgap_audit.threads import single_thread
 from rgap_audit.verify.batch import verify_batch
 
@@ -41,7 +41,7 @@ def batch_defence(
 ) -> BatchDefence:
     """Batch sizes 1 (the audit given) .. max_batch until the verdict is not recoverable, or the budget is spent."""
     t0 = time.perf_counter()
-    points = [BatchPoint(report.batch_size, report.verdict.status, report.verdict.input_recoverable, report.verdict.input_deficit)]
+    points = [BatchVerdictPoint(report.batch_size, report.verdict.status, report.verdict.input_recoverable, report.verdict.input_deficit)]
     stop: int | None = None if report.verdict.input_recoverable else report.batch_size
     found: Audit | None = None
     notes: list[str] = []
@@ -56,7 +56,7 @@ def batch_defence(
             notes.append(f"batch size {b}: {exc.cause}")
             break
         v = audited.report.verdict
-        points.append(BatchPoint(b, v.status, v.input_recoverable, v.input_deficit))
+        points.append(BatchVerdictPoint(b, v.status, v.input_recoverable, v.input_deficit))
         if v.input_recoverable is not True:
             stop, found = b, audited
         b += 1

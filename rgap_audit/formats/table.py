@@ -178,6 +178,8 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         f"  rests on: {v.basis.value}; deficient layers: {v.deficient_layers} (total deficit {v.total_deficit}); "
         f"input directions undetermined: {deficit}"
     )
+    if v.attacker:
+        lines.append(f"  attacker: {v.attacker}")
     lines.extend(f"  caveat: {c}" for c in v.caveats)
     lines.extend(f"  warning: {w}" for w in report.warnings)
     if report.identifiability is not None:
@@ -203,6 +205,13 @@ def model_block(report: ModelReport, findings: Sequence[Finding], show_suppresse
         lines.append(f"  audited in {total:.2f} s")
     if report.cached:
         lines.append("  from the cache: the model's sources, configuration, options and tool versions are unchanged since that audit")
+    if report.batch_sweep:
+        from rgap_audit.sweep import HEADERS as SWEEP_HEADERS
+        from rgap_audit.sweep import sweep_rows
+
+        lines.append(f"batch sizes (the rows above are batch {report.batch_size}):")
+        lines.append(tabulate(sweep_rows(report.batch_sweep), headers=SWEEP_HEADERS, tablefmt="simple", disable_numparse=True))
+        lines.extend(f"  B={p.batch_size}: (a) {p.summary}; (b) {p.summed}" for p in report.batch_sweep)
     mine = ordered(shown([f for f in findings if f.model == report.model and f.file == report.file], show_suppressed))
     if mine:
         lines.append("findings:")

@@ -1,0 +1,389 @@
+"""Block elimination of a batch layer system: the forward rows first, sample by sample.
+
+At B > 1 the gradient rows are shared by the samples (K x = sum_n K_n x_n, K_n = k_n * x_n) while the
+forward rows are per sample: F = blockdiag(F_n), F_n the rows of W at the entries of z_n that reach the
+layer above. Eliminating F first,
+
+    rank([K; F]) = sum_n rank(F_n) + rank(K Z_F),   Z_F = blockdiag(null(F_n)),
+
+which is small exactly when the forward rows are nearly full rank (each null(F_n) is small), where the
+gradient-first route rank(K) + rank(F Z_K) (rank.layer_rank) has to rank a reduced system as large as
+all the forward rows. Samples whose F_n coincide (the same entries reach the layer above and the same
+inputs are unknown: LeakyReLU, Sigmoid, a ReLU pattern shared) are factorised once.
+
+F_n's rank is proven with rank.py's sparse symmetric factorisation (positive pivots of F_n F_n^T - tau I
+or F_n^T F_n - tau I), its null basis from that factor (random vectors projected on null(F_n), twice,
+then orthonormalised); a pattern the sparse proof does not settle falls back to a dense SVD when small.
+K Z_F is formed from K's dense per-group blocks (rank.gradient_blocks) and ranked with rank.py's rule,
+against |K| and widened by the error amplification 1 / sigma_min_rel of the F_n whose null bases enter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse.linalg as spla
+import torch
+
+from rgap_audit.convspec import ConvSpec
+from rgap_audit.rank import _GRAM_MIN, _base_factor, _gram_full_rank, _rank_null, _refined_normal_solve, _tol_rank, gradient_blocks
+from rgap_audit.structure import sparse_forward
+from rgap_audit.tolerances import EPS, GRAM_SAFE
+
+__all__ = ["ForwardFirst", "forward_first", "forward_first_cost"]
+
+_SPARSE_MIN = 16  # smaller per-sample blocks are decided by a dense SVD
+
+
+@dataclass
+class ForwardFirst:
+    """The forward-first elimination of one batch layer."""
+
+    rank: int
+    rank_forward: int  # sum_n rank(F_n)
+    rank_reduced: int  # rank(K Z_F)
+    patterns: int  # distinct per-sample forward blocks factorised
+    sigma_min_rel: float | None
+    null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal, flattened x coords; None when not kept
+
+
+def _per_sample(spec: ConvSpec, n: int, rows_idx: np.ndarray, known_np: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sample: (its forward rows, local indices into n_out; its unknown input entries, local into n_in)."""
+    n_out, n_in = spec.n_out, spec.n_in
+    sample = rows_idx // n_out
+    out = []
+    for i in range(n):
+        rows = np.sort(rows_idx[sample == i] - i * n_out)
+        cols = np.arange(n_in) if known_np is None else np.flatnonzero(~known_np[i].reshape(-1))
+        out.append((rows, cols))
+    return out
+
+
+def forward_first_cost(spec: ConvSpec, n: int, rows_idx: np.ndarray, known_np: np.ndarray | None) -> int:
+    """Entries of K Z_F when every F_n has full row rank (its null space has cols - rows dimensions):
+    the size of the reduced system this route ranks, to compare with the gradient-first route's."""
+    d = sum(max(0, cols.size - rows.size) for rows, cols in _per_sample(spec, n, rows_idx, known_np))
+    return spec.n_weight * d
+
+
+def _projected_null(fs_t, lu, d: int, seed: int) -> np.ndarray:
+    """An orthonormal basis of null(F) (d = its dimension) from the factor of F F^T - tau I, F = fs_t^T:
+    seeded random vectors with their row-space part removed (refined solves), twice, then QR."""
+    c = fs_t.shape[0]
+    y = np.random.default_rng(seed).standard_normal((c, d))
+    for steps in (0, 1):  # the second pass refines the first (the factor is of F F^T - tau I)
+        coef = _refined_normal_solve(fs_t, lu, np.asarray(fs_t.T @ y), steps)  # (F F^T)^-1 F y, all columns at once
+        y = y - np.asarray(fs_t @ coef)
+        y = sla.qr(y, mode="economic", check_finite=False)[0]
+    return np.ascontiguousarray(y)
+
+
+def _sample_block(spec: ConvSpec, rows: np.ndarray, cols: np.ndarray, dense_limit: int, seed: int) -> tuple[int, float | None, np.ndarray] | str:
+    """rank(F_n), sigma_min_rel and an orthonormal basis of null(F_n) (len(cols), nullity), or why not."""
+    m, c = rows.size, cols.size
+    if c == 0:
+        return 0, None, np.zeros((0, 0))
+    if m == 0:
+        return 0, None, np.eye(c)
+    fs = sparse_forward(spec, 1).tocsr()[rows][:, cols]
+    tall = m >= c
+    base = _base_factor(fs if tall else fs.T.tocsr(), None) if min(m, c) >= _SPARSE_MIN else "small"
+    if not isinstance(base, str):
+        lu, tau, ref2, floor = base
+        size = c if tall else m
+        op = spla.LinearOperator((size, size), matvec=lu.solve, dtype=np.float64)
+        rel: float | None = math.sqrt(floor)
+        try:  # sigma_min to two digits (the largest eigenvalue of the inverse); the proven floor otherwise
+            mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(size), return_eigenvectors=False)[0])
+            rel = math.sqrt((1.0 / mu + tau) / ref2)
+        except spla.ArpackNoConvergence:
+            pass
+        if tall:
+            return c, rel, np.zeros((c, 0))
+        return m, rel, _projected_null(fs.T.tocsr(), lu, c - m, seed)
+    if m * c > dense_limit or c * c > dense_limit:
+        return f"the forward rows of one sample ({m} x {c}) are not proven full rank by the sparse factorisation ({base}) and too large for a dense SVD"
+    dense = fs.toarray()
+    top = float(np.abs(dense).max())
+    if tall:  # the singular values alone decide a full-rank block (no vectors needed then)
+        r, rel = _tol_rank(np.linalg.svd(dense / top, compute_uv=False), (m, c))
+        if r == c:
+            return r, rel, np.zeros((c, 0))
+    r, rel, null = _rank_null(dense, True)
+    assert null is not None
+    return r, rel, null
+
+
+def _reduced_rank(a: np.ndarray, want_null: bool, scale: float, amp: float) -> tuple[int, float | None, np.ndarray | None]:
+    """rank.py's rule on K Z_F. A wide matrix is settled from its row Gram when that proves full row rank
+    (its null space then by projection, twice); anything else goes to rank._rank_null."""
+    m, n = a.shape
+    if m == 0 or n == 0 or not np.any(a) or m >= n or m < _GRAM_MIN:
+        return _rank_null(a, want_null, scale, amp)
+    top = float(np.abs(a).max())
+    a_s, scale_s = a / top, scale / top
+    g = a_s @ a_s.T
+    rel = _gram_full_rank(a_s, scale_s, amp, gram=g)
+    if rel is None:
+        got = _pivoted_rank(a_s, g, scale_s, amp, want_null)
+        return got if got is not None else _rank_null(a, want_null, scale, amp)
+    if not want_null:
+        return m, rel, None
+    factor = sla.cho_factor(g, lower=True, check_finite=False)
+    return m, rel, _null_by_projection(a_s, factor, n - m)
+
+
+def _null_by_projection(rows: np.ndarray, factor, d: int) -> np.ndarray:
+    """An orthonormal basis of null(rows) (d = its dimension): seeded random vectors with their row-space part
+    removed through the Cholesky factor of rows rows^T, twice, then QR."""
+    y = np.random.default_rng(7).standard_normal((rows.shape[1], d))
+    for _ in range(2):
+        y = y - rows.T @ sla.cho_solve(factor, rows @ y, check_finite=False)
+        y = sla.qr(y, mode="economic", check_finite=False)[0]
+    return np.ascontiguousarray(y)
+
+
+def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_null: bool) -> tuple[int, float | None, np.ndarray | None] | None:
+    """The rank of a wide, row-deficient a (scaled to max |a| = 1) by the SVD rule, certified without its SVD.
+
+    A pivoted Cholesky of G = a a^T (LAPACK pstrf) picks r rows a_1 of a; rank >= r is proven by a Cholesky
+    of a_1 a_1^T - tau I (tau: the Gram route's margin over the largest eigenvalue, so sigma_r(a) >= sigma_min(a_1)
+    > 1e-4 sigma_max); rank <= r by a basis N of null(a_1) (projection) with |a N|_F below the rule's tolerance
+    max(m, n) eps |a| amp, so at least n - r singular values of a are below it (minimax). None when either
+    fails (the caller takes the SVD)."""
+    m, n = a.shape
+    try:
+        lam_max = float(spla.eigsh(g, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).standard_normal(m), return_eigenvectors=False)[0])
+    except spla.ArpackNoConvergence:
+        lam_max = float(np.abs(g).sum(axis=0).max())  # an upper bound on lambda_max
+    ref2 = max(lam_max * (1 + 1e-3), scale * scale)
+    if ref2 <= 0:
+        return None
+    tol = max(m, n) * EPS * math.sqrt(ref2) * amp
+    _c, piv, r, info = sla.lapack.dpstrf(g, tol=1e4 * 10.0 * (m + n) * EPS * ref2, lower=1)
+    if info < 0 or r == 0:
+        return None
+    pick = np.sort(piv[:r] - 1)
+    a1 = a[pick]
+    g1 = a1 @ a1.T
+    floor = max(GRAM_SAFE, (100.0 * max(m, n) * EPS * amp) ** 2)
+    try:
+        sla.cho_factor(g1 - floor * ref2 * np.eye(r), lower=True, check_finite=False)
+        factor = sla.cho_factor(g1, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    null = _null_by_projection(a1, factor, n - r)
+    if float(np.linalg.norm(a @ null)) >= tol:
+        return None
+    return r, math.sqrt(floor), (null if want_null else None)
+
+
+def forward_first(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    rows_idx: np.ndarray,
+    known_np: np.ndarray | None,
+    *,
+    want_null: bool,
+    exact_limit: int,
+) -> ForwardFirst | str:
+    """rank([K; F]) by eliminating the per-sample forward rows first (see the module docstring).
+
+    k_np: dL/dz, (N, *out_shape); rows_idx: indices into N * n_out of the entries of z the forward rows
+    see (an entrywise link above, no directions carried from above: then F is block-diagonal over the
+    samples); known_np: (N, C_in, S) bool, input entries known to the attacker, or None. Returns why
+    not when a per-sample block is not settled or the reduced system exceeds exact_limit entries.
+    """
+    n = k_np.shape[0]
+    cin, g_cnt = spec.in_channels, spec.groups
+    cig = cin // g_cnt
+    s_sp = spec.n_in // cin
+    per = _per_sample(spec, n, rows_idx, known_np)
+    solved: dict[tuple[bytes, bytes], tuple[int, float | None, np.ndarray]] = {}
+    nulls: list[np.ndarray] = []
+    for rows, cols in per:
+        key = (rows.tobytes(), cols.tobytes())
+        if key not in solved:
+            got = _sample_block(spec, rows, cols, exact_limit, seed=len(solved))
+            if isinstance(got, str):
+                return got
+            solved[key] = got
+        nulls.append(solved[key][2])
+    rank_f = sum(solved[(r.tobytes(), c.tobytes())][0] for r, c in per)
+    d_f = sum(nb.shape[1] for nb in nulls)
+    if spec.n_weight * d_f > exact_limit:
+        return f"the reduced system K Z_F ({spec.n_weight} x {d_f}) is too large for an exact rank"
+    rels = [v[1] for v in solved.values() if v[1] is not None]
+    amp = 1.0 / min([v[1] for v in solved.values() if v[1] is not None and v[2].shape[1]] or [1.0])
+    # K Z_F: rows (channel, group output channel, kernel offset), columns (sample, null vector)
+    k_t = torch.from_numpy(np.ascontiguousarray(k_np))
+    blocks = gradient_blocks(spec, k_t)
+    rows_g = blocks[0][1].shape[0]
+    a = np.zeros((cin * rows_g, d_f))
+    col = 0
+    for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
+        d_i = nb.shape[1]
+        if d_i == 0:
+            continue
+        flat = np.zeros((spec.n_in, d_i))
+        flat[cols] = nb
+        full = flat.reshape(cin, s_sp, d_i)
+        for g, (chans, blk) in enumerate(blocks):
+            part = blk[:, i * s_sp : (i + 1) * s_sp]  # (rows_g, S): sample i's columns of the group's block
+            a[g * cig * rows_g : (g + 1) * cig * rows_g, col : col + d_i] = (part[None] @ full[chans]).reshape(cig * rows_g, d_i)
+        col += d_i
+    scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
+    rows_kept = np.any(a != 0, axis=1)
+    r_k, rel_k, null_k = _reduced_rank(a[rows_kept], want_null, scale, amp)
+    if rel_k is not None:
+        rels.append(rel_k)
+    null = None
+    if want_null and null_k is not None and n * spec.n_in * null_k.shape[1] <= 2 * exact_limit:  # kept for the layer below
+        out = np.zeros((n, spec.n_in, null_k.shape[1]))
+        col = 0
+        for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
+            d_i = nb.shape[1]
+            if d_i:
+                out[i, cols] = nb @ null_k[col : col + d_i]
+            col += d_i
+        null = torch.from_numpy(out.reshape(n * spec.n_in, -1))
+    return ForwardFirst(rank_f + r_k, rank_f, r_k, len(solved), min(rels) if rels else None, null)
+
+
+def forward_null_gram(
+    spec: ConvSpec, n: int, rows_idx: np.ndarray, pieces: list[tuple[int, list[int], np.ndarray]]
+) -> tuple[np.ndarray, float, int]:
+    """H = (F Z)^T (F Z) of the gradient-first route, without F Z: per sample, sum of Z_n^T T_n Z_n.
+
+    F = blockdiag(F_n) (the rows of W at the entries of z_n the forward rows see; a row's scale does not
+    change its span), Z = null(K) from rank.py's per-channel pieces (group, channels, Z_piece (N*S, d)).
+    T_n = F_n^T F_n is one sample's (C_in S)^2 Gram; (F Z)^T (F Z) = sum_n Z_n^T T_n Z_n, Z_n the rows of
+    sample n. Costs N (d S C_in S + d^2 S) instead of the N n_out d^2 of forming F Z's Gram, and never
+    holds F Z. Returns (H, |F| = max_n sigma_max(F_n), rows of F Z counted for the tolerance).
+    """
+    cin = spec.in_channels
+    s_sp = spec.n_in // cin
+    n_out = spec.n_out
+    cols: list[tuple[int, np.ndarray]] = [(c, z) for _g, chans, z in pieces for c in chans if z.shape[1]]
+    offs = np.cumsum([0] + [z.shape[1] for _c, z in cols])
+    d = int(offs[-1])
+    h = np.zeros((d, d))
+    w1 = sparse_forward(spec, 1).tocsr()
+    sample = rows_idx // n_out
+    grams: dict[bytes, np.ndarray] = {}
+    scale2 = 0.0
+    by_channel: dict[int, list[int]] = {}
+    for j, (c, _z) in enumerate(cols):
+        by_channel.setdefault(c, []).append(j)
+    for i in range(n):
+        rows = np.sort(rows_idx[sample == i] - i * n_out)
+        key = rows.tobytes()
+        if key not in grams:
+            fs = w1[rows]
+            grams[key] = np.asarray((fs.T @ fs).todense())
+            if rows.size:
+                scale2 = max(scale2, float(np.linalg.eigvalsh(grams[key])[-1]) if spec.n_in <= 4096 else float(abs(fs.T @ fs).sum(axis=0).max()))
+        t_i = grams[key]
+        x_i = np.empty((spec.n_in, d))  # T_n Z_n
+        for j, (c, z) in enumerate(cols):
+            x_i[:, offs[j] : offs[j + 1]] = t_i[:, c * s_sp : (c + 1) * s_sp] @ z[i * s_sp : (i + 1) * s_sp]
+        for c, js in by_channel.items():
+            block = x_i[c * s_sp : (c + 1) * s_sp]
+            for j in js:
+                z = cols[j][1][i * s_sp : (i + 1) * s_sp]
+                h[offs[j] : offs[j + 1]] += z.T @ block
+    return 0.5 * (h + h.T), math.sqrt(scale2), int(rows_idx.size)
+
+
+def carried_forward_proof(
+    spec: ConvSpec, n: int, rows_idx: np.ndarray, carried: np.ndarray, known_np: np.ndarray | None, exact_limit: int
+) -> float | str:
+    """Prove that the forward rows alone have full column rank when the layer above carried directions Q
+    down (they mix the samples), from per-sample blocks: sigma_min / sigma_max of P F, or why not.
+
+    F = blockdiag(F_n) (tall F_n: the rows of W at the entries of z_n the rows see, the columns of sample
+    n's unknown inputs), P = I - Q Q^T. sigma_min(P F) >= sigma_min(F) (sigma_min(N^T Q) - leak) with N =
+    blockdiag(N_n), N_n an orthonormal basis of range(F_n)^perp (rank.py's principal-angle bound, here per
+    sample): each distinct F_n is factorised once (a Cholesky of F_n^T F_n - tau I proves lambda_min > tau,
+    tau the Gram route's margin over |F|^2), and only N^T Q (sum_n (m_n - c_n) x d) meets the samples.
+    """
+    n_out = spec.n_out
+    sample = rows_idx // n_out
+    w1 = sparse_forward(spec, 1).tocsr()
+    d = carried.shape[1]
+    blocks: list[tuple[bytes, np.ndarray]] = []
+    per: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+    for i in range(n):
+        sel = np.flatnonzero(sample == i)
+        local = rows_idx[sel] - i * n_out
+        order = np.argsort(local)
+        rows = local[order]
+        cols = np.arange(spec.n_in) if known_np is None else np.flatnonzero(~known_np[i].reshape(-1))
+        if rows.size < cols.size:
+            return f"sample {i} has {rows.size} forward rows for {cols.size} unknowns"
+        if rows.size * cols.size > exact_limit:
+            return f"one sample's forward rows ({rows.size} x {cols.size}) are too large for a dense factorisation"
+        key = rows.tobytes() + b"|" + cols.tobytes()
+        per.setdefault(key, (rows, cols))
+        blocks.append((key, sel[order]))
+    dense = {key: w1[rows][:, cols].tocsr() for key, (rows, cols) in per.items()}  # sparse F_n
+    grams = {key: np.asarray((f.T @ f).todense()) for key, f in dense.items()}
+    lam_max = 0.0
+    for g in grams.values():
+        if g.size:
+            top = float(g[0, 0]) if g.shape[0] == 1 else float(
+                spla.eigsh(g, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).standard_normal(g.shape[0]), return_eigenvectors=False)[0]
+            )
+            lam_max = max(lam_max, top)
+    ref2 = lam_max * (1 + 1e-3)
+    if ref2 <= 0:
+        return "the forward rows are zero"
+    m_all, c_all = int(rows_idx.size), sum(per[key][1].size for key, _ in blocks)
+    floor = max(GRAM_SAFE, (100.0 * max(m_all, c_all) * EPS) ** 2)
+    tau = floor * ref2
+    lefts: dict[bytes, tuple[np.ndarray, float]] = {}
+    lam = math.inf
+    for key, f in dense.items():
+        g = grams[key]
+        try:
+            sla.cho_factor(g - tau * np.eye(g.shape[0]), lower=True, check_finite=False)
+            factor = sla.cho_factor(g, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            return "one sample's forward rows are not proven to have full column rank (Cholesky)"
+        lam_i = tau  # proven; a better bound: half the Lanczos estimate of lambda_min, proven by a Cholesky
+        op = spla.LinearOperator(g.shape, matvec=lambda v, fc=factor: sla.cho_solve(fc, v, check_finite=False), dtype=np.float64)
+        try:
+            mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(g.shape[0]), return_eigenvectors=False)[0])
+        except (spla.ArpackNoConvergence, ValueError):
+            mu = 0.0
+        if mu > 0 and 0.5 / mu > tau:
+            try:
+                sla.cho_factor(g - (0.5 / mu) * np.eye(g.shape[0]), lower=True, check_finite=False)
+                lam_i = 0.5 / mu
+            except np.linalg.LinAlgError:
+                pass
+        lam = min(lam, lam_i)
+        m, c = f.shape
+        nb = np.random.default_rng(1).standard_normal((m, m - c))
+        for _ in range(2):
+            nb = nb - np.asarray(f @ sla.cho_solve(factor, np.asarray(f.T @ nb), check_finite=False))
+            nb = sla.qr(nb, mode="economic", check_finite=False)[0]
+        leak = float(np.linalg.norm(np.asarray(f.T @ nb))) / math.sqrt(lam_i) if nb.size else 0.0
+        lefts[key] = (nb, leak)
+    rows_nq = sum(lefts[key][0].shape[1] for key, _ in blocks)
+    if rows_nq < d:
+        return f"{rows_nq} directions outside the forward rows' range for {d} carried directions"
+    nq = np.empty((rows_nq, d))
+    at = 0
+    for key, sel in blocks:
+        nb = lefts[key][0]
+        nq[at : at + nb.shape[1]] = nb.T @ carried[sel]
+        at += nb.shape[1]
+    leak = max(v[1] for v in lefts.values())
+    s_min = float(np.sqrt(max(np.linalg.eigvalsh(nq.T @ nq)[0], 0.0))) if d else 1.0
+    if lam * max(s_min - leak, 0.0) ** 2 <= tau * 1.0000001:
+        return "the carried directions are not proven to leave the forward rows full column rank (principal angles)"
+    return math.sqrt(lam / ref2) * (s_min - leak)
