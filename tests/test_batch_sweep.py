@@ -19,6 +19,7 @@ import torch
 from rgap_audit import cli
 from rgap_audit.analysis import audit_model
 from rgap_audit.formats.jsonreport import report_schema
+from rgap_audit.records import SCHEMA_VERSION
 from tests.test_cli import run_cli, write
 
 MLP = """
@@ -55,7 +56,7 @@ def test_sweep_json_lines_match_separate_audits(tmp_path: Path) -> None:
     assert proc.returncode in (0, 1), proc.stderr
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, report_schema())
-    assert doc["schema_version"] == "2.2"
+    assert doc["schema_version"] == SCHEMA_VERSION
     (model,) = doc["models"]
     assert model["batch_size"] == 1  # the report is the first size's
     points = model["batch_sweep"]
