@@ -1217,15 +1217,18 @@ def layer_rank(
         grouped = _grouped_forward_rank(
             spec, pieces, fwd, n, big_d, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp, exact_limit
         )
-    if grouped is not None:
-        r_f, rel_f, null_f, colmap = grouped
+    def reduced(r_f: int, rel_f: float | None, null_f: np.ndarray | None, colmap, solution=None) -> LayerRank:
+        """The layer's result from the rank of its reduced forward system F Z (and its null basis in x)."""
         if rel_f is not None:
             rels.append(rel_f)
         rank = rank_k + r_f
         null = None
         if want_null and null_f is not None and total_x * null_f.shape[1] <= exact_limit:
             null = null_to_x(colmap, pieces, null_f)
-        return result(rank, rank, rank, "structured-svd", null)
+        return result(rank, rank, rank, "structured-svd", null, solution)
+
+    if grouped is not None:
+        return reduced(*grouped)
 
     if d_total * big_d > exact_limit and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_total * d_total <= 2 * exact_limit:
         # a batch whose F Z is too large to hold: its Gram from the per-sample forward Grams (batchrank)
@@ -1263,13 +1266,7 @@ def layer_rank(
         solution = x_k + null_to_x(colmap, pieces, y[:, None]).numpy().reshape(x_k.shape)
     else:
         r_f, rel_f, null_f = _rank_null(m_mat, want_null, scale, z_amp)
-    if rel_f is not None:
-        rels.append(rel_f)
-    rank = rank_k + r_f
-    null = None
-    if want_null and null_f is not None and total_x * null_f.shape[1] <= exact_limit:
-        null = null_to_x(colmap, pieces, null_f)
-    return result(rank, rank, rank, "structured-svd", null, solution)
+    return reduced(r_f, rel_f, null_f, colmap, solution)
 
 
 def _forward_solution(

@@ -37,16 +37,21 @@ CASES = {name: SEGMENT_CASES[name] for name in ("resnet-identity", "resnet-proje
 CASES["inception-cat"] = (Inception, (3, 6, 6))
 
 
-def _attack(name: str):
+def _audited(name: str):
+    """The audit of a case and the shared gradient of its instance (autograd, by parameter name)."""
     factory, shape = CASES[name]
     torch.manual_seed(0)
     checked = audit_model(factory(), shape)
     inst = checked.instance
     params = dict(inst.gm.named_parameters())
     loss = torch.nn.functional.cross_entropy(inst.gm(inst.x), inst.labels, reduction="sum")
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    rec = attack_graph(inst.graph, inst.env, grads, shape, inst.loss, true_input=inst.x)
-    return checked, rec
+    return checked, dict(zip(params, torch.autograd.grad(loss, list(params.values())))), shape
+
+
+def _attack(name: str):
+    checked, grads, shape = _audited(name)
+    inst = checked.instance
+    return checked, attack_graph(inst.graph, inst.env, grads, shape, inst.loss, true_input=inst.x)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -95,13 +100,8 @@ def test_given_patterns_confirm_but_never_upgrade_the_verdict():
 
 
 def test_without_the_truth_the_patterns_are_estimated_and_said_so():
-    factory, shape = CASES["resnet-identity"]
-    torch.manual_seed(0)
-    checked = audit_model(factory(), shape)
+    checked, grads, shape = _audited("resnet-identity")
     inst = checked.instance
-    params = dict(inst.gm.named_parameters())
-    loss = torch.nn.functional.cross_entropy(inst.gm(inst.x), inst.labels, reduction="sum")
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     rec = attack_graph(inst.graph, inst.env, grads, shape, inst.loss)
     step = next(s for s in rec.layers if s.op == "segment")
     assert step.pattern == "estimated" and "estimated by" in step.method

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-from rgap_audit.errors import AuditError
 from rgap_audit.options import LoadedModel
 from rgap_audit.records import NoiseDefence, plain
-from rgap_audit.verify.images import safe_name, write_figure
+from rgap_audit.verify.images import figure_path, write_figure, write_png
 
 
 def write_noise_figures(directory: str, loaded: LoadedModel, noise: NoiseDefence) -> list[str]:
@@ -15,20 +12,9 @@ def write_noise_figures(directory: str, loaded: LoadedModel, noise: NoiseDefence
     DIR/<stem>.<model>-defences-reconstructions.png; the first path is kept in `noise.image`."""
     from rgap_audit import figures
 
-    stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
-    path = os.path.join(directory, f"{safe_name(stem)}.{safe_name(loaded.name)}-defences-noise.png")
+    path = figure_path(directory, loaded, "-defences-noise")
     written = []
-    try:
-        png = figures.noise_png(plain(noise), loaded.name)
-    except figures.MissingExtra as exc:
-        raise AuditError(f"--save-images: {exc}", model=loaded.name) from exc
-    if png is not None:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(png)
-        except OSError as exc:
-            raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=loaded.name) from exc
+    if write_png(directory, path, lambda: figures.noise_png(plain(noise), loaded.name), loaded.name):
         noise.image = path
         written.append(path)
     if noise.panels:

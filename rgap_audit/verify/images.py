@@ -10,6 +10,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -86,20 +87,36 @@ def panel(label: str, x: torch.Tensor, x_rec: torch.Tensor, metrics: Metrics | N
     )
 
 
-def write_figure(directory: str, loaded: LoadedModel, suffix: str, panels: list[Panel], title: str) -> str:
-    """The labelled figure of `panels` to DIR/<file stem>.<model><suffix>.png (matplotlib: rgap-audit[report])."""
+def figure_path(directory: str, loaded: LoadedModel, suffix: str) -> str:
+    """DIR/<file stem>.<model><suffix>.png: where --save-images writes a model's figure."""
     stem = os.path.splitext(os.path.basename(loaded.file or "model"))[0]
-    path = os.path.join(directory, f"{safe_name(stem)}.{safe_name(loaded.name)}{suffix}.png")
+    return os.path.join(directory, f"{safe_name(stem)}.{safe_name(loaded.name)}{suffix}.png")
+
+
+def write_png(directory: str, path: str, draw: Callable[[], bytes | None], model: str) -> bool:
+    """Draw a figure (figures.py, matplotlib: rgap-audit[report]) and write it to `path`; False when there was
+    nothing to draw. A missing extra or an unwritable directory is the run's error (AuditError), one line."""
     from rgap_audit import figures
 
     try:
-        png = figures.reconstruction_png([plain(p) for p in panels], title)
+        png = draw()
     except figures.MissingExtra as exc:
-        raise AuditError(f"--save-images: {exc}", model=loaded.name) from exc
+        raise AuditError(f"--save-images: {exc}", model=model) from exc
+    if png is None:
+        return False
     try:
         os.makedirs(directory, exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(png)
     except OSError as exc:
-        raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=loaded.name) from exc
+        raise AuditError(f"--save-images: cannot write {path!r}: {exc.strerror or exc}", model=model) from exc
+    return True
+
+
+def write_figure(directory: str, loaded: LoadedModel, suffix: str, panels: list[Panel], title: str) -> str:
+    """The labelled figure of `panels` to DIR/<file stem>.<model><suffix>.png (matplotlib: rgap-audit[report])."""
+    from rgap_audit import figures
+
+    path = figure_path(directory, loaded, suffix)
+    write_png(directory, path, lambda: figures.reconstruction_png([plain(p) for p in panels], title), loaded.name)
     return path
