@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rgap_audit.attack.engine import Reconstruction
-from rgap_audit.records import Criterion, Metrics, ModelReport
+from rgap_audit.records import Criterion, Metrics, ModelReport, ModelStatus
 from rgap_audit.verify.criterion import INPUT, Check, is_leak
 from rgap_audit.verify.metrics import fmt
 
@@ -85,6 +85,14 @@ def judge(
     given = rec.patterns_given()
     if given and v.input_recoverable is None and not static_def:
         segs = ", ".join(given)
+        if v.status != ModelStatus.RECOVERABLE_GIVEN_PATTERN:  # bounds only: the analysis predicted nothing to confirm
+            return Judgement(
+                None,
+                f"The static analysis could not decide; solved at the true input's activation patterns, the joint system(s) of "
+                f"{segs} and the layers below reached {said}: {leak_words(best, crit)}.",
+                best_chk,
+                leak_best,
+            )
         if leak_best:
             return Judgement(
                 True,
