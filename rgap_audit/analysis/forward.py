@@ -117,7 +117,11 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
             s_np = unknown.detach().to(z0.dtype).numpy().reshape(idx.size, -1)
             live = idx >= 0
             cols_np = np.zeros((z0.numel(), s_np.shape[1]))
-            np.add.at(cols_np, idx[live], fac[live, None] * s_np[live])
+            src = idx[live]
+            if np.unique(src).size == src.size:  # one entry of x' per entry of z (no slice read twice): a plain scatter
+                cols_np[src] = fac[live, None] * s_np[live]
+            else:
+                np.add.at(cols_np, src, fac[live, None] * s_np[live])
             t = torch.from_numpy(cols_np) / (d * d).clamp_min(1e-300)[:, None]
         else:
             cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
@@ -143,9 +147,10 @@ def _orthonormal_by_blocks(t: np.ndarray) -> np.ndarray:
     q = np.zeros_like(t)
     order = np.argsort(label, kind="stable")
     starts = np.searchsorted(label[order], np.arange(n_comp + 1))
+    by_col = nz.tocsc()
     for c in range(n_comp):
         cols = order[starts[c] : starts[c + 1]]
-        rows = np.flatnonzero(np.any(t[:, cols] != 0, axis=1))
+        rows = np.unique(by_col[:, cols].indices)  # the rows these columns touch, from the sparsity pattern
         if rows.size == 0:
             continue
         qc = np.linalg.qr(t[np.ix_(rows, cols)])[0]  # (len(rows), min(len(rows), len(cols)))
