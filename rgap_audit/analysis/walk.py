@@ -199,8 +199,7 @@ class Walker:
         state.systems[name] = LayerSystem(name, spec, k, side.info, known, res)
         kept = res.null_basis is not None or (not want_null and _basis_would_fit(res, n_samples * spec.n_in, self.options.exact_rank_limit))
         if not kept and res.deficit != 0:  # the layer below learns only how many directions are lost
-            state.carried[name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
-            rec.undetermined = Undetermined(*state.carried[name])
+            _carry_count(state, name, res, rec)
         leak = gn.info.leak(ops.LeakContext(module, spec, x_in, k, n_samples)) if gn.info.leak is not None else None
         if leak is not None and leak.exact:
             rec.verdict, rec.basis = Verdict.LEAKS_EXACTLY, Basis.STRUCTURE
@@ -209,14 +208,8 @@ class Walker:
             state.carried.pop(name, None)
             rec.undetermined = None
         elif res.rank is None:
-            rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
-            rec.basis = Basis.BOUNDS
             cause = "the layer above is only bounded" if side.uncertain is not None else "system too large for an exact rank"
-            rec.reason = f"rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns ({cause})"
-            if res.rank_upper < res.unknowns:
-                rec.reason += f": at least {res.unknowns - res.rank_upper} directions undetermined"
-            elif res.rank_lower < res.unknowns:
-                rec.reason += ": undecided, counted as recoverable (the attacker's side)"
+            _bounded(rec, res, cause)
         elif res.deficit == 0:
             rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
             rec.reason = f"rank {res.rank} = {res.unknowns} unknowns: closed-form solve"
@@ -325,17 +318,10 @@ class Walker:
         rec.samples = inst.batch
         state.nulls[seg.name] = res.null_basis
         if res.null_basis is None and res.deficit != 0:
-            state.carried[seg.name] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
-            rec.undetermined = Undetermined(*state.carried[seg.name])
+            _carry_count(state, seg.name, res, rec)
         what = f"joint system of {len(seg.layers)} weighted layer(s) over the value of {seg.start}"
         if res.rank is None:
-            rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
-            rec.basis = Basis.BOUNDS
-            rec.reason = f"{what}: rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns (too large for an exact rank)"
-            if res.rank_upper < res.unknowns:
-                rec.reason += f": at least {res.unknowns - res.rank_upper} directions undetermined"
-            elif res.rank_lower < res.unknowns:
-                rec.reason += ": undecided, counted as recoverable (the attacker's side)"
+            _bounded(rec, res, "too large for an exact rank", prefix=f"{what}: ")
         elif res.deficit == 0:
             rec.verdict, rec.basis = Verdict.RECOVERABLE, Basis.NUMERICAL
             rec.reason = f"{what}: rank {res.rank} = {res.unknowns} unknowns: one least-squares solve recovers it"
@@ -372,3 +358,20 @@ class Walker:
         known = link.constant_entries(self.inst.values[link.lower], self.gen).reshape(u0.shape)
         return known if bool(known.any()) else None
 
+
+def _carry_count(state: WalkState, unit: str, res: LayerRank, rec: LayerRecord) -> None:
+    """No basis of the undetermined directions: the unit below learns only how many there are, within bounds."""
+    state.carried[unit] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
+    rec.undetermined = Undetermined(*state.carried[unit])
+
+
+def _bounded(rec: LayerRecord, res: LayerRank, cause: str, prefix: str = "") -> None:
+    """Verdict and reason of a layer or segment whose rank is only bounded: deficient when the upper bound
+    falls short of the unknowns, otherwise counted as recoverable (the attacker's side)."""
+    rec.verdict = Verdict.DEFICIENT if res.rank_upper < res.unknowns else Verdict.RECOVERABLE
+    rec.basis = Basis.BOUNDS
+    rec.reason = f"{prefix}rank between {res.rank_lower} and {res.rank_upper} of {res.unknowns} unknowns ({cause})"
+    if res.rank_upper < res.unknowns:
+        rec.reason += f": at least {res.unknowns - res.rank_upper} directions undetermined"
+    elif res.rank_lower < res.unknowns:
+        rec.reason += ": undecided, counted as recoverable (the attacker's side)"
