@@ -56,6 +56,9 @@ def node_call(lg: LayerGraph, name: str, source: str, env: dict[str, Any]) -> Ca
     if fxn.op == "call_module":
         mod = gn.module
         assert mod is not None
+        evaluate = gn.info.evaluate
+        if evaluate is not None and len(args) == 1 and not kwargs:
+            return lambda t: evaluate(mod, _put(args, t)[0])
         return lambda t: mod(*_put(args, t), **_put(kwargs, t))
     if fxn.op == "call_method":
         method = str(fxn.target)
@@ -502,7 +505,7 @@ def region_function(lg: LayerGraph, start: str, nodes: tuple[str, ...], env: dic
     calls = []
     for name in nodes:
         gn = lg.node(name)
-        calls.append((name, gn.fx, gn.module))
+        calls.append((name, gn.fx, gn.module, gn.info.evaluate))
 
     def run(u: torch.Tensor) -> dict[str, torch.Tensor]:
         local: dict[str, Any] = {start: u}
@@ -510,11 +513,12 @@ def region_function(lg: LayerGraph, start: str, nodes: tuple[str, ...], env: dic
         def sub(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: local[n.name] if n.name in local else env[n.name])
 
-        for name, fxn, mod in calls:
+        for name, fxn, mod, evaluate in calls:
             args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
             if fxn.op == "call_module":
                 assert mod is not None
-                local[name] = mod(*args, **kwargs)
+                one = evaluate is not None and len(args) == 1 and not kwargs
+                local[name] = evaluate(mod, args[0]) if one and evaluate is not None else mod(*args, **kwargs)
             elif fxn.op == "call_method":
                 local[name] = getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
             else:

@@ -8,7 +8,11 @@
   `undetermined` are those of the same system ranked with the basis (rank.layer_rank, want_null=True),
   on models whose input layer is full rank and deficient.
 * Imports, in fresh processes: `rgap-audit rules` and a run served from the cache import no torch; a
-  static audit imports neither the attack, scipy.optimize, PIL, matplotlib, einops, torch._dynamo nor sympy.
+  static audit imports neither the attack, scipy.optimize, PIL, matplotlib, einops, torch._dynamo nor sympy,
+  also on a residual net with BatchNorm whose joint segments are linearised by jvp (torch.func's reverse
+  mode and batch_norm's forward AD load torch._dynamo, about 2 s): ConvSpec.weight_grad in closed form and
+  eval BatchNorm as a depthwise 1x1 convolution (OpInfo.evaluate), both checked against autograd and the
+  module itself, also under vmap of jvp.
 """
 
 from __future__ import annotations
@@ -167,3 +171,72 @@ def test_rules_command_and_cached_runs_import_no_torch(tmp_path):
     cached = _python(PROBE.format(argv=argv), tmp_path, cache=True)
     assert cached["code"] == cold["code"] == 1
     assert not {"torch", "numpy", "scipy", "networkx", "rgap_audit.analysis"} & set(cached["loaded"])
+
+
+def test_residual_batchnorm_audit_does_not_load_dynamo(tmp_path):
+    target = f"{EXAMPLES / 'resnet_bn.py'}:ResNet-tiny"
+    got = _python(PROBE.format(argv=[target, "--format", "concise"]), tmp_path)
+    assert got["code"] in (0, 1)
+    assert "torch._dynamo" not in got["loaded"]
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Linear(7, 5), (7,)),
+        (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9)),
+        (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=4), (4, 9, 9)),
+        (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (2, 4, 5, 4)),
+    ],
+)
+def test_weight_grad_in_closed_form_equals_autograd(make, shape):
+    from rgap_audit.convspec import ConvSpec
+
+    torch.manual_seed(0)
+    layer = make().double()
+    spec = ConvSpec.from_module(layer, shape)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    k = torch.randn(3, *spec.out_shape, dtype=torch.float64)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    conv = {1: F.linear, 2: F.conv1d, 3: F.conv2d, 4: F.conv3d}[len(shape)]
+    args = () if len(shape) == 1 else (None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    z = conv(x, w, *args)
+    (ref,) = torch.autograd.grad((z * k).sum(), w)
+    assert torch.allclose(spec.weight_grad(x, k), ref, atol=1e-12)
+    # linear in x, and composes with vmap of jvp (the joint segments' columns)
+    t = torch.randn(4, 3, *shape, dtype=torch.float64)
+    cols = torch.func.vmap(lambda v: torch.func.jvp(lambda u: spec.weight_grad(u, k), (x,), (v,))[1])(t)
+    assert torch.allclose(cols, torch.stack([spec.weight_grad(v, k) for v in t]), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.BatchNorm1d(5), (4, 5)),
+        (lambda: nn.BatchNorm1d(5, affine=False), (4, 5, 6)),
+        (lambda: nn.BatchNorm2d(3), (2, 3, 4, 4)),
+        (lambda: nn.BatchNorm3d(2), (2, 2, 3, 3, 3)),
+    ],
+)
+def test_batchnorm_evaluate_equals_the_module(make, shape):
+    from rgap_audit.ops import lookup
+
+    torch.manual_seed(1)
+    bn = make().double()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    bn.eval()
+    info = lookup(type(bn), bn)
+    assert info.evaluate is not None
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert torch.allclose(info.evaluate(bn, x), bn(x), atol=1e-12)
+    t = torch.randn(3, *shape, dtype=torch.float64)
+    got = torch.func.vmap(lambda v: torch.func.jvp(lambda u: info.evaluate(bn, u), (x,), (v,))[1])(t)
+    ref = torch.stack([torch.func.jvp(bn, (x,), (v,))[1] for v in t])
+    assert torch.allclose(got, ref, atol=1e-12)
+    bn.train()  # batch statistics: the module's own call
+    assert torch.allclose(info.evaluate(bn, x), bn(x), atol=1e-12)

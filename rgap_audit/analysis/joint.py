@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from rgap_audit.convspec import ConvSpec
 from rgap_audit.instance import Instance
 from rgap_audit.links import region_function
 from rgap_audit.rank import ForwardInfo, LayerRank, _rank_null
@@ -46,9 +47,11 @@ class InnerLayer:
 
 def gradient_map(spec, k: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> dL/dW = the layer's weight gradient for input x and output gradient k (linear in x),
-    written with torch.func so that it composes with jvp and vmap."""
+    written so that it composes with jvp and vmap (ConvSpec.weight_grad; torch.func.vjp otherwise)."""
     w0 = spec.weight.detach().to(torch.float64)
     kk = k.detach().to(torch.float64)
+    if isinstance(spec, ConvSpec):
+        return lambda x: spec.weight_grad(x, kk)
 
     def grad_w(x: torch.Tensor) -> torch.Tensor:
         def fw(w: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,10 @@ class OpInfo:
     # call args, kwargs, output shape), whether this call is one; instance.py then audits the logits z
     folds_into_cross_entropy: Callable[[nn.Module | None, tuple, dict, tuple[int, ...]], bool] | None = None
     on_tuple: OpInfo | None = None  # the entry when the call reads one item of a multi-output op's tuple (getitem)
+    # the module's call as an explicit expression of its data input, for the linearisations (jvp) of links and
+    # segments: eval BatchNorm as scale * x + shift, since torch's forward AD of batch_norm first loads
+    # TorchDynamo's decompositions (about 2 s in every process); None: call the module itself
+    evaluate: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 OPS: dict[Any, OpInfo] = {}

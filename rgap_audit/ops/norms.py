@@ -49,6 +49,23 @@ def _inv_batchnorm(module: Any, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
     return (y - channel_view(shift, y)) / channel_view(scale, y)
 
 
+_CONV_BY_DIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def _bn_evaluate(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """The module's eval-mode output, scale * x + shift per channel, as a depthwise 1x1 convolution (or a
+    diagonal matmul for (N, C) inputs): under vmap of jvp these have batching rules, where a plain
+    broadcast multiply, like batch_norm itself, first loads TorchDynamo. Its own call in training mode
+    or without running statistics, where the batch's statistics enter."""
+    if module.training or _bn_uses_batch_stats(module) or (x.dim() != 2 and x.dim() not in _CONV_BY_DIM):
+        return module(x)
+    scale, shift = bn_affine(module, x)
+    c = scale.numel()
+    if x.dim() == 2:
+        return x @ torch.diag(scale) + shift
+    return _CONV_BY_DIM[x.dim()](x, scale.reshape(c, *([1] * (x.dim() - 1))), shift, groups=c)
+
+
 def _bn_uses_batch_stats(m: Any) -> bool:
     return (not getattr(m, "track_running_stats", True)) or getattr(m, "running_mean", None) is None
 
@@ -108,7 +125,7 @@ def bn_gamma_rows(m: Any, k_y: torch.Tensor) -> ParamRows | None:
 BATCHNORM = register(
     OpInfo(
         "BatchNorm", NORM, True, _BN_WHY, inverse=_inv_batchnorm, check=_bn_check, instance=_bn_instance,
-        link=INVERT, jacobian=CONSTANT, elementwise=True, param_rows=bn_gamma_rows,
+        link=INVERT, jacobian=CONSTANT, elementwise=True, param_rows=bn_gamma_rows, evaluate=_bn_evaluate,
     ),
     nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, lazy variants
     nn.SyncBatchNorm,  # its own forward equals BatchNorm's in eval mode
