@@ -115,45 +115,62 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
         if emap is not None:  # J^T S as a scatter: each entry of x' reads one entry of z
             idx, fac = emap
             s_np = unknown.detach().to(z0.dtype).numpy().reshape(idx.size, -1)
-            live = idx >= 0
-            cols_np = np.zeros((z0.numel(), s_np.shape[1]))
-            src = idx[live]
-            if np.unique(src).size == src.size:  # one entry of x' per entry of z (no slice read twice): a plain scatter
-                cols_np[src] = fac[live, None] * s_np[live]
-            else:
-                np.add.at(cols_np, src, fac[live, None] * s_np[live])
-            t = torch.from_numpy(cols_np) / (d * d).clamp_min(1e-300)[:, None]
-        else:
-            cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
-            t = (cols / (d * d).clamp_min(1e-300)).T
+            r_nz, c_nz = np.nonzero(s_np)  # carried directions are sparse (one channel each below a depthwise layer)
+            src = idx[r_nz]
+            keep = src >= 0
+            d_np = d.numpy()
+            vals = fac[r_nz[keep]] * s_np[r_nz[keep], c_nz[keep]] / np.maximum(d_np[src[keep]] ** 2, 1e-300)
+            # duplicates (an entry of z read twice, e.g. by two slices) are summed, as J^T sums them
+            t_sp = sp.csr_matrix((vals, (src[keep], c_nz[keep])), shape=(z0.numel(), s_np.shape[1]))
+            return rows.numpy(), _orthonormal_by_blocks(t_sp[rows.numpy()])
+        cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
+        t = (cols / (d * d).clamp_min(1e-300)).T
     else:
         t = unknown.to(z0.dtype)
     return rows.numpy(), _orthonormal_by_blocks(t[rows].detach().numpy())
 
 
-def _orthonormal_by_blocks(t: np.ndarray) -> np.ndarray:
+def _orthonormal_by_blocks(t: np.ndarray | sp.spmatrix) -> np.ndarray:
     """An orthonormal basis of t's columns (QR, as a whole), computed per group of columns that share no
     row with any other group: directions a grouped (depthwise) layer left undetermined live on one
     channel each, and a dense QR of all of them together costs seconds where the blocks cost
-    milliseconds. The result has the same column space."""
-    d = t.shape[1]
+    milliseconds. t dense or sparse (the blocks are read from its nonzeros); the result is dense, with
+    the same column space."""
+    m, d = t.shape
+    dense = t.toarray() if isinstance(t, sp.spmatrix) else t
     if d < 64:
-        return np.linalg.qr(t)[0]
-    nz = sp.csr_matrix(t != 0)
-    links = (nz.T @ nz).tocsr()  # columns sharing a row
-    n_comp, label = csgraph.connected_components(links, directed=False)
+        return np.linalg.qr(dense)[0]
+    coo = sp.coo_matrix(t)
+    r_nz, c_nz, v_nz = coo.row, coo.col, coo.data
+    nz = v_nz != 0
+    r_nz, c_nz, v_nz = r_nz[nz], c_nz[nz], v_nz[nz]
+    # columns sharing a row, as components of the bipartite row-column graph: O(nonzeros), where the
+    # column graph nz^T nz costs the squares of the rows' counts (seconds for dense t)
+    both = sp.coo_matrix((np.ones(r_nz.size), (r_nz, m + c_nz)), shape=(m + d, m + d))
+    _n_all, label_all = csgraph.connected_components(both, directed=False)
+    _kept, label = np.unique(label_all[m:], return_inverse=True)
+    n_comp = int(label.max()) + 1 if label.size else 0
     if n_comp == 1:
-        return np.linalg.qr(t)[0]
-    q = np.zeros_like(t)
-    order = np.argsort(label, kind="stable")
-    starts = np.searchsorted(label[order], np.arange(n_comp + 1))
-    by_col = nz.tocsc()
-    for c in range(n_comp):
-        cols = order[starts[c] : starts[c + 1]]
-        rows = np.unique(by_col[:, cols].indices)  # the rows these columns touch, from the sparsity pattern
-        if rows.size == 0:
+        return np.linalg.qr(dense)[0]
+    q = np.zeros((m, d))
+    col_order = np.argsort(label, kind="stable")
+    col_starts = np.searchsorted(label[col_order], np.arange(n_comp + 1))
+    comp_nz = label[c_nz]
+    nz_order = np.argsort(comp_nz, kind="stable")
+    nz_starts = np.searchsorted(comp_nz[nz_order], np.arange(n_comp + 1))
+    width = np.diff(col_starts)
+    alone = width[label[c_nz]] == 1  # nonzeros of one-column components: each column is just normalised
+    norm2 = np.bincount(c_nz[alone], weights=v_nz[alone] ** 2, minlength=d)
+    q[r_nz[alone], c_nz[alone]] = v_nz[alone] / np.sqrt(norm2[c_nz[alone]])
+    for c in np.flatnonzero(width > 1):
+        cols = col_order[col_starts[c] : col_starts[c + 1]]
+        sel = nz_order[nz_starts[c] : nz_starts[c + 1]]
+        if sel.size == 0:
             continue
-        qc = np.linalg.qr(t[np.ix_(rows, cols)])[0]  # (len(rows), min(len(rows), len(cols)))
+        rows = np.unique(r_nz[sel])  # the rows these columns touch, from the sparsity pattern
+        block = np.zeros((rows.size, cols.size))
+        block[np.searchsorted(rows, r_nz[sel]), np.searchsorted(cols, c_nz[sel])] = v_nz[sel]
+        qc = np.linalg.qr(block)[0]  # (len(rows), min(len(rows), len(cols)))
         q[np.ix_(rows, cols[: qc.shape[1]])] = qc
     return q[:, np.any(q != 0, axis=0)]  # a component with fewer rows than columns spans only its rows
 
