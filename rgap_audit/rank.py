@@ -355,6 +355,40 @@ def _rank_null(
     return r, rel, np.ascontiguousarray(vt[r:].T)
 
 
+def _rank_null_stack(
+    a: np.ndarray, want_null: bool, scale: float = 0.0, amp: float = 1.0
+) -> list[tuple[int, float | None, np.ndarray | None]]:
+    """_rank_null of each matrix of a stack (G, m, n) of small blocks, by one stacked SVD: the same rule
+    (each block scaled by its largest entry, _tol_rank on its singular values) and the same LAPACK
+    routine per block, without a Python call per block. Blocks at or above _GRAM_MIN columns (where
+    _rank_null may take the Gram route) go through _rank_null itself, so the results are identical."""
+    n_blk, m, n = a.shape
+    if n_blk == 0:
+        return []
+    if n == 0 or m == 0 or min(m, n) >= _GRAM_MIN or (want_null and n >= _GRAM_MIN):
+        return [_rank_null(b, want_null, scale, amp) for b in a]
+    top = np.abs(a).reshape(n_blk, -1).max(axis=1)
+    zero = top == 0
+    safe = np.where(zero, 1.0, top)
+    a = a / safe[:, None, None]
+    if want_null:
+        _u, s, vt = np.linalg.svd(a, full_matrices=m < n)
+    else:
+        s, vt = np.linalg.svd(a, compute_uv=False), None
+    ref = np.maximum(s[:, 0], scale / safe)
+    tol = max(m, n) * _EPS * ref * amp
+    ranks = (s > tol[:, None]).sum(axis=1)
+    out: list[tuple[int, float | None, np.ndarray | None]] = []
+    for i in range(n_blk):
+        if zero[i] or ref[i] <= 0:
+            out.append((0, None, np.eye(n) if want_null else None))
+            continue
+        r = int(ranks[i])
+        rel = float(s[i, r - 1] / ref[i]) if r else None
+        out.append((r, rel, np.ascontiguousarray(vt[i, r:].T) if vt is not None else None))
+    return out
+
+
 def _submatrix_rank(a_rows: int, a_cols: int, get: Callable[[np.ndarray, np.ndarray], np.ndarray], limit: int) -> int:
     """Rank of an evenly spaced submatrix of at most `limit` entries: a sound lower bound on the rank."""
     r = min(a_rows, max(1, math.isqrt(max(limit, 1))))
@@ -825,6 +859,12 @@ def _elementwise_map(spec: ConvSpec, fwd: ForwardInfo, n: int, big_d: int) -> tu
     return None if got is None or got[0].size != big_d else got
 
 
+def _grouped_route(spec: ConvSpec, fwd: ForwardInfo, solving: bool) -> bool:
+    """Whether _grouped_forward_rank may apply: a grouped convolution whose forward rows are entries of z
+    with nothing carried from above (it still returns None when the link is not elementwise)."""
+    return spec.groups > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and fwd.unknown is None
+
+
 def _grouped_forward_rank(
     spec: ConvSpec,
     pieces: list[tuple[int, list[int], np.ndarray]],
@@ -899,22 +939,35 @@ def _grouped_forward_rank(
         out_np = out.reshape(n, width, cog, out_sp).numpy()
         present = np.unique(groups_of)
         edges = np.searchsorted(groups_of, np.append(present, g_cnt))  # groups_of is sorted: runs go group by group
-        for gi, g in enumerate(present):
-            cols = np.arange(edges[gi], edges[gi + 1])
-            r = order[row_bounds[g] : row_bounds[g + 1]]
-            block = out_np[n_row[r][:, None], cols[None, :], col_row[r][:, None], sp_row[r][:, None]] * fac[live[r]][:, None]
-            if block.size > exact_limit:
+        n_rows = row_bounds[present + 1] - row_bounds[present]
+        n_cols = edges[1:] - edges[:-1]
+        shapes = np.stack([n_rows, n_cols], axis=1)
+        kinds, kind_of = np.unique(shapes, axis=0, return_inverse=True)
+        for (nr, nc), members in zip(kinds.tolist(), [np.flatnonzero(kind_of.reshape(-1) == q) for q in range(len(kinds))]):
+            # the groups whose blocks have this shape, gathered and ranked together
+            if nr * nc > exact_limit:
                 return None
-            rk, rel, nb = _rank_null(block, want_null, scale, amp) if block.shape[0] else (0, None, np.eye(cols.size))
-            rank += rk
-            if rel is not None:
-                rels.append(rel)
-            if want_null and nb is not None and nb.shape[1]:
-                nulls.append((c_base + int(cols[0]), nb))
+            first = edges[members]
+            got: list[tuple[int, float | None, np.ndarray | None]]
+            if nr == 0:
+                got = [(0, None, np.eye(nc))] * members.size
+            else:
+                r = order[row_bounds[present[members]][:, None] + np.arange(nr)[None, :]]  # (G, nr)
+                cols = first[:, None] + np.arange(nc)[None, :]  # (G, nc)
+                stack = out_np[n_row[r][:, :, None], cols[:, None, :], col_row[r][:, :, None], sp_row[r][:, :, None]]
+                got = _rank_null_stack(stack * fac[live[r]][:, :, None], want_null, scale, amp)
+            for c0, (rk, rel, nb) in zip(first.tolist(), got):
+                rank += rk
+                if rel is not None:
+                    rels.append(rel)
+                if want_null and nb is not None and nb.shape[1]:
+                    nulls.append((c_base + c0, nb))
         i = j
     null_f: np.ndarray | None = None
-    if want_null:
-        null_f = np.zeros((col, sum(nb.shape[1] for _c, nb in nulls)))
+    n_null = sum(nb.shape[1] for _c, nb in nulls)
+    if want_null and n * spec.n_in * n_null <= exact_limit:  # the layer's null basis is kept only that small
+        nulls.sort(key=lambda t: t[0])  # columns in group order, as one group at a time would give
+        null_f = np.zeros((col, n_null))
         k0 = 0
         for c0, nb in nulls:
             null_f[c0 : c0 + nb.shape[0], k0 : k0 + nb.shape[1]] = nb
@@ -954,8 +1007,13 @@ def layer_rank(
     known: torch.Tensor | None = None,
     rhs: SystemRHS | None = None,
     elimination: str = "auto",
+    lost_above: int | None = None,
 ) -> LayerRank:
     """Exact numerical rank of [K; F] for one layer, by residue blocks of K and the reduced F Z.
+
+    `lost_above`: the layer above left up to this many directions undetermined with no basis (the walk
+    then lowers the rank bound by as much, analysis.bounds): a lower bound from part of F Z that those
+    lost rows would erase anyway (rank K + its rank <= unknowns <= rank K + lost_above) is not computed.
 
     At B > 1 with per-sample forward rows (fwd.entries, nothing carried from above) the forward rows may
     be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
@@ -1213,7 +1271,7 @@ def layer_rank(
         return result(None, rank_k, hi, "bounds")
 
     grouped = None
-    if spec.groups > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and fwd.unknown is None:
+    if _grouped_route(spec, fwd, solving):
         grouped = _grouped_forward_rank(
             spec, pieces, fwd, n, big_d, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp, exact_limit
         )
@@ -1241,6 +1299,8 @@ def layer_rank(
             notes.append(f"batch: F Z ({m_rows} x {d_total}) proven full column rank from its Gram, summed over the samples")
             return result(unknowns, unknowns, unknowns, "batch-gram", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
         notes.append(f"batch: the Gram of F Z ({m_rows} x {d_total}) does not prove full column rank; bounds")
+    if d_total * big_d > exact_limit and lost_above is not None and d_total <= lost_above:
+        return result(None, rank_k, hi, "bounds")
     if d_total * big_d > exact_limit:
         # a subset of the null directions: rank(F Z_S) <= rank(F Z), so rank(K) + rank(F Z_S) is a lower bound
         n_sel = max(1, exact_limit // max(1, big_d))

@@ -146,3 +146,31 @@ def test_probe_memory_estimate_bounds_the_tensors_it_builds_and_the_budget_is_ke
     tight = audit_loaded(loaded, AuditOptions(exact_rank_limit=2_000, memory_budget_mb=1e-3))
     skipped = [r for r in tight.layers if r.probe is not None and r.probe.skipped]
     assert skipped and all(r.rank_method == "bounds" for r in skipped)
+
+
+
+def test_skipped_lower_bound_under_a_bounded_layer_changes_no_bound():
+    """Under a layer known only by bounds, layer_rank skips the partial-F Z lower bound (`lost_above`) that
+    the lost rows erase anyway: after analysis.bounds.rank_given_uncertain_above both give the same bounds,
+    and with fewer directions lost than F Z's columns the lower bound is computed as before."""
+    from rgap_audit.analysis.bounds import rank_given_uncertain_above
+    from rgap_audit.convspec import ConvSpec
+    from rgap_audit.rank import ForwardInfo, layer_rank
+
+    torch.manual_seed(2)
+    # 64 -> 1 channels: K's null bases are cheap (one 9 x 100 block per channel) but F Z (100 x 5824)
+    # exceeds the limit: the partial lower bound route
+    spec = ConvSpec.from_module(nn.Conv2d(64, 1, 3, padding=1, bias=False).double(), (64, 10, 10))
+    k = torch.randn(1, *spec.out_shape, dtype=torch.float64)
+    fwd = ForwardInfo(rows=spec.n_out)
+    limit = 400_000
+    full = layer_rank(spec, k, fwd, want_null=False, exact_limit=limit)
+    d = spec.n_in - full.rank_grad
+    assert full.method == "bounds" and full.rank_lower > full.rank_grad  # the partial F Z added rank
+    short = layer_rank(spec, k, fwd, want_null=False, exact_limit=limit, lost_above=d)
+    assert short.rank_lower == short.rank_grad == full.rank_grad and short.rank_upper == full.rank_upper
+    a = rank_given_uncertain_above(full, (0, d), spec.n_out)
+    b = rank_given_uncertain_above(short, (0, d), spec.n_out)
+    assert (a.rank, a.rank_lower, a.rank_upper) == (b.rank, b.rank_lower, b.rank_upper)
+    kept = layer_rank(spec, k, fwd, want_null=False, exact_limit=limit, lost_above=d - 1)
+    assert (kept.rank_lower, kept.rank_upper) == (full.rank_lower, full.rank_upper)

@@ -78,3 +78,51 @@ def test_blockwise_orthonormal_basis_spans_the_same_space():
     # span(q) contains span(t): every column of t, and the dense basis of its column space, lies in it
     assert np.linalg.norm(t - q @ (q.T @ t)) <= 1e-10 * np.linalg.norm(t)
     assert np.linalg.norm(ref - q @ (q.T @ ref)) <= 1e-10 * np.sqrt(ref.shape[1])
+
+
+def test_blockwise_basis_of_a_sparse_input_with_single_columns_equals_the_dense_one():
+    """The sparse route (entry_rows hands a scipy matrix; one-column components are normalised without a
+    QR) gives the same column space as the dense input, and both contain the dense SVD basis."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal((4, 1)) for _ in range(70)] + [rng.standard_normal((6, 3)) for _ in range(10)]
+    t = sla.block_diag(*blocks)
+    t = np.hstack([t, np.zeros((t.shape[0], 2))])  # two zero columns span nothing
+    t = t[rng.permutation(t.shape[0])][:, rng.permutation(t.shape[1])]
+    q_dense, q_sparse = _orthonormal_by_blocks(t), _orthonormal_by_blocks(sp.csr_matrix(t))
+    ref = sla.orth(t)
+    assert q_sparse.shape == q_dense.shape == ref.shape  # every block has full column rank here
+    assert np.allclose(q_sparse.T @ q_sparse, np.eye(q_sparse.shape[1]), atol=1e-12)
+    assert np.allclose(q_sparse @ q_sparse.T, ref @ ref.T, atol=1e-12)
+    assert np.allclose(q_dense @ q_dense.T, ref @ ref.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("want_null", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7), (5, 5), (0, 3), (4, 0)])
+def test_stacked_block_ranks_equal_one_block_at_a_time(shape, want_null):
+    """_rank_null_stack (one stacked SVD for many equal-shaped blocks) against _rank_null per block and
+    numpy's matrix_rank, on blocks of every rank, a zero block and a scaled reference."""
+    rng = np.random.default_rng(11)
+    m, n = shape
+    blocks = []
+    for r in range(min(m, n) + 1):
+        for _ in range(3):
+            blocks.append(rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) * 10.0 ** rng.uniform(-3, 3))
+    blocks.append(np.zeros((m, n)))
+    stack = np.stack(blocks) if blocks else np.zeros((0, m, n))
+    for scale in (0.0, 50.0):
+        got = rank_mod._rank_null_stack(stack, want_null, scale, 1.0)
+        assert len(got) == len(blocks)
+        for b, (rk, rel, nb) in zip(blocks, got):
+            ref_rk, ref_rel, ref_nb = rank_mod._rank_null(b, want_null, scale, 1.0)
+            assert rk == ref_rk
+            if scale == 0.0 and b.size:
+                assert rk == np.linalg.matrix_rank(b)
+            assert (rel is None) == (ref_rel is None) and (rel is None or np.isclose(rel, ref_rel, rtol=1e-10))
+            if want_null:
+                assert nb is not None and ref_nb is not None and nb.shape == ref_nb.shape == (n, n - rk)
+                assert np.allclose(nb @ nb.T, ref_nb @ ref_nb.T, atol=1e-10)
+                assert np.allclose(b @ nb, 0.0, atol=1e-8 * max(1.0, np.abs(b).max(initial=0.0)))
+            elif n:
+                assert nb is None

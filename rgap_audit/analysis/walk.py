@@ -181,7 +181,10 @@ class Walker:
         side = forward_side(inst, state, name, self.gen)
         known = known_inputs(inst, state, name, n_samples, tuple(spec.in_shape), self.gen)
         want_null = self._null_read_below(name, spec, side)
-        res = layer_rank(spec, k, side.info, known=known, want_null=want_null, exact_limit=self.options.exact_rank_limit)  # type: ignore[arg-type]
+        res = layer_rank(
+            spec, k, side.info, known=known, want_null=want_null, exact_limit=self.options.exact_rank_limit,  # type: ignore[arg-type]
+            lost_above=None if side.uncertain is None else side.uncertain[1],
+        )
         if side.uncertain is not None:
             res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
         elif res.rank is None and side.chain == Chain.FULL and n_samples == 1:
