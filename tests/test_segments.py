@@ -116,3 +116,42 @@ def test_cuts_are_the_dominators_of_the_output():
         separates = not nx.has_path(g, lg.input_node, lg.output_node)
         assert separates == (n in cuts), n
     assert len(joint_segments(lg)) == 2
+
+
+class WideReader(nn.Module):
+    """A residual block whose first convolution (4 -> 16 channels on 4x4) has gradient rows of full column
+    rank on its own: below a ReLU, whose zeros the segment counts as known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(4, 16, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.conv2(torch.relu(self.conv1(h)))
+        return self.head(h.flatten(1))
+
+
+def test_a_direct_readers_full_rank_decides_a_segment_too_large_to_form():
+    """With the joint system over the exact limit, the segment's rank still follows from the layer reading
+    the cut: its own full-rank gradient rows, less the columns of the ReLU zeros the segment knows. The
+    same rank as the dense joint system of the unrestricted audit and the autograd oracle."""
+    from rgap_audit.analysis import audit_loaded
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    torch.manual_seed(0)
+    model = WideReader()
+    loaded = LoadedModel(file="<test>", name="m", module=model, input_shape=(2, 4, 4), loss="cross-entropy")
+    checked = audit_model(model, (2, 4, 4), loss="cross-entropy")
+    dense, inst = checked.report, checked.instance
+    small = audit_loaded(loaded, AuditOptions(exact_rank_limit=20_000))
+    seg_d = next(r for r in dense.layers if r.kind == "segment")
+    seg_s = next(r for r in small.layers if r.kind == "segment")
+    assert seg_d.rank_method == "joint-dense" and seg_s.rank_method == "joint-subblock", seg_s.reason
+    assert seg_s.known_inputs and seg_s.known_inputs > 0  # the dropped columns are counted
+    assert seg_s.rank == seg_s.unknowns == seg_d.rank == seg_d.unknowns
+    assert seg_d.segment is not None
+    assert dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, [seg_d.segment.start])[seg_d.segment.start] == 0

@@ -292,8 +292,7 @@ class Walker:
         unknown_ops = [lg.node(n).info.name for n in seg.nodes if lg.node(n).info.kind == ops.UNKNOWN]
         side = forward_side(inst, state, seg.name, self.gen, z0=inst.values[seg.end])
         known = self._segment_known(seg)
-        direct = [self.recs[n].rank_grad or 0 for n in seg.layers if lg.data_args(n)[0] == seg.start and n in self.recs]
-        lower_g = max(direct, default=0) if known is None else 0
+        lower_g = self._direct_reader_rank(seg, known)
         upper_g = 0
         for n in seg.layers:  # rank(G_i J_i) <= rank(K_i): each layer's own gradient rank
             r = self.recs.get(n)
@@ -351,6 +350,24 @@ class Walker:
             )
         rec.seconds = time.perf_counter() - t0
         return rec
+
+    def _direct_reader_rank(self, seg: Segment, known: torch.Tensor | None) -> int:
+        """A lower bound on the rank of the segment's gradient rows: a layer reading the cut directly has rank
+        K on the entries it counts as unknown; those of them the segment counts as known (a ReLU's zeros)
+        are dropped columns, each lowering that rank by at most one."""
+        lg, state = self.inst.graph, self.state
+        seg_known = None if known is None else known.reshape(-1).bool()
+        best = 0
+        for n in seg.layers:
+            rec, system = self.recs.get(n), state.systems.get(n)
+            if lg.data_args(n)[0] != seg.start or rec is None or rec.rank_grad is None or system is None:
+                continue
+            dropped = 0
+            if seg_known is not None:
+                reader_free = torch.ones_like(seg_known) if system.known is None else ~system.known.reshape(-1).bool()
+                dropped = int((reader_free & seg_known).sum())
+            best = max(best, rec.rank_grad - dropped)
+        return best
 
     def _segment_known(self, seg: Segment) -> torch.Tensor | None:
         """Entries of the segment's input that do not depend on the unit below (a ReLU's zeros, given the pattern)."""
