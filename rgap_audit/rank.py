@@ -1141,7 +1141,12 @@ def layer_rank(
         # Z is needed for an exact F Z; when F Z will be too big it still buys a better lower bound
         # (rank(K) + rank of F on a subset of Z), worth it only while the null bases are cheap
         z_cost = sum((class_cols[ci].size if keep is None else keep.size) ** 2 for _g, ci, keep in plan.values())
-        need_z = d_min * big_d <= exact_limit or z_cost <= exact_limit // 40 or (batch_rows and d_min * d_min <= 2 * exact_limit)
+        # a grouped layer's F Z is block-diagonal by group (_grouped_forward_rank): exact whenever Z fits
+        by_groups = _grouped_route(spec, fwd, solving) and z_cost <= exact_limit
+        need_z = (
+            d_min * big_d <= exact_limit or z_cost <= exact_limit // 40 or by_groups
+            or (batch_rows and d_min * d_min <= 2 * exact_limit)
+        )
 
     blocks: dict[tuple, _Block] = {}
     kp_cache: dict[int, np.ndarray] = {}

@@ -126,3 +126,24 @@ def test_stacked_block_ranks_equal_one_block_at_a_time(shape, want_null):
                 assert np.allclose(b @ nb, 0.0, atol=1e-8 * max(1.0, np.abs(b).max(initial=0.0)))
             elif n:
                 assert nb is None
+
+
+def test_grouped_route_decides_a_layer_whose_dense_reduced_system_exceeds_the_limit(monkeypatch):
+    """Under an exact limit too small for the dense F Z, a depthwise layer is still ranked exactly by its
+    blocks (the null bases of K are computed for it), equal to the unrestricted audit's rank; without the
+    grouped route the same layer is only bounded."""
+    from rgap_audit.analysis import audit_loaded
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    name = "DepthwiseCNN"
+    d = DEPTHWISE[name]
+    torch.manual_seed(0)
+    loaded = LoadedModel(file="<test>", name=name, module=d["factory"](), input_shape=d["input_shape"], loss=d.get("loss"))
+    ref = {r.node: r for r in audit_loaded(loaded, AuditOptions()).layers}
+    small = {r.node: r for r in audit_loaded(loaded, AuditOptions(exact_rank_limit=20_000)).layers}
+    monkeypatch.setattr(rank_mod, "_grouped_route", lambda *a, **k: False)
+    without = {r.node: r for r in audit_loaded(loaded, AuditOptions(exact_rank_limit=20_000)).layers}
+    decided = [n for n, r in small.items() if r.rank is not None and without[n].rank is None and r.unknowns is not None]
+    assert decided, "some layer is exact only through its blocks"
+    for n in decided:
+        assert small[n].rank == ref[n].rank and small[n].deficit == ref[n].deficit
