@@ -55,7 +55,10 @@ def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int
     x_{j+1} = G_j(W_j x_j) linearised at the instance (G_j the ops between, with ReLU patterns fixed; rows
     on x_{j+1} alone where G_j is zero are its known zeros), and what the loss reveals of the output (one
     sample: the output, up to a constant for cross-entropy; nothing for a batch). Row blocks are scaled
-    to norm 1. Any weighted module with a `.weight` works (Linear, Conv, ConvTranspose).
+    to norm 1. Any weighted module with a `.weight` works (Linear, Conv, ConvTranspose). The system of
+    layer i also has unit rows on x_i's own known zeros (entries the ops below x_i make zero whatever
+    their input: a ReLU's zeros given the pattern), which the audit counts as known constants, not
+    unknowns; without them a batch whose gradient rows leave those entries free counts them as lost.
     """
     model = model.double().eval()
     gen = torch.Generator().manual_seed(seed)
@@ -90,6 +93,11 @@ def dense_chain_deficits(model: nn.Sequential, input_shape, loss: str, seed: int
     n_layers, deficits = len(idx), []
     for i in range(n_layers):
         blocks = []
+        if i > 0:  # x_i's own known zeros: entries the ops below make zero whatever z_{i-1} is (a ReLU's zeros)
+            below = jacobian(segment(idx[i - 1] + 1, idx[i]), zs[i - 1])
+            pinned = np.flatnonzero(~below.any(axis=1))
+            if pinned.size:
+                blocks.append(_place(np.eye(sizes[i])[pinned], i, i, offsets))
         for j in range(i, n_layers):
             m = layers[idx[j]]
             blocks.append(_place(unit(dense_k(m, inputs[j], ks[j])), j, i, offsets))

@@ -211,14 +211,9 @@ def _down_chain() -> torch.nn.Module:
     )
 
 
-_RELU_MLP_B3 = pytest.mark.xfail(
-    strict=True, reason="on main too: the walk and dense_chain_deficits disagree for relu-mlp at B >= 3 (reported to the lead)"
-)
-
-
 @pytest.mark.parametrize("case", ["leaky-convs", "narrow-middle", "relu-mlp", "conv1d-dilated", "down-chain"])
 @pytest.mark.parametrize("batch", [2, 3, 4])
-def test_walk_batch_deficits_match_dense_chain_system(case: str, batch: int, request: pytest.FixtureRequest) -> None:
+def test_walk_batch_deficits_match_dense_chain_system(case: str, batch: int) -> None:
     """Every layer's deficit of the walk at B = 2..4 (the batch routes among them) against ONE dense system
     over all layer inputs of the chain, built by autograd (tests/oracles.dense_chain_deficits, as the B = 1
     oracle of tests/test_analysis.py)."""
@@ -227,8 +222,6 @@ def test_walk_batch_deficits_match_dense_chain_system(case: str, batch: int, req
 
     from oracles import dense_chain_deficits
 
-    if case == "relu-mlp" and batch >= 3:
-        request.applymarker(_RELU_MLP_B3)
     make, shape, loss = CHAINS.get(case, (_down_chain, (2, 6, 6), "logistic"))
     torch.manual_seed(3)
     model = make()
