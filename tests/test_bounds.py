@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from paper_nets import cnn6_d
 
 
-def _chain(cfg: list[tuple[int, int, int]], side: int) -> nn.Sequential:
-    """3x3 convolutions (c_in, c_out, stride) with LeakyReLU, bias-free, and a logistic head."""
+def _chain(cfg: list[tuple[int, int, int]], side: int, relu: bool = False) -> nn.Sequential:
+    """3x3 convolutions (c_in, c_out, stride) with LeakyReLU (or ReLU, whose zeros are known constants),
+    bias-free, and a logistic head."""
     layers: list[nn.Module] = []
     for c_in, c_out, s in cfg:
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.ReLU() if relu else nn.LeakyReLU(0.2)]
         side = (side + 2 - 3) // s + 1
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cfg[-1][1] * side * side, 1, bias=False))
 
@@ -50,6 +51,8 @@ CASES = [
     ("deficient-chain-wider-limit", lambda: _chain(DEFICIENT_CHAIN, 24), (1, 24, 24), 60_000),
     ("full-chain", lambda: _chain(FULL_CHAIN, 16), (3, 16, 16), 50_000),
     ("cnn6-d", cnn6_d, (3, 32, 32), 500_000),
+    # ReLU zeros: a bounded layer's lost directions lie among its unknowns, which caps the rows below it
+    ("deficient-relu-chain", lambda: _chain(DEFICIENT_CHAIN, 24, relu=True), (1, 24, 24), 20_000),
 ]
 
 

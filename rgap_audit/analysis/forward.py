@@ -76,8 +76,11 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
         rows = max(0, min(link.reach(z0, gen), end_dims) - d)
     else:  # z itself is the next tensor: every entry reaches it
         rows = max(0, min(z0.numel(), end_dims) - d)
-    if uncertain is not None:  # at most end_dims - (lower bound) directions of the next input are known
-        rows = max(0, min(rows, end_dims - uncertain[0]))
+    if uncertain is not None:
+        # at most (its unknowns - lower bound) directions of the next input are known beyond its known constants,
+        # which z does not reach (a ReLU's zeros): the rows z reaches lie among those unknowns
+        among = state.carried_among.get(str(link.upper), end_dims)
+        rows = max(0, min(rows, end_dims - uncertain[0], among - uncertain[0]))
         why += f": at most {rows} forward rows"
     info = ForwardInfo(jac=link.jvp_batch(z0) if link.steps else None, unknown=unknown, rows=rows)
     if uncertain is None:

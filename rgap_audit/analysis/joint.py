@@ -102,14 +102,24 @@ def joint_rank(
     grad_only = np.hstack([b for name, b in blocks if name != "forward"]) if live else np.zeros((unknowns, 0))
     r_g, _, _ = _rank_null(grad_only.T, False) if grad_only.size else (0, None, None)
     full = np.hstack([b for _n, b in blocks]) if blocks else np.zeros((unknowns, 0))
+    # a basis of the undetermined directions is handed down only when it fits the limit (as rank.layer_rank's);
+    # otherwise the unit below learns their count. Fewer rows than unknowns bound the deficit from below, so a
+    # basis that cannot fit is not computed (a batch's summed gradient: 16384 unknowns, 1200 rows, a 2 GB basis)
+    def fits(deficit: int) -> bool:
+        return n_full * deficit <= exact_limit
+
     null_f: np.ndarray | None
     if full.size == 0:
-        rank, rel, null_f = 0, None, np.eye(unknowns)
-    else:
+        rank, rel, null_f = 0, None, (np.eye(unknowns) if fits(unknowns) else None)
+    elif fits(max(0, unknowns - full.shape[1])):
         rank, rel, null_f = _rank_null(full.T, True)
-    null = torch.zeros(n_full, unknowns - rank, dtype=torch.float64)
-    if null_f is not None and null_f.shape[1]:
-        null[free] = torch.from_numpy(np.ascontiguousarray(null_f))
+    else:
+        rank, rel, null_f = _rank_null(full.T, False)
+    null: torch.Tensor | None = None
+    if null_f is not None and fits(unknowns - rank):
+        null = torch.zeros(n_full, unknowns - rank, dtype=torch.float64)
+        if null_f.shape[1]:
+            null[free] = torch.from_numpy(np.ascontiguousarray(null_f))
     return _result(unknowns, rank, grad_rows, fwd_rows, rank, rank, r_g, "joint-dense", rel, null, t0)
 
 

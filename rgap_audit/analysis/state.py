@@ -35,6 +35,8 @@ class WalkState:
     nulls: dict[str, torch.Tensor | None] = field(default_factory=dict)
     # weighted layer -> (lower, upper) number of undetermined directions of its input when no basis is kept
     carried: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # the unknowns those directions lie among (the unit's input entries less its known constants)
+    carried_among: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # weighted layers that could not be normalised
     above: dict[str, Link] = field(default_factory=dict)  # weighted layer -> the link up from its output
     below: dict[str, Link] = field(default_factory=dict)  # weighted layer -> the link from the layer below

@@ -382,6 +382,7 @@ class Walker:
 def _carry_count(state: WalkState, unit: str, res: LayerRank, rec: LayerRecord) -> None:
     """No basis of the undetermined directions: the unit below learns only how many there are, within bounds."""
     state.carried[unit] = (res.unknowns - res.rank_upper, res.unknowns - res.rank_lower)
+    state.carried_among[unit] = res.unknowns
     rec.undetermined = Undetermined(*state.carried[unit])
 
 
