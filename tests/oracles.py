@@ -126,7 +126,7 @@ def dense_cut_deficits(gm: torch.fx.GraphModule, x: torch.Tensor, labels: torch.
     with each module's dL/dz held at the instance's (the R-GAP attacker's knowledge; ReLU and pooling
     patterns fixed by linearising at the instance), what the loss reveals of the output (one sample: the
     logits, up to a constant for cross-entropy), and unit rows on the entries of c that a ReLU-like
-    clip makes exactly zero (known constants given the pattern). Row blocks are scaled to norm 1.
+    clip saturates (ReLU's zeros, ReLU6 / Hardtanh at a bound: known constants given the pattern). Row blocks are scaled to norm 1.
     deficit = columns - rank (SVD, the usual max(shape) * eps * sigma_max tolerance).
     """
     modules = dict(gm.named_modules())
@@ -198,9 +198,15 @@ def dense_cut_deficits(gm: torch.fx.GraphModule, x: torch.Tensor, labels: torch.
                 j_out = (np.eye(n_out) - np.ones((n_out, n_out)) / n_out) @ j_out
             blocks.append(unit(j_out))
         fn = node_of[c]
-        is_clip = (fn.op == "call_module" and isinstance(modules[str(fn.target)], nn.ReLU)) or fn.target in (torch.relu, torch.nn.functional.relu)
-        if is_clip:
-            zeros = np.flatnonzero(u0.reshape(-1).numpy() == 0)
+        # a clip's saturated entries are constants given the pattern: ReLU's zeros, ReLU6 / Hardtanh at either bound
+        mod = modules.get(str(fn.target)) if fn.op == "call_module" else None
+        bounds: tuple[float, ...] = ()
+        if isinstance(mod, nn.ReLU) or fn.target in (torch.relu, torch.nn.functional.relu):
+            bounds = (0.0,)
+        elif isinstance(mod, nn.Hardtanh):  # nn.ReLU6 included
+            bounds = (float(mod.min_val), float(mod.max_val))
+        if bounds:
+            zeros = np.flatnonzero(np.isin(u0.reshape(-1).numpy(), bounds))
             eye = np.zeros((zeros.size, u0.numel()))
             eye[np.arange(zeros.size), zeros] = 1.0
             blocks.append(eye)

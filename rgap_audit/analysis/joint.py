@@ -144,20 +144,46 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
         vals[seg.start] = u
         return tuple(vals[w] for w in wanted) + (vals[seg.end],)
 
-    def columns(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tangents = torch.func.jvp(outputs, (u0,), (t,))[1]
-        rows = [g(a.reshape(shape)).reshape(-1) for g, a, shape in zip(maps, tangents[:-1], shapes)]
-        return (*rows, tangents[-1])
+    def pusher(u_p: torch.Tensor, maps_p: list, shapes_p: list) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+        def columns(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            tangents = torch.func.jvp(outputs, (u_p,), (t,))[1]
+            rows = [g(a.reshape(shape)).reshape(-1) for g, a, shape in zip(maps_p, tangents[:-1], shapes_p)]
+            return (*rows, tangents[-1])
+
+        return columns
 
     per: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
-    eye_cols = free
-    for start in range(0, eye_cols.numel(), TANGENT_CHUNK):
-        idx = eye_cols[start : start + TANGENT_CHUNK]
-        t = torch.zeros(idx.numel(), u0.numel(), dtype=torch.float64)
-        t[torch.arange(idx.numel()), idx] = 1.0
-        out = torch.func.vmap(columns)(t.reshape(idx.numel(), *u0.shape))
-        for j, o in enumerate(out):
-            per[j].append(o.detach().reshape(idx.numel(), -1))
+    n_batch = int(u0.shape[0])
+    end_shape = tuple(inst.values[seg.end].shape)
+    if n_batch > 1 and _separable(outputs, u0, layers):
+        # the segment acts on each sample alone (eval mode): a tangent of sample n moves only sample n, and its
+        # gradient rows are k_n's term of the summed gradient, so each sample's columns come from a one-sample
+        # pass (B times less work than pushing every tangent through the whole batch)
+        size = u0[0].numel()
+        for n in range(n_batch):
+            local = free[(free >= n * size) & (free < (n + 1) * size)] - n * size
+            maps_n = [gradient_map(lay.spec, lay.k[n : n + 1]) for lay in layers]
+            shapes_n = [(1, *shape[1:]) for shape in shapes]
+            columns = pusher(u0[n : n + 1], maps_n, shapes_n)
+            for start in range(0, local.numel(), TANGENT_CHUNK):
+                idx = local[start : start + TANGENT_CHUNK]
+                t = torch.zeros(idx.numel(), size, dtype=torch.float64)
+                t[torch.arange(idx.numel()), idx] = 1.0
+                out = torch.func.vmap(columns)(t.reshape(idx.numel(), 1, *u0.shape[1:]))
+                for j, o in enumerate(out[:-1]):
+                    per[j].append(o.detach().reshape(idx.numel(), -1))
+                end = torch.zeros(idx.numel(), *end_shape, dtype=torch.float64)
+                end[:, n] = out[-1].detach().reshape(idx.numel(), *end_shape[1:])
+                per[-1].append(end.reshape(idx.numel(), -1))
+    else:
+        columns = pusher(u0, maps, shapes)
+        for start in range(0, free.numel(), TANGENT_CHUNK):
+            idx = free[start : start + TANGENT_CHUNK]
+            t = torch.zeros(idx.numel(), u0.numel(), dtype=torch.float64)
+            t[torch.arange(idx.numel()), idx] = 1.0
+            out = torch.func.vmap(columns)(t.reshape(idx.numel(), *u0.shape))
+            for j, o in enumerate(out):
+                per[j].append(o.detach().reshape(idx.numel(), -1))
     blocks: list[tuple[str, np.ndarray]] = []
     for lay, cols in zip(layers, per[:-1]):
         b = torch.cat(cols).numpy()
@@ -174,6 +200,27 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
             y = y - (y @ q) @ q.T
         blocks.append(("forward", _unit(y.detach().numpy())))
     return {"blocks": blocks}
+
+
+def _separable(outputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], u0: torch.Tensor, layers: list[InnerLayer]) -> bool:
+    """Whether the segment computes each sample from that sample alone: every inner layer sees one row per
+    sample (not tokens), and a one-sample pass reproduces that sample's values of the whole-batch pass
+    (no batch statistics, no shape arithmetic fixed to the batch size)."""
+    n_batch = int(u0.shape[0])
+    if any(int(lay.k.shape[0]) != n_batch for lay in layers):
+        return False
+    try:
+        with torch.no_grad():
+            whole = outputs(u0)
+            for n in range(n_batch):
+                one = outputs(u0[n : n + 1])
+                for a, b in zip(one, whole):
+                    ref = b[n : n + 1]
+                    if a.shape != ref.shape or not torch.allclose(a, ref, rtol=1e-10, atol=1e-12 * (1.0 + float(ref.abs().max()))):
+                        return False
+    except (RuntimeError, ValueError, IndexError):  # a reshape to the batch size, an op that needs the whole batch
+        return False
+    return True
 
 
 def _unit(b: np.ndarray) -> np.ndarray:
