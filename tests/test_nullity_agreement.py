@@ -32,8 +32,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # MobileNetV2-CIFAR: the attack solves its joint segments by LSQR, which claims no nullity (nothing to compare,
 # minutes to run). MobileNetV2-tiny: a known disagreement, open: since the attack reads its pooled head through
 # (a one-layer joint solve, whose null space equals the audit's: principal cosines 1 +- 1e-15), the projected
-# variant goes on below it, and at blocks_2_conv_6 (384 directions carried in through a BatchNorm) it measures
-# nullity 320 (53 given the pattern) where the audit counts 103; before, the attack stopped at the pool.
+# variant goes on below it with the patterns it estimates, and from blocks_2_conv_6 down its measured nullities
+# differ from the audit's deficits (remeasured in session 5: 0 vs 103 at blocks_2_conv_6, 838 vs 970 at
+# blocks_2_conv_3, whose input has 913 ReLU6-saturated entries the audit counts as known); before, it stopped
+# at the pool.
 NO_NULLITY = {"MobileNetV2-CIFAR", "MobileNetV2-tiny"}
 
 
