@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 import torch
 from scipy.sparse import csgraph
@@ -139,11 +140,13 @@ def _orthonormal_by_blocks(t: np.ndarray) -> np.ndarray:
     d = t.shape[1]
     if d < 64:
         return np.linalg.qr(t)[0]
-    nz = sp.csr_matrix(t != 0)
-    links = (nz.T @ nz).tocsr()  # columns sharing a row
-    n_comp, label = csgraph.connected_components(links, directed=False)
+    live = t != 0
+    if int(np.count_nonzero(live, axis=1).max(initial=0)) == d:  # one row meets every column: one group
+        return _orthonormal(t)
+    nz = sp.csr_matrix(live)
+    n_comp, label = _column_groups(nz)
     if n_comp == 1:
-        return np.linalg.qr(t)[0]
+        return _orthonormal(t)
     q = np.zeros_like(t)
     order = np.argsort(label, kind="stable")
     starts = np.searchsorted(label[order], np.arange(n_comp + 1))
@@ -156,6 +159,43 @@ def _orthonormal_by_blocks(t: np.ndarray) -> np.ndarray:
         qc = np.linalg.qr(t[np.ix_(rows, cols)])[0]  # (len(rows), min(len(rows), len(cols)))
         q[np.ix_(rows, cols[: qc.shape[1]])] = qc
     return q[:, np.any(q != 0, axis=0)]  # a component with fewer rows than columns spans only its rows
+
+
+def _column_groups(nz: sp.csr_matrix) -> tuple[int, np.ndarray]:
+    """Connected components of the columns of a sparsity pattern, two columns linked when they share a
+    row: each row links its first column to its others (nnz edges; the column Gram nz^T nz would cost
+    sum over rows of nnz(row)^2, 1e11 for a dense pattern)."""
+    d = nz.shape[1]
+    counts = np.diff(nz.indptr)
+    firsts = np.repeat(nz.indices[nz.indptr[:-1][counts > 0]], counts[counts > 0])
+    links = sp.csr_matrix((np.ones(firsts.size, dtype=np.int8), (firsts, nz.indices)), shape=(d, d))
+    n_comp, label = csgraph.connected_components(links, directed=False)
+    return int(n_comp), label
+
+
+_CHOLQR_RCOND = 1e-3  # one Cholesky-QR pass loses ~eps / rcond(t^T t) of orthogonality: 2e-13 at this bound
+
+
+def _orthonormal(t: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of t's columns: Cholesky QR (t^T t = R^T R, Q = t R^-1, two BLAS-3 products,
+    about 4x cheaper than Householder QR for a tall t) when LAPACK's condition estimate of t^T t keeps the
+    loss of orthogonality at rounding level, a second pass when it is moderate (CholeskyQR2), Householder
+    QR when t^T t is not numerically positive definite (rank-deficient or ill-conditioned t)."""
+    q = t
+    for _pass in range(2):
+        g = q.T @ q
+        try:
+            r = sla.cholesky(g, lower=False, check_finite=False)
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(t)[0]
+        rcond, info = sla.lapack.dpocon(r, float(np.abs(g).sum(axis=0).max()))
+        if info != 0 or not rcond > 1e-12:
+            return np.linalg.qr(t)[0]
+        if rcond >= _CHOLQR_RCOND or _pass == 0:
+            q = torch.linalg.solve_triangular(torch.from_numpy(r), torch.from_numpy(np.ascontiguousarray(q)), upper=True, left=False).numpy()
+        if rcond >= _CHOLQR_RCOND:
+            return q
+    return np.linalg.qr(t)[0]  # the second pass did not reach rounding level
 
 
 def known_inputs(inst: Instance, state: WalkState, name: str, n_samples: int, in_shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
