@@ -261,41 +261,65 @@ def forward_null_gram(
     F = blockdiag(F_n) (the rows of W at the entries of z_n the forward rows see; a row's scale does not
     change its span), Z = null(K) from rank.py's per-channel pieces (group, channels, Z_piece (N*S, d)).
     T_n = F_n^T F_n is one sample's (C_in S)^2 Gram; (F Z)^T (F Z) = sum_n Z_n^T T_n Z_n, Z_n the rows of
-    sample n. Costs N (d S C_in S + d^2 S) instead of the N n_out d^2 of forming F Z's Gram, and never
-    holds F Z. Returns (H, |F| = max_n sigma_max(F_n), rows of F Z counted for the tolerance).
+    sample n. Z_n is block-diagonal over the channels (each piece's channels share Z_piece's rows), so
+    T_n Z_n is one matrix product per piece (T_n's channel columns against Z_piece's sample rows) and
+    Z_n^T (T_n Z_n) one more: N (d S C_in S + d^2 S) flops in BLAS-3 instead of the N n_out d^2 of forming
+    F Z's Gram, and F Z is never held. Returns (H, |F| = max_n sigma_max(F_n), rows of F Z counted for
+    the tolerance).
     """
     cin = spec.in_channels
     s_sp = spec.n_in // cin
     n_out = spec.n_out
-    cols: list[tuple[int, np.ndarray]] = [(c, z) for _g, chans, z in pieces for c in chans if z.shape[1]]
-    offs = np.cumsum([0] + [z.shape[1] for _c, z in cols])
+    live = [(chans, z) for _g, chans, z in pieces if z.shape[1] and chans]
+    offs = np.cumsum([0] + [len(chans) * z.shape[1] for chans, z in live])
     d = int(offs[-1])
     h = np.zeros((d, d))
     w1 = sparse_forward(spec, 1).tocsr()
     sample = rows_idx // n_out
     grams: dict[bytes, np.ndarray] = {}
     scale2 = 0.0
-    by_channel: dict[int, list[int]] = {}
-    for j, (c, _z) in enumerate(cols):
-        by_channel.setdefault(c, []).append(j)
     for i in range(n):
         rows = np.sort(rows_idx[sample == i] - i * n_out)
         key = rows.tobytes()
         if key not in grams:
             fs = w1[rows]
-            grams[key] = np.asarray((fs.T @ fs).todense())
+            grams[key] = (fs.T @ fs).toarray()
             if rows.size:
-                scale2 = max(scale2, float(np.linalg.eigvalsh(grams[key])[-1]) if spec.n_in <= 4096 else float(abs(fs.T @ fs).sum(axis=0).max()))
+                scale2 = max(scale2, _largest_eigenvalue(grams[key]) if spec.n_in <= 4096 else float(abs(fs.T @ fs).sum(axis=0).max()))
         t_i = grams[key]
-        x_i = np.empty((spec.n_in, d))  # T_n Z_n
-        for j, (c, z) in enumerate(cols):
-            x_i[:, offs[j] : offs[j + 1]] = t_i[:, c * s_sp : (c + 1) * s_sp] @ z[i * s_sp : (i + 1) * s_sp]
-        for c, js in by_channel.items():
-            block = x_i[c * s_sp : (c + 1) * s_sp]
-            for j in js:
-                z = cols[j][1][i * s_sp : (i + 1) * s_sp]
-                h[offs[j] : offs[j + 1]] += z.T @ block
-    return 0.5 * (h + h.T), math.sqrt(scale2), int(rows_idx.size)
+        zs = [z[i * s_sp : (i + 1) * s_sp] for _chans, z in live]  # (S, d_p): sample n's rows of each piece
+        for q, (chans_q, z_q) in enumerate(live):
+            for jc, c in enumerate(chans_q):
+                # the block row of (piece q, channel c), right of the diagonal only (H is symmetric)
+                w3 = (zs[q].T @ t_i[c * s_sp : (c + 1) * s_sp]).reshape(-1, cin, s_sp)  # z^T T[c, :], (d_q, C_in, S)
+                col = offs[q] + jc * z_q.shape[1]
+                row = slice(col, col + z_q.shape[1])
+                for p in range(q, len(live)):
+                    chans_p = live[p][0][jc:] if p == q else live[p][0]
+                    d_p = zs[p].shape[1]
+                    block = np.matmul(w3[:, chans_p].transpose(1, 0, 2), zs[p])  # (|C|, d_q, d_p)
+                    h[row, col : col + len(chans_p) * d_p] += block.transpose(1, 0, 2).reshape(z_q.shape[1], -1)
+                    col += len(chans_p) * d_p
+    full = h + h.T
+    for q, (chans_q, z_q) in enumerate(live):  # the diagonal blocks were counted twice
+        for jc in range(len(chans_q)):
+            a = offs[q] + jc * z_q.shape[1]
+            blk = h[a : a + z_q.shape[1], a : a + z_q.shape[1]]
+            full[a : a + z_q.shape[1], a : a + z_q.shape[1]] = 0.5 * (blk + blk.T)
+    return full, math.sqrt(scale2), int(rows_idx.size)
+
+
+
+def _largest_eigenvalue(g: np.ndarray) -> float:
+    """lambda_max of a symmetric positive semi-definite G (Lanczos to 1e-10, about the accuracy of a full
+    eigvalsh, at a fraction of its cost; the diagonalisation for small G)."""
+    if g.shape[0] <= 4 * _GRAM_MIN:
+        return float(np.linalg.eigvalsh(g)[-1])
+    v0 = np.random.default_rng(0).standard_normal(g.shape[0])
+    try:
+        return float(spla.eigsh(g, k=1, which="LA", tol=1e-10, v0=v0, return_eigenvectors=False)[0])
+    except spla.ArpackNoConvergence:
+        return float(np.linalg.eigvalsh(g)[-1])
 
 
 def carried_forward_proof(
@@ -307,19 +331,19 @@ def carried_forward_proof(
     F = blockdiag(F_n) (tall F_n: the rows of W at the entries of z_n the rows see, the columns of sample
     n's unknown inputs), P = I - Q Q^T. sigma_min(P F) >= sigma_min(F) (sigma_min(N^T Q) - leak) with N =
     blockdiag(N_n), N_n an orthonormal basis of range(F_n)^perp (rank.py's principal-angle bound, here per
-    sample): each distinct F_n is factorised once (a Cholesky of F_n^T F_n - tau I proves lambda_min > tau,
-    tau the Gram route's margin over |F|^2), and only N^T Q (sum_n (m_n - c_n) x d) meets the samples.
+    sample): each distinct F_n is factorised once (a Cholesky of F_n^T F_n - lam I proves lambda_min > lam
+    >= tau, tau the Gram route's margin over |F|^2), and only N^T Q (sum_n (m_n - c_n) x d) meets the samples.
     """
     n_out = spec.n_out
     sample = rows_idx // n_out
     w1 = sparse_forward(spec, 1).tocsr()
     d = carried.shape[1]
-    blocks: list[tuple[bytes, np.ndarray]] = []
+    blocks: list[tuple[bytes, np.ndarray | slice]] = []
     per: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
     for i in range(n):
         sel = np.flatnonzero(sample == i)
         local = rows_idx[sel] - i * n_out
-        order = np.argsort(local)
+        order = np.argsort(local, kind="stable")
         rows = local[order]
         cols = np.arange(spec.n_in) if known_np is None else np.flatnonzero(~known_np[i].reshape(-1))
         if rows.size < cols.size:
@@ -328,9 +352,11 @@ def carried_forward_proof(
             return f"one sample's forward rows ({rows.size} x {cols.size}) are too large for a dense factorisation"
         key = rows.tobytes() + b"|" + cols.tobytes()
         per.setdefault(key, (rows, cols))
-        blocks.append((key, sel[order]))
+        picked = sel[order]
+        contiguous = picked.size and int(picked[-1]) - int(picked[0]) == picked.size - 1 and bool(np.all(np.diff(picked) == 1))
+        blocks.append((key, slice(int(picked[0]), int(picked[-1]) + 1) if contiguous else picked))  # a view, not a copy
     dense = {key: w1[rows][:, cols].tocsr() for key, (rows, cols) in per.items()}  # sparse F_n
-    grams = {key: np.asarray((f.T @ f).todense()) for key, f in dense.items()}
+    grams = {key: (f.T @ f).toarray() for key, f in dense.items()}
     lam_max = 0.0
     for g in grams.values():
         if g.size:
@@ -349,28 +375,30 @@ def carried_forward_proof(
     for key, f in dense.items():
         g = grams[key]
         try:
-            sla.cho_factor(g - tau * np.eye(g.shape[0]), lower=True, check_finite=False)
             factor = sla.cho_factor(g, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
             return "one sample's forward rows are not proven to have full column rank (Cholesky)"
-        lam_i = tau  # proven; a better bound: half the Lanczos estimate of lambda_min, proven by a Cholesky
+        # lambda_min: half the Lanczos estimate (largest eigenvalue of the inverse through the factor), proven
+        # by the positive pivots of G - lam I; the Gram route's margin tau when that fails. Either proves
+        # lambda_min(G) > tau.
         op = spla.LinearOperator(g.shape, matvec=lambda v, fc=factor: sla.cho_solve(fc, v, check_finite=False), dtype=np.float64)
         try:
             mu = float(spla.eigsh(op, k=1, which="LA", tol=1e-2, v0=np.random.default_rng(0).standard_normal(g.shape[0]), return_eigenvectors=False)[0])
         except (spla.ArpackNoConvergence, ValueError):
             mu = 0.0
-        if mu > 0 and 0.5 / mu > tau:
-            try:
-                sla.cho_factor(g - (0.5 / mu) * np.eye(g.shape[0]), lower=True, check_finite=False)
-                lam_i = 0.5 / mu
-            except np.linalg.LinAlgError:
-                pass
+        lam_i = None
+        for shift in ([0.5 / mu] if mu > 0 and 0.5 / mu > tau else []) + [tau]:
+            if _positive_definite(g, shift):
+                lam_i = shift
+                break
+        if lam_i is None:
+            return "one sample's forward rows are not proven to have full column rank (Cholesky)"
         lam = min(lam, lam_i)
         m, c = f.shape
         nb = np.random.default_rng(1).standard_normal((m, m - c))
         for _ in range(2):
             nb = nb - np.asarray(f @ sla.cho_solve(factor, np.asarray(f.T @ nb), check_finite=False))
-            nb = sla.qr(nb, mode="economic", check_finite=False)[0]
+            nb = sla.qr(nb, mode="economic", overwrite_a=True, check_finite=False)[0]
         leak = float(np.linalg.norm(np.asarray(f.T @ nb))) / math.sqrt(lam_i) if nb.size else 0.0
         lefts[key] = (nb, leak)
     rows_nq = sum(lefts[key][0].shape[1] for key, _ in blocks)
@@ -380,10 +408,22 @@ def carried_forward_proof(
     at = 0
     for key, sel in blocks:
         nb = lefts[key][0]
-        nq[at : at + nb.shape[1]] = nb.T @ carried[sel]
+        np.matmul(nb.T, carried[sel], out=nq[at : at + nb.shape[1]])
         at += nb.shape[1]
     leak = max(v[1] for v in lefts.values())
-    s_min = float(np.sqrt(max(np.linalg.eigvalsh(nq.T @ nq)[0], 0.0))) if d else 1.0
+    s_min = float(np.sqrt(max(sla.eigh(nq.T @ nq, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0], 0.0))) if d else 1.0
     if lam * max(s_min - leak, 0.0) ** 2 <= tau * 1.0000001:
         return "the carried directions are not proven to leave the forward rows full column rank (principal angles)"
     return math.sqrt(lam / ref2) * (s_min - leak)
+
+
+def _positive_definite(g: np.ndarray, shift: float) -> bool:
+    """Whether the Cholesky factorisation of G - shift I succeeds (every pivot positive: a proof that
+    lambda_min(G) > shift up to the factorisation's rounding, which the callers' margins dominate)."""
+    h = g.copy()
+    h.flat[:: h.shape[0] + 1] -= shift
+    try:
+        sla.cho_factor(h, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return False
+    return True
