@@ -108,13 +108,50 @@ def _sample_block(spec: ConvSpec, rows: np.ndarray, cols: np.ndarray, dense_limi
         return f"the forward rows of one sample ({m} x {c}) are not proven full rank by the sparse factorisation ({base}) and too large for a dense SVD"
     dense = fs.toarray()
     top = float(np.abs(dense).max())
-    if tall:  # the singular values alone decide a full-rank block (no vectors needed then)
+    if tall:  # a full-rank block needs no vectors: its QR proves it, else the singular values decide
+        rel_qr = _tall_full_rank(dense / top)
+        if rel_qr is not None:
+            return c, rel_qr, np.zeros((c, 0))
         r, rel = _tol_rank(np.linalg.svd(dense / top, compute_uv=False), (m, c))
         if r == c:
             return r, rel, np.zeros((c, 0))
     r, rel, null = _rank_null(dense, True)
     assert null is not None
     return r, rel, null
+
+
+def _tall_full_rank(a: np.ndarray) -> float | None:
+    """sigma_min / sigma_max of a tall a (m >= c) when its R factor proves that the SVD rule counts all c
+    singular values, else None.
+
+    Householder QR is backward stable: R is the exact factor of a + E, |E|_F <= 10 m c eps |a|_F (a generous
+    form of the standard bound), so sigma_min(a) >= 1 / |R^-1|_F - |E|_F (Weyl, |R^-1|_2 <= |R^-1|_F) and
+    sigma_max(a) <= |R|_F + |E|_F. Full rank is proven when that lower bound exceeds 100 times the rule's
+    tolerance max(m, c) eps sigma_max. Costs a QR and a triangular inverse (BLAS-3) instead of a dense
+    SVD's bidiagonalisation (~8x slower for a 2916-column block); the reported ratio comes from Lanczos on
+    R^T R and on its inverse (relative accuracy 1e-8)."""
+    m, c = a.shape
+    if c == 0 or m < c:
+        return None
+    r = sla.qr(a, mode="r", check_finite=False)[0][:c]
+    rinv, info = sla.lapack.dtrtri(r, lower=0)
+    if info != 0 or not np.all(np.isfinite(rinv)):
+        return None
+    a_f = float(np.linalg.norm(a))
+    err = 10.0 * m * c * EPS * a_f
+    lower = 1.0 / float(np.linalg.norm(rinv)) - err
+    upper = float(np.linalg.norm(r)) + err
+    if not lower > 100.0 * max(m, c) * EPS * upper:
+        return None
+    v0 = np.random.default_rng(0).standard_normal(c)
+    gram = spla.LinearOperator((c, c), matvec=lambda v: r.T @ (r @ v), dtype=np.float64)
+    inv = spla.LinearOperator((c, c), matvec=lambda v: rinv @ (rinv.T @ v), dtype=np.float64)
+    try:
+        lam_max = float(spla.eigsh(gram, k=1, which="LA", tol=1e-8, v0=v0, return_eigenvectors=False)[0])
+        mu = float(spla.eigsh(inv, k=1, which="LA", tol=1e-8, v0=v0, return_eigenvectors=False)[0])
+    except spla.ArpackNoConvergence:
+        return lower / upper  # proven bounds on both ends
+    return math.sqrt(1.0 / (mu * lam_max))
 
 
 def _reduced_rank(a: np.ndarray, want_null: bool, scale: float, amp: float) -> tuple[int, float | None, np.ndarray | None]:
@@ -132,18 +169,29 @@ def _reduced_rank(a: np.ndarray, want_null: bool, scale: float, amp: float) -> t
         return got if got is not None else _rank_null(a, want_null, scale, amp)
     if not want_null:
         return m, rel, None
-    factor = sla.cho_factor(g, lower=True, check_finite=False)
-    return m, rel, _null_by_projection(a_s, factor, n - m)
+    return m, rel, _null_complement(a_s)
 
 
-def _null_by_projection(rows: np.ndarray, factor, d: int) -> np.ndarray:
-    """An orthonormal basis of null(rows) (d = its dimension): seeded random vectors with their row-space part
-    removed through the Cholesky factor of rows rows^T, twice, then QR."""
-    y = np.random.default_rng(7).standard_normal((rows.shape[1], d))
-    for _ in range(2):
-        y = y - rows.T @ sla.cho_solve(factor, rows @ y, check_finite=False)
-        y = sla.qr(y, mode="economic", check_finite=False)[0]
-    return np.ascontiguousarray(y)
+def _null_complement(rows: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of null(rows) for a wide `rows` (r x n) of full row rank r: the last n - r
+    columns of the Householder Q of rows^T (LAPACK geqrf, then ormqr applied to [0; I] only), orthonormal
+    to rounding and one BLAS-3 pass (half the flops of projecting random vectors twice and
+    re-orthonormalising them)."""
+    r, n = rows.shape
+    if n == r:
+        return np.zeros((n, 0))
+    at = np.asfortranarray(rows.T)
+    lwork = int(sla.lapack.dgeqrf(at, lwork=-1)[2][0])
+    qr, tau, _work, info = sla.lapack.dgeqrf(at, lwork=max(lwork, 1), overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"geqrf failed ({info})")
+    c = np.zeros((n, n - r), order="F")
+    c[r:] = np.eye(n - r)
+    lwork = int(sla.lapack.dormqr("L", "N", qr, tau, c, lwork=-1)[1][0])
+    cq, _work, info = sla.lapack.dormqr("L", "N", qr, tau, c, lwork=max(lwork, 1), overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"ormqr failed ({info})")
+    return np.ascontiguousarray(cq)
 
 
 def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_null: bool) -> tuple[int, float | None, np.ndarray | None] | None:
@@ -151,7 +199,7 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
 
     A pivoted Cholesky of G = a a^T (LAPACK pstrf) picks r rows a_1 of a; rank >= r is proven by a Cholesky
     of a_1 a_1^T - tau I (tau: the Gram route's margin over the largest eigenvalue, so sigma_r(a) >= sigma_min(a_1)
-    > 1e-4 sigma_max); rank <= r by a basis N of null(a_1) (projection) with |a N|_F below the rule's tolerance
+    > 1e-4 sigma_max); rank <= r by a basis N of null(a_1) (Householder complement) with |a N|_F below the rule's tolerance
     max(m, n) eps |a| amp, so at least n - r singular values of a are below it (minimax). None when either
     fails (the caller takes the SVD)."""
     m, n = a.shape
@@ -168,14 +216,10 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
         return None
     pick = np.sort(piv[:r] - 1)
     a1 = a[pick]
-    g1 = a1 @ a1.T
     floor = max(GRAM_SAFE, (100.0 * max(m, n) * EPS * amp) ** 2)
-    try:
-        sla.cho_factor(g1 - floor * ref2 * np.eye(r), lower=True, check_finite=False)
-        factor = sla.cho_factor(g1, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:
+    if not _positive_definite(g[np.ix_(pick, pick)], floor * ref2):  # a_1 a_1^T: G's rows and columns picked
         return None
-    null = _null_by_projection(a1, factor, n - r)
+    null = _null_complement(a1)
     if float(np.linalg.norm(a @ null)) >= tol:
         return None
     return r, math.sqrt(floor), (null if want_null else None)

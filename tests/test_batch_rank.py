@@ -310,3 +310,29 @@ def test_forward_null_gram_several_pieces_matches_dense(n: int) -> None:
     assert np.abs(h - h.T).max() == 0.0
     top = max(np.linalg.norm(f_all[rows[rows // spec.n_out == i]], 2) for i in range(n))  # max_n sigma_max(F_n)
     assert abs(f_norm - top) <= 1e-9 * top
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6, 1e13])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_tall_full_rank_certificate_against_svd(cond: float, deficient: bool) -> None:
+    """The QR certificate of a tall block (batchrank._tall_full_rank): full column rank claimed only where
+    numpy's SVD rule counts every column, with the same sigma_min / sigma_max; never for a rank-deficient
+    block. A block too ill-conditioned for its margin is left to the SVD (None), never claimed."""
+    from rgap_audit.batchrank import _tall_full_rank
+
+    rng = np.random.default_rng(int(np.log10(cond)) + 10 * deficient)
+    u = np.linalg.qr(rng.standard_normal((400, 300)))[0]
+    v = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+    s = np.logspace(0, -np.log10(cond), 300)
+    if deficient:
+        s[-7:] = 0.0
+    a = (u * s) @ v.T
+    sv = np.linalg.svd(a, compute_uv=False)
+    svd_full = bool(sv[-1] > max(a.shape) * np.finfo(float).eps * sv[0])
+    got = _tall_full_rank(a)
+    if got is not None:
+        assert svd_full
+        assert abs(got - sv[-1] / sv[0]) <= 1e-6 * sv[-1] / sv[0]
+    assert got is None or not deficient
+    if cond <= 1e6 and not deficient:
+        assert got is not None  # a well-conditioned block is certified
