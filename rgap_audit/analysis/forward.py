@@ -192,7 +192,7 @@ def _orthonormal(t: np.ndarray) -> np.ndarray:
         if info != 0 or not rcond > 1e-12:
             return np.linalg.qr(t)[0]
         if rcond >= _CHOLQR_RCOND or _pass == 0:
-            q = torch.linalg.solve_triangular(torch.from_numpy(r), torch.from_numpy(np.ascontiguousarray(q)), upper=True, left=False).numpy()
+            q = sla.solve_triangular(r, q.T, trans="T", lower=False, check_finite=False).T  # (R^-T t^T)^T: t's layout read as is
         if rcond >= _CHOLQR_RCOND:
             return q
     return np.linalg.qr(t)[0]  # the second pass did not reach rounding level
