@@ -119,11 +119,17 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
             live = idx >= 0
             cols_np = np.zeros((z0.numel(), s_np.shape[1]))
             src = idx[live]
+            d2 = (d * d).clamp_min(1e-300).numpy()
             if np.unique(src).size == src.size:  # one entry of x' per entry of z (no slice read twice): a plain scatter
-                cols_np[src] = fac[live, None] * s_np[live]
+                # scaled in one pass (the division by d^2 folded into the factors: no second copy of t)
+                s_live = s_np if bool(live.all()) else s_np[live]
+                cols_np[src] = s_live * (fac[live] / d2[src])[:, None]
             else:
                 np.add.at(cols_np, src, fac[live, None] * s_np[live])
-            t = torch.from_numpy(cols_np) / (d * d).clamp_min(1e-300)[:, None]
+                cols_np /= d2[:, None]
+            if rows.numel() == z0.numel():  # every entry reaches x': t is the scatter itself
+                return rows.numpy(), _orthonormal_by_blocks(cols_np)
+            t = torch.from_numpy(cols_np)
         else:
             cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
             t = (cols / (d * d).clamp_min(1e-300)).T
