@@ -450,9 +450,9 @@ def carried_forward_proof(
         return f"{rows_nq} directions outside the forward rows' range for {d} carried directions"
     nq = np.empty((rows_nq, d))
     at = 0
-    for key, sel in blocks:
+    for key, part in blocks:
         nb = lefts[key][0]
-        np.matmul(nb.T, carried[sel], out=nq[at : at + nb.shape[1]])
+        np.matmul(nb.T, carried[part], out=nq[at : at + nb.shape[1]])
         at += nb.shape[1]
     leak = max(v[1] for v in lefts.values())
     s_min = float(np.sqrt(max(sla.eigh(nq.T @ nq, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0], 0.0))) if d else 1.0
