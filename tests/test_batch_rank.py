@@ -272,3 +272,60 @@ def _per_channel(z: np.ndarray, spec: ConvSpec, n: int) -> np.ndarray:
     s_sp = spec.n_in // spec.in_channels
     rows = np.concatenate([np.arange(i * spec.n_in, i * spec.n_in + s_sp) for i in range(n)])
     return np.linalg.qr(z[rows][:, : min(z.shape[1], 8)])[0]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_forward_null_gram_several_pieces_matches_dense(n: int) -> None:
+    """The Gram summed over the samples with several pieces of Z (channel groups with their own null bases,
+    different widths, as masks of known inputs give them): equal to (F Z)^T (F Z) formed densely, F the
+    layer's rows at a random subset of each sample's outputs (numpy product of the dense matrices)."""
+    from rgap_audit import batchrank
+
+    gen = torch.Generator().manual_seed(40 + n)
+    spec = _spec(CASES["conv2d-s2-down"], gen)  # 3 input channels of 7 x 7
+    rng = np.random.default_rng(n)
+    s_sp = spec.n_in // spec.in_channels
+    pieces = [(0, [0, 2], rng.standard_normal((n * s_sp, 5))), (0, [1], rng.standard_normal((n * s_sp, 3)))]
+    rows = np.flatnonzero(rng.random(n * spec.n_out) > 0.3)
+    h, f_norm, m_rows = batchrank.forward_null_gram(spec, n, rows, pieces)
+    f_all = dense_system(spec, torch.zeros(n, *spec.out_shape, dtype=torch.float64), ForwardInfo())[1]
+    zfull = np.zeros((n * spec.n_in, 13))
+    col = 0
+    for _g, chans, z in pieces:
+        for c in chans:
+            for i in range(n):
+                zfull[i * spec.n_in + c * s_sp : i * spec.n_in + (c + 1) * s_sp, col : col + z.shape[1]] = z[i * s_sp : (i + 1) * s_sp]
+            col += z.shape[1]
+    fz = f_all[rows] @ zfull
+    dense_h = fz.T @ fz
+    assert m_rows == rows.size
+    assert np.abs(h - dense_h).max() <= 1e-12 * np.abs(dense_h).max()
+    assert np.abs(h - h.T).max() == 0.0
+    top = max(np.linalg.norm(f_all[rows[rows // spec.n_out == i]], 2) for i in range(n))  # max_n sigma_max(F_n)
+    assert abs(f_norm - top) <= 1e-9 * top
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6, 1e13])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_tall_full_rank_certificate_against_svd(cond: float, deficient: bool) -> None:
+    """The QR certificate of a tall block (batchrank._tall_full_rank): full column rank claimed only where
+    numpy's SVD rule counts every column, with the same sigma_min / sigma_max; never for a rank-deficient
+    block. A block too ill-conditioned for its margin is left to the SVD (None), never claimed."""
+    from rgap_audit.batchrank import _tall_full_rank
+
+    rng = np.random.default_rng(int(np.log10(cond)) + 10 * deficient)
+    u = np.linalg.qr(rng.standard_normal((400, 300)))[0]
+    v = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+    s = np.logspace(0, -np.log10(cond), 300)
+    if deficient:
+        s[-7:] = 0.0
+    a = (u * s) @ v.T
+    sv = np.linalg.svd(a, compute_uv=False)
+    svd_full = bool(sv[-1] > max(a.shape) * np.finfo(float).eps * sv[0])
+    got = _tall_full_rank(a)
+    if got is not None:
+        assert svd_full
+        assert abs(got - sv[-1] / sv[0]) <= 1e-6 * sv[-1] / sv[0]
+    assert got is None or not deficient
+    if cond <= 1e6 and not deficient:
+        assert got is not None  # a well-conditioned block is certified

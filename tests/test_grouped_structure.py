@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg as sla
+import scipy.sparse as sp
 import torch
 
 import rgap_audit.rank as rank_mod
@@ -147,3 +148,39 @@ def test_grouped_route_decides_a_layer_whose_dense_reduced_system_exceeds_the_li
     assert decided, "some layer is exact only through its blocks"
     for n in decided:
         assert small[n].rank == ref[n].rank and small[n].deficit == ref[n].deficit
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e5, "deficient"])
+def test_dense_orthonormal_basis_against_svd(cond) -> None:
+    """One group of columns (a row meets them all): the basis comes from Cholesky QR (one pass when t^T t is
+    well conditioned, two when moderately, Householder when not positive definite); orthonormal and spanning
+    t's columns, against scipy's SVD basis (sla.orth)."""
+    rng = np.random.default_rng(7)
+    u = np.linalg.qr(rng.standard_normal((600, 80)))[0]
+    s = np.logspace(0, -5, 80) if cond == 1e5 else np.ones(80)
+    if cond == "deficient":
+        s[-5:] = 0.0
+    t = (u * s) @ np.linalg.qr(rng.standard_normal((80, 80)))[0]
+    q = _orthonormal_by_blocks(t)
+    assert np.abs(q.T @ q - np.eye(q.shape[1])).max() < 1e-12
+    ref = sla.orth(t)
+    assert np.linalg.norm(t - q @ (q.T @ t)) <= 1e-10 * np.linalg.norm(t)
+    assert np.linalg.norm(ref - q @ (q.T @ ref)) <= 1e-10 * np.sqrt(ref.shape[1])
+
+
+def test_column_groups_match_the_column_graph() -> None:
+    """The column groups from nnz edges (forward._column_groups) are the connected components of the
+    graph of columns sharing a row (scipy csgraph on nz^T nz, formed densely)."""
+    from scipy.sparse import csgraph
+
+    from rgap_audit.analysis.forward import _column_groups
+
+    rng = np.random.default_rng(5)
+    pattern = rng.random((300, 120)) > 0.995
+    nz = sp.csr_matrix(pattern)
+    n_ref, lab_ref = csgraph.connected_components(sp.csr_matrix(pattern.T.astype(int) @ pattern.astype(int)), directed=False)
+    n_got, lab_got = _column_groups(nz)
+    assert n_got == n_ref > 1
+    # the same partition: labels agree up to renaming
+    pairs = set(zip(lab_ref.tolist(), lab_got.tolist()))
+    assert len(pairs) == n_ref
