@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import dlg_lenet
 import paper_nets
 import resnet_bn
+import torch
 
 from rgap_audit.analysis import audit
 from rgap_audit.sweep import batch_point, deficit_text
@@ -35,8 +36,10 @@ DEFAULT_BATCHES = {"cnn6": [8, 64], "fcn3": [8, 64], "lenet": [8], "resnet-cifar
 
 
 def _one(make, shape, loss: str, b: int) -> tuple[float, object]:
+    torch.manual_seed(0)  # the same weights at every B and in every run
+    model = make()
     t = time.perf_counter()
-    rep = audit(make(), shape, batch_size=b, loss=loss)
+    rep = audit(model, shape, batch_size=b, loss=loss)
     return time.perf_counter() - t, rep
 
 
