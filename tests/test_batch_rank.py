@@ -20,7 +20,7 @@ import torch
 
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.rank import ForwardInfo, dense_system, layer_rank
-from tests.test_rank import dense_rank
+from tests.test_rank import assert_null_basis, dense_rank
 
 CASES = {
     # wide per-sample forward rows (stride 2): deficient batch systems
@@ -54,20 +54,6 @@ def _forward(spec: ConvSpec, n: int, kind: str, gen: torch.Generator) -> Forward
     return ForwardInfo(jac=lambda t: t * mask, entries=(rows, None))
 
 
-def _null_ok(res, kd: np.ndarray, fd: np.ndarray, known: torch.Tensor | None) -> None:
-    v = res.null_basis
-    assert v is not None and v.shape[1] == res.deficit
-    v = v.numpy()
-    if known is not None:
-        kn = known.reshape(-1).numpy()
-        assert np.abs(v[kn]).max(initial=0.0) == 0.0
-        v = v[~kn]
-    assert np.abs(v.T @ v - np.eye(v.shape[1])).max(initial=0.0) < 1e-9
-    if v.shape[1]:
-        assert np.abs(kd @ v).max() <= 1e-9 * np.abs(kd).max()
-        assert np.abs(fd @ v).max() <= 1e-9 * np.abs(fd).max()
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("kind", ["leaky", "relu", "relu-shared", "known"])
@@ -84,7 +70,7 @@ def test_forward_first_matches_dense(name: str, n: int, kind: str) -> None:
     assert forced.method == ("batch-elimination" if dense_rank(kd) < kd.shape[1] else "structured-svd"), forced.notes
     assert forced.rank == truth and forced.deficit == kd.shape[1] - truth
     assert forced.rank_grad == dense_rank(kd)
-    _null_ok(forced, kd, fd, known)
+    assert_null_basis(forced, kd, fd, known)
     other = layer_rank(spec, k, fwd, known=known, elimination="gradient-first")
     assert other.method == "structured-svd" and other.rank == truth
     auto = layer_rank(spec, k, fwd, known=known)
@@ -150,7 +136,7 @@ def test_wide_deficient_reduced_system_matches_dense(n: int, monkeypatch: pytest
     assert res.rank == dense_rank(kd, fd)
     assert res.deficit and res.deficit > 0
     assert settled and settled[-1] is not None  # the certificate, not the SVD fallback, decided it
-    _null_ok(res, kd, fd, None)
+    assert_null_basis(res, kd, fd, None)
 
 
 @pytest.mark.parametrize("rank", [150, 299, 300])

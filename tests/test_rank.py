@@ -92,9 +92,17 @@ def check_against_dense(spec: ConvSpec, k: torch.Tensor, fwd: ForwardInfo, known
     if fwd.none:
         assert res.fwd_rows == 0
     assert res.sigma_min_rel is None or 0 < res.sigma_min_rel <= 1
-    # null basis: right size, orthonormal, annihilated by K and F (so it spans the dense null space)
+    assert res.null_basis is not None and res.null_basis.shape[0] == n * spec.n_in
+    assert_null_basis(res, kd, fd, known)
+
+
+def assert_null_basis(res, kd: np.ndarray, fd: np.ndarray, known: torch.Tensor | None) -> None:
+    """The layer's null basis against its dense system [K; F] (columns: the unknown entries): one row per
+    input entry and a column per undetermined direction, zero on known entries, orthonormal, annihilated by
+    K and F (so it spans the dense null space)."""
     v = res.null_basis
-    assert v is not None and v.shape == (n * spec.n_in, res.deficit)
+    n_known = 0 if known is None else int(known.sum())
+    assert v is not None and v.shape == (kd.shape[1] + n_known, res.deficit)
     v = v.numpy()
     if known is not None:
         kn = known.reshape(-1).numpy()
@@ -102,9 +110,9 @@ def check_against_dense(spec: ConvSpec, k: torch.Tensor, fwd: ForwardInfo, known
         v = v[~kn]
     assert np.abs(v.T @ v - np.eye(v.shape[1])).max(initial=0.0) < 1e-9
     if v.shape[1]:
-        assert np.abs(kd @ v).max() <= 1e-9 * max(1.0, np.abs(kd).max())
+        assert np.abs(kd @ v).max() <= 1e-9 * np.abs(kd).max()
         if fd.size:
-            assert np.abs(fd @ v).max() <= 1e-9 * max(1.0, np.abs(fd).max())
+            assert np.abs(fd @ v).max() <= 1e-9 * np.abs(fd).max()
 
 
 # Hand-picked configurations: each feature on its own and mixed. `k` is the kernel, h the input size.
