@@ -57,15 +57,21 @@ def node_call(lg: LayerGraph, name: str, source: str, env: dict[str, Any]) -> Ca
         mod = gn.module
         assert mod is not None
         evaluate = gn.info.evaluate
-        if evaluate is not None and len(args) == 1 and not kwargs:
-            return lambda t: evaluate(mod, _put(args, t)[0])
-        return lambda t: mod(*_put(args, t), **_put(kwargs, t))
+        return lambda t: _call_module(mod, evaluate, _put(args, t), _put(kwargs, t))
     if fxn.op == "call_method":
         method = str(fxn.target)
         return lambda t: getattr(_put(args[0], t), method)(*_put(args[1:], t), **_put(kwargs, t))
     target = fxn.target
     assert callable(target)
     return lambda t: target(*_put(args, t), **_put(kwargs, t))
+
+
+def _call_module(mod: torch.nn.Module, evaluate: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None, args: Any, kwargs: dict) -> Any:
+    """A module's call, through its op entry's explicit expression (OpInfo.evaluate) when it has one and the
+    call passes the data argument alone."""
+    if evaluate is not None and len(args) == 1 and not kwargs:
+        return evaluate(mod, args[0])
+    return mod(*args, **kwargs)
 
 
 def _call_kwargs(fxn: fx.Node) -> dict:
@@ -517,8 +523,7 @@ def region_function(lg: LayerGraph, start: str, nodes: tuple[str, ...], env: dic
             args, kwargs = sub(fxn.args), sub(dict(fxn.kwargs))
             if fxn.op == "call_module":
                 assert mod is not None
-                one = evaluate is not None and len(args) == 1 and not kwargs
-                local[name] = evaluate(mod, args[0]) if one and evaluate is not None else mod(*args, **kwargs)
+                local[name] = _call_module(mod, evaluate, args, kwargs)
             elif fxn.op == "call_method":
                 local[name] = getattr(args[0], str(fxn.target))(*args[1:], **kwargs)
             else:
