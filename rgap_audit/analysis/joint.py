@@ -17,8 +17,9 @@ Where M is too large to form, the result is proven bounds.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -155,7 +156,8 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
     per: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
     n_batch = int(u0.shape[0])
     end_shape = tuple(inst.values[seg.end].shape)
-    if n_batch > 1 and _separable(outputs, u0, layers):
+    whole = tuple(inst.values[w] for w in wanted) + (inst.values[seg.end],)
+    if n_batch > 1 and _separable(outputs, u0, layers, whole):
         # the segment acts on each sample alone (eval mode): a tangent of sample n moves only sample n, and its
         # gradient rows are k_n's term of the summed gradient, so each sample's columns come from a one-sample
         # pass (B times less work than pushing every tangent through the whole batch)
@@ -165,23 +167,14 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
             maps_n = [gradient_map(lay.spec, lay.k[n : n + 1]) for lay in layers]
             shapes_n = [(1, *shape[1:]) for shape in shapes]
             columns = pusher(u0[n : n + 1], maps_n, shapes_n)
-            for start in range(0, local.numel(), TANGENT_CHUNK):
-                idx = local[start : start + TANGENT_CHUNK]
-                t = torch.zeros(idx.numel(), size, dtype=torch.float64)
-                t[torch.arange(idx.numel()), idx] = 1.0
-                out = torch.func.vmap(columns)(t.reshape(idx.numel(), 1, *u0.shape[1:]))
+            for idx, out in _unit_columns(columns, local, (1, *u0.shape[1:])):
                 for j, o in enumerate(out[:-1]):
                     per[j].append(o.detach().reshape(idx.numel(), -1))
                 end = torch.zeros(idx.numel(), *end_shape, dtype=torch.float64)
                 end[:, n] = out[-1].detach().reshape(idx.numel(), *end_shape[1:])
                 per[-1].append(end.reshape(idx.numel(), -1))
     else:
-        columns = pusher(u0, maps, shapes)
-        for start in range(0, free.numel(), TANGENT_CHUNK):
-            idx = free[start : start + TANGENT_CHUNK]
-            t = torch.zeros(idx.numel(), u0.numel(), dtype=torch.float64)
-            t[torch.arange(idx.numel()), idx] = 1.0
-            out = torch.func.vmap(columns)(t.reshape(idx.numel(), *u0.shape))
+        for idx, out in _unit_columns(pusher(u0, maps, shapes), free, tuple(u0.shape)):
             for j, o in enumerate(out):
                 per[j].append(o.detach().reshape(idx.numel(), -1))
     blocks: list[tuple[str, np.ndarray]] = []
@@ -202,20 +195,34 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
     return {"blocks": blocks}
 
 
-def _separable(outputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], u0: torch.Tensor, layers: list[InnerLayer]) -> bool:
+def _unit_columns(
+    columns: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], idx_all: torch.Tensor, shape: tuple[int, ...]
+) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """`columns` of the unit tangents at the flat indices idx_all into a value of `shape`, TANGENT_CHUNK at a
+    time through vmap: (the chunk's indices, its outputs)."""
+    size = math.prod(shape)
+    for start in range(0, idx_all.numel(), TANGENT_CHUNK):
+        idx = idx_all[start : start + TANGENT_CHUNK]
+        t = torch.zeros(idx.numel(), size, dtype=torch.float64)
+        t[torch.arange(idx.numel()), idx] = 1.0
+        yield idx, torch.func.vmap(columns)(t.reshape(idx.numel(), *shape))
+
+
+def _separable(
+    outputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], u0: torch.Tensor, layers: list[InnerLayer], whole: tuple[torch.Tensor, ...]
+) -> bool:
     """Whether the segment computes each sample from that sample alone: every inner layer sees one row per
     sample (not tokens), and a one-sample pass reproduces that sample's values of the whole-batch pass
-    (no batch statistics, no shape arithmetic fixed to the batch size)."""
+    (`whole`, the instance's; no batch statistics, no shape arithmetic fixed to the batch size)."""
     n_batch = int(u0.shape[0])
     if any(int(lay.k.shape[0]) != n_batch for lay in layers):
         return False
     try:
         with torch.no_grad():
-            whole = outputs(u0)
             for n in range(n_batch):
                 one = outputs(u0[n : n + 1])
                 for a, b in zip(one, whole):
-                    ref = b[n : n + 1]
+                    ref = b[n : n + 1].to(a.dtype)
                     if a.shape != ref.shape or not torch.allclose(a, ref, rtol=1e-10, atol=1e-12 * (1.0 + float(ref.abs().max()))):
                         return False
     except (RuntimeError, ValueError, IndexError):  # a reshape to the batch size, an op that needs the whole batch
