@@ -1126,8 +1126,10 @@ def layer_rank(
                 proof = got
     # ---- a batch with per-sample forward rows: eliminate them first when that reduced system is smaller
     forward_first_route = False
-    if proof is None and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_min > 0:
+    if proof is None and batch_rows and d_min > 0:
         from rgap_audit.batchrank import forward_first_cost
+
+        assert fwd.entries is not None  # batch_rows
 
         if elimination == "auto":
             forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
@@ -1280,6 +1282,7 @@ def layer_rank(
         grouped = _grouped_forward_rank(
             spec, pieces, fwd, n, big_d, want_null, _f_scale(spec, fwd, n, big_d, known_np), z_amp, exact_limit
         )
+
     def reduced(r_f: int, rel_f: float | None, null_f: np.ndarray | None, colmap, solution=None) -> LayerRank:
         """The layer's result from the rank of its reduced forward system F Z (and its null basis in x)."""
         if rel_f is not None:
@@ -1293,10 +1296,11 @@ def layer_rank(
     if grouped is not None:
         return reduced(*grouped)
 
-    if d_total * big_d > exact_limit and n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None and d_total * d_total <= 2 * exact_limit:
+    if d_total * big_d > exact_limit and batch_rows and d_total * d_total <= 2 * exact_limit:
         # a batch whose F Z is too large to hold: its Gram from the per-sample forward Grams (batchrank)
         from rgap_audit.batchrank import forward_null_gram
 
+        assert fwd.entries is not None  # batch_rows
         h_mat, f_norm, m_rows = forward_null_gram(spec, n, fwd.entries[0], pieces)
         rel_h = _gram_full_rank(np.empty((0, 0)), f_norm, z_amp, gram=h_mat, shape=(m_rows, d_total))
         if rel_h is not None:
