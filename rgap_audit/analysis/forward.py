@@ -80,7 +80,7 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
     if uncertain is not None:
         # at most (its unknowns - lower bound) directions of the next input are known beyond its known constants,
         # which z does not reach (a ReLU's zeros): the rows z reaches lie among those unknowns
-        among = state.carried_among.get(str(link.upper), end_dims)
+        among = state.carried_among.get(link.upper, end_dims)
         rows = max(0, min(rows, end_dims - uncertain[0], among - uncertain[0]))
         why += f": at most {rows} forward rows"
     info = ForwardInfo(jac=link.jvp_batch(z0) if link.steps else None, unknown=unknown, rows=rows)
@@ -157,17 +157,17 @@ def _orthonormal_by_blocks(t: np.ndarray | sp.spmatrix) -> np.ndarray:
     milliseconds. t dense or sparse (the blocks are read from its nonzeros); the result is dense, with
     the same column space."""
     m, d = t.shape
-    dense = t.toarray() if isinstance(t, sp.spmatrix) else t
+    sparse = isinstance(t, sp.spmatrix)
     if d < 64:
-        return np.linalg.qr(dense)[0]
-    if not isinstance(t, sp.spmatrix) and int(np.count_nonzero(t != 0, axis=1).max(initial=0)) == d:
-        return _orthonormal(dense)  # one row meets every column: one group
+        return np.linalg.qr(_dense(t))[0]
+    if not sparse and int(np.count_nonzero(t != 0, axis=1).max(initial=0)) == d:
+        return _orthonormal(_dense(t))  # one row meets every column: one group
     coo = sp.coo_matrix(t)
     nz = coo.data != 0
     r_nz, c_nz, v_nz = coo.row[nz], coo.col[nz], coo.data[nz]
     n_comp, label = _column_groups(sp.csr_matrix((np.ones(r_nz.size, dtype=np.int8), (r_nz, c_nz)), shape=(m, d)))
     if n_comp == 1:
-        return _orthonormal(dense)
+        return _orthonormal(_dense(t))
     q = np.zeros((m, d))
     col_order = np.argsort(label, kind="stable")
     col_starts = np.searchsorted(label[col_order], np.arange(n_comp + 1))
@@ -189,6 +189,10 @@ def _orthonormal_by_blocks(t: np.ndarray | sp.spmatrix) -> np.ndarray:
         qc = np.linalg.qr(block)[0]  # (len(rows), min(len(rows), len(cols)))
         q[np.ix_(rows, cols[: qc.shape[1]])] = qc
     return q[:, np.any(q != 0, axis=0)]  # a component with fewer rows than columns spans only its rows
+
+
+def _dense(t: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return t.toarray() if isinstance(t, sp.spmatrix) else t
 
 
 def _column_groups(nz: sp.csr_matrix) -> tuple[int, np.ndarray]:
