@@ -314,17 +314,14 @@ def forward_null_gram(
     """
     cin = spec.in_channels
     s_sp = spec.n_in // cin
-    n_out = spec.n_out
     live = [(chans, z) for _g, chans, z in pieces if z.shape[1] and chans]
     offs = np.cumsum([0] + [len(chans) * z.shape[1] for chans, z in live])
     d = int(offs[-1])
     h = np.zeros((d, d))
     w1 = sparse_forward(spec, 1).tocsr()
-    sample = rows_idx // n_out
     grams: dict[bytes, np.ndarray] = {}
     scale2 = 0.0
-    for i in range(n):
-        rows = np.sort(rows_idx[sample == i] - i * n_out)
+    for i, (rows, _cols) in enumerate(_per_sample(spec, n, rows_idx, None)):
         key = rows.tobytes()
         if key not in grams:
             fs = w1[rows]
@@ -352,7 +349,6 @@ def forward_null_gram(
             blk = h[a : a + z_q.shape[1], a : a + z_q.shape[1]]
             full[a : a + z_q.shape[1], a : a + z_q.shape[1]] = 0.5 * (blk + blk.T)
     return full, math.sqrt(scale2), int(rows_idx.size)
-
 
 
 def _largest_eigenvalue(g: np.ndarray) -> float:
