@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,14 +168,14 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
             maps_n = [gradient_map(lay.spec, lay.k[n : n + 1]) for lay in layers]
             shapes_n = [(1, *shape[1:]) for shape in shapes]
             columns = pusher(u0[n : n + 1], maps_n, shapes_n)
-            for idx, out in _unit_columns(columns, local, (1, *u0.shape[1:])):
+            for idx, out in unit_columns(columns, local, (1, *u0.shape[1:])):
                 for j, o in enumerate(out[:-1]):
                     per[j].append(o.detach().reshape(idx.numel(), -1))
                 end = torch.zeros(idx.numel(), *end_shape, dtype=torch.float64)
                 end[:, n] = out[-1].detach().reshape(idx.numel(), *end_shape[1:])
                 per[-1].append(end.reshape(idx.numel(), -1))
     else:
-        for idx, out in _unit_columns(pusher(u0, maps, shapes), free, tuple(u0.shape)):
+        for idx, out in unit_columns(pusher(u0, maps, shapes), free, tuple(u0.shape)):
             for j, o in enumerate(out):
                 per[j].append(o.detach().reshape(idx.numel(), -1))
     blocks: list[tuple[str, np.ndarray]] = []
@@ -195,14 +196,14 @@ def _system_matrix(inst: Instance, seg: Segment, layers: list[InnerLayer], fwd: 
     return {"blocks": blocks}
 
 
-def _unit_columns(
-    columns: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], idx_all: torch.Tensor, shape: tuple[int, ...]
-) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-    """`columns` of the unit tangents at the flat indices idx_all into a value of `shape`, TANGENT_CHUNK at a
-    time through vmap: (the chunk's indices, its outputs)."""
+def unit_columns(
+    columns: Callable[[torch.Tensor], Any], idx_all: torch.Tensor, shape: tuple[int, ...], chunk: int = TANGENT_CHUNK
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """`columns` of the unit tangents at the flat indices idx_all into a value of `shape`, `chunk` at a time
+    through vmap: (the chunk's indices, its outputs). The segment's columns here and in the attack."""
     size = math.prod(shape)
-    for start in range(0, idx_all.numel(), TANGENT_CHUNK):
-        idx = idx_all[start : start + TANGENT_CHUNK]
+    for start in range(0, idx_all.numel(), chunk):
+        idx = idx_all[start : start + chunk]
         t = torch.zeros(idx.numel(), size, dtype=torch.float64)
         t[torch.arange(idx.numel()), idx] = 1.0
         yield idx, torch.func.vmap(columns)(t.reshape(idx.numel(), *shape))

@@ -34,7 +34,7 @@ import scipy.sparse.linalg as spl
 import torch
 
 from rgap_audit import ops
-from rgap_audit.analysis.joint import gradient_map
+from rgap_audit.analysis.joint import gradient_map, unit_columns
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.layergraph import LayerGraph
 from rgap_audit.links import Link, region_function
@@ -175,12 +175,7 @@ def solve(prob: SegmentProblem, u_p: torch.Tensor, free: torch.Tensor, bound: to
     rel: float | None = None
     notes: list[str] = []
     if n * m <= limit:
-        cols = []
-        for c0 in range(0, n, TANGENT_CHUNK):
-            part = idx[c0 : c0 + TANGENT_CHUNK]
-            t = torch.zeros(part.numel(), u_p.numel(), dtype=u_p.dtype)
-            t[torch.arange(part.numel()), part] = 1.0
-            cols.append(torch.func.vmap(lin)(t.reshape(part.numel(), *prob.u_shape)).reshape(part.numel(), -1))
+        cols = [out.reshape(part.numel(), -1) for part, out in unit_columns(lin, idx, prob.u_shape, TANGENT_CHUNK)]
         jt = torch.cat(cols).numpy() if cols else np.zeros((0, m))
         left, sv, vt = np.linalg.svd(jt.T, full_matrices=False)
         r, rel = rank_rule(sv, (m, n))
