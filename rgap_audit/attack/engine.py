@@ -221,11 +221,14 @@ class _Context:
         """Ops from the unit below's output up to `layer`'s input (rgap_audit.links; `layer` a weighted layer
         or a joint segment, whose input is its start cut), cut at the first op the closed-form attack does
         not invert. A joint segment below reads the link as a function (its solve needs no inverse)."""
-        link = self.raw_link_below(layer)
+        return self.cut_for_attack(self.raw_link_below(layer))
+
+    def cut_for_attack(self, link: Link) -> Link:
+        """`link` cut at the first op the closed-form attack does not invert (unless a joint segment reads it)."""
         if link.cut is None and link.lower not in self.segments:
             stop = link.attack_cut()
             if stop is not None:
-                return Link(None, layer, link.steps, f"{stop.node} ({stop.name}): {stop.info.why}")
+                return Link(None, link.upper, link.steps, f"{stop.node} ({stop.name}): {stop.info.why}")
         return link
 
     def raw_link_below(self, layer: str) -> Link:
@@ -233,11 +236,11 @@ class _Context:
         seg = self.segments.get(layer)
         return links.below(self.lg, layer, self.env, self.ends, start=None if seg is None else seg.start)
 
-    def read_through(self, layer: str) -> Segment | None:
-        """A layer below `layer` whose output reaches it only through ops the attack does not invert but
-        can replay (pooling, a linear map): solved as a one-layer segment over its own input, the link read
-        as a function of its output (the same least-squares solve as a joint segment)."""
-        link = self.raw_link_below(layer)
+    def read_through(self, link: Link) -> Segment | None:
+        """The layer at the lower end of `link` (raw_link_below) when its output reaches the layer above only
+        through ops the attack does not invert but can replay (pooling, a linear map): solved as a one-layer
+        segment over its own input, the link read as a function of its output (the same least-squares solve
+        as a joint segment)."""
         if link.cut is not None or link.lower is None or link.lower in self.segments or link.lower == self.lg.input_node:
             return None
         if link.attack_cut() is None or not link.steps:
@@ -378,8 +381,9 @@ def _descend(
         if g_top is None:
             assert k is not None
             g_top = _vjp_input(ctx.specs[layer], x, k)
-        link = ctx.link_below(layer)
-        through = ctx.read_through(layer)
+        raw = ctx.raw_link_below(layer)
+        link = ctx.cut_for_attack(raw)
+        through = ctx.read_through(raw)
         if through is not None:
             link = Link(through.name, layer, [])
         if link.lower is None or link.cut is not None:
