@@ -328,28 +328,12 @@ class Pipeline:
     ) -> ModelReport | None:
         """Instance, analysis, then --identifiability and --verify; None when the static audit failed."""
         req = self.request
-        stage = "trace"
         if req.batch_sizes:
             options = replace(options, batch_size=req.batch_sizes[0])
-        t0 = time.perf_counter()
-        try:
-            build_instance, audit_instance = _stage("build_instance"), _stage("audit_instance")
-            no_network, single_thread = _stage("no_network"), _stage("single_thread")
-            with no_network(), captured(req.debug), single_thread():
-                inst = build_instance(loaded, options)
-                stage = "analysis"
-                if meter is not None:
-                    meter.totals["walk"] = len(inst.graph.ops())
-                audit = audit_instance(inst, options)
-            seconds = time.perf_counter() - t0
-        except AuditError as err:
-            self.error(err, loaded.file, loaded.name, stage)
+        got = self._static(loaded, options, meter)
+        if got is None:
             return None
-        except Exception as exc:
-            if req.debug:
-                raise
-            self.error(internal_error(exc, loaded.file, loaded.name), stage=stage)
-            return None
+        audit, seconds = got
         report = audit.report
         if req.identifiability:
             self._step(loaded, "identifiability", lambda: self._identifiability(audit))
@@ -361,6 +345,30 @@ class Pipeline:
         if req.batch_sizes:
             report.batch_sweep = self._sweep(loaded, options, settings, audit, seconds)
         return report
+
+    def _static(self, loaded: LoadedModel, options: AuditOptions, meter: progress.Meter | None = None) -> tuple[Audit, float] | None:
+        """The instance and the static analysis of one model, and their seconds; None (an error reported, at the
+        stage that failed) when either fails."""
+        req = self.request
+        stage = "trace"
+        t0 = time.perf_counter()
+        try:
+            build_instance, audit_instance = _stage("build_instance"), _stage("audit_instance")
+            no_network, single_thread = _stage("no_network"), _stage("single_thread")
+            with no_network(), captured(req.debug), single_thread():
+                inst = build_instance(loaded, options)
+                stage = "analysis"
+                if meter is not None:
+                    meter.totals["walk"] = len(inst.graph.ops())
+                audit = audit_instance(inst, options)
+            return audit, time.perf_counter() - t0
+        except AuditError as err:
+            self.error(err, loaded.file, loaded.name, stage)
+        except Exception as exc:
+            if req.debug:
+                raise
+            self.error(internal_error(exc, loaded.file, loaded.name), stage=stage)
+        return None
 
     def _defences(self, audit: Audit, options: AuditOptions) -> None:
         """--defences: noise, compression, batch size, architecture edits; with --save-images the noise curve and the
@@ -380,24 +388,12 @@ class Pipeline:
         --verify on its summed gradient), kept as a BatchPoint. A size that fails is one more error."""
         req = self.request
         assert req.batch_sizes
-        build_instance, audit_instance, no_network = _stage("build_instance"), _stage("audit_instance"), _stage("no_network")
-        single_thread = _stage("single_thread")
         points = [batch_point(first.report, first_s)]
         for b in req.batch_sizes[1:]:
-            opts = replace(options, batch_size=b)
-            t0 = time.perf_counter()
-            try:
-                with no_network(), captured(req.debug), single_thread():
-                    audit = audit_instance(build_instance(loaded, opts), opts)
-            except AuditError as err:
-                self.error(err, loaded.file, loaded.name, "analysis")
+            got = self._static(loaded, replace(options, batch_size=b))
+            if got is None:
                 continue
-            except Exception as exc:
-                if req.debug:
-                    raise
-                self.error(internal_error(exc, loaded.file, loaded.name), stage="analysis")
-                continue
-            seconds = time.perf_counter() - t0
+            audit, seconds = got
             if req.verify and not self._step(loaded, "verify", functools.partial(self._verify, audit, settings)):
                 audit.report.verification = Verification(attempted=False, confirmed=None, summary=f"Failed: {self.result.errors[-1].cause}")
             points.append(batch_point(audit.report, seconds))
