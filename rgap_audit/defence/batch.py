@@ -1,7 +1,7 @@
 """The smallest batch size at which the static verdict stops saying the input is recoverable.
 
-A small loop over the existing analysis at batch size B = 2, 3, ... (`verdict_at` is the one function to point at
-an exact batch-rank analysis when one exists). The caveat of RGAP403 holds at every B: each sample's dL/dz is taken
+A small loop over the analysis at batch size B = 2, 3, ... (`verdict_at`; its batch ranks are rank.py's and
+batchrank.py's exact block eliminations where they fit, proven bounds otherwise). The caveat of RGAP403 holds at every B: each sample's dL/dz is taken
 from the instance, the attacker's best case. At the B found, --verify's batch attack (R-GAP on the summed gradient)
 is run and kept: what comes back, samples, a combination of them, the span.
 """
