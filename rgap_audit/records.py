@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-SCHEMA_VERSION = "2.3"
+SCHEMA_VERSION = "2.4"
 
 
 class Verdict(StrEnum):
@@ -108,11 +108,17 @@ class ParamRowsRecord:
 
 @dataclass
 class BatchSpan:
-    """B > 1: the subspace the weight gradient of the Linear reading the input reveals (span.py)."""
+    """B > 1: the subspace the weight gradient of the layer reading the input reveals (span.py). A Linear's
+    gradient rows are combinations of the samples; a convolution's (C_out x C_in k) are combinations of
+    the samples' input patches (added in 2.4)."""
 
     rank: int  # numerical rank of dL/dW
-    distance: float  # largest relative distance of a sample to its row space
+    distance: float  # largest relative distance of a tested vector (sample, or input patch) to its row space
     samples: int  # batch size
+    vectors: str = "sample"  # what the row space was tested against: "sample" (Linear) or "input patch" (convolution)
+    count: int = 0  # vectors tested: B samples, or B x output positions patches
+    dims: int = 0  # the dimension of the space they live in (in_features, or C_in x kernel entries)
+    leak: bool = False  # RGAP404: the row space holds every tested vector and is a proper subspace of that space
 
 
 @dataclass
@@ -207,8 +213,8 @@ class BatchPoint:
     input_deficit_lower: int | None  # proven bounds on it (equal to it when exact); None when no input layer was ranked
     input_deficit_upper: int | None
     summary: str  # attacker (a): the verdict's summary
-    span_rank: int | None  # attacker (b): rank of the first Linear's weight gradient (None: no Linear reads the input, or B = 1)
-    span_leak: bool | None  # attacker (b): that span holds every sample (RGAP404); None when not measured
+    span_rank: int | None  # attacker (b): rank of the first layer's weight gradient (None: no Linear or convolution reads the input, or B = 1)
+    span_leak: bool | None  # attacker (b): that span holds every sample or input patch (RGAP404); None when not measured
     summed: str  # attacker (b) in one sentence (the span, and --verify's outcome on the summed gradient when run)
     seconds: float  # the audit at this batch size (instance and analysis)
 

@@ -1,8 +1,9 @@
 """--batch-sizes: one audit per batch size, summarised as BatchPoints (records.py), both attackers side by side.
 
 Attacker (a) knows each sample's dL/dz (the static verdict, RGAP403's upper bound); attacker (b) has the
-summed gradient alone: statically, the span of the first Linear's weight gradient (RGAP404); with
---verify, what R-GAP on the summed gradient recovered (verify/batch.py).
+summed gradient alone: statically, the span of the first layer's weight gradient against the samples (a
+Linear) or their input patches (a convolution; RGAP404); with --verify, what R-GAP on the summed gradient
+recovered (verify/batch.py).
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ def summed_text(report: ModelReport, rec: LayerRecord | None) -> tuple[int | Non
         text = "one sample: the summed gradient is the sample's own (attacker (a) applies)"
         span_rank, leak = None, None
     elif rec is not None and rec.span is not None:
-        span_rank, leak = rec.span.rank, rec.span.distance <= 1e-8 and rec.span.rank == b
-        text = (
-            f"the first Linear's gradient spans a {rec.span.rank}-dimensional subspace "
-            + ("holding every sample (RGAP404: the batch's span leaks)" if leak else f"(samples at relative distance up to {rec.span.distance:.1e})")
-        )
+        sp = rec.span
+        span_rank, leak = sp.rank, sp.leak
+        if sp.vectors == "sample":
+            text = f"the first Linear's gradient spans a {sp.rank}-dimensional subspace " + (
+                "holding every sample (RGAP404: the batch's span leaks)" if leak else f"(samples at relative distance up to {sp.distance:.1e})"
+            )
+        else:
+            if leak:
+                why = f"and holds all {sp.count} input patches (RGAP404: the span of the batch's patches leaks)"
+            elif sp.rank >= sp.dims:
+                why = "(the whole patch space: no span leak)"
+            else:
+                why = f"(patches at relative distance up to {sp.distance:.1e}: no span leak)"
+            text = f"the first convolution's gradient spans {sp.rank} of its {sp.dims} patch-space dimensions {why}"
     else:
         span_rank, leak = None, None
-        what = "no weighted layer reads the input" if rec is None else f"the first layer ({rec.op}) is not a Linear"
-        text = f"no span measured statically ({what}: its gradient rows are combinations of input patches, not of the samples)"
+        what = "no weighted layer reads the input" if rec is None else f"the first layer ({rec.op}) is not a Linear or a 1-D/2-D convolution without groups"
+        text = f"no span measured statically ({what})"
     ver = report.verification
     if b > 1 and ver is not None:
         text += f"; --verify on the summed gradient: {ver.summary}"

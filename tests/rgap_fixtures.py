@@ -191,7 +191,7 @@ def undecided(file: str = "models/odd.py") -> ModelReport:
             input_shape=[4, 100], output_shape=[4, 1], unknowns=400, grad_rows=100, fwd_rows=4,
             rank_lower=300, rank_upper=450, rank_method="bounds", verdict=Verdict.RECOVERABLE, basis=Basis.BOUNDS,
             reason="rank between 300 and 450 of 400 unknowns (system too large for an exact rank)",
-            span=BatchSpan(rank=4, distance=3e-16, samples=4), reads_input=True,  # B = 4: the batch's span leaks
+            span=BatchSpan(rank=4, distance=3e-16, samples=4, count=4, dims=12, leak=True), reads_input=True,  # B = 4: the batch's span leaks
         ),
         LayerRecord(
             index=1, node="fft_1", op="fft", kind="unknown", module_path=None,

@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rgap_audit import ops
 from rgap_audit.analysis.state import WalkState
+from rgap_audit.convspec import ConvSpec
 from rgap_audit.instance import Instance
 from rgap_audit.links import input_chain
 from rgap_audit.records import Basis, BatchSpan, LayerRecord, ModelStatus, ModelVerdict, Verdict
-from rgap_audit.span import row_space
+from rgap_audit.span import patch_space, row_space
 from rgap_audit.tolerances import SPAN_IN_TOL
 
 CAVEAT_DEFICIT = (
@@ -160,9 +162,12 @@ def input_layer(inst: Instance, stops: dict[str, str] | None = None) -> tuple[st
 
 
 def batch_span(inst: Instance, first: str, rec: LayerRecord) -> BatchSpan | None:
-    """B > 1, the input read by a Linear: dL/dW = sum_n k_n x_n^T, so its rows lie in span{x_n}.
-    Measured on the instance (rgap_audit.span): the numerical rank of dL/dW and each sample's
-    relative distance to its row space."""
+    """B > 1: the subspace the shared weight gradient of the layer reading the input reveals, measured on
+    the instance (rgap_audit.span). A Linear: dL/dW = sum_n k_n x_n^T, its rows lie in span{x_n}: the
+    numerical rank of dL/dW and each sample's relative distance to its row space. A 1-D or 2-D
+    convolution without groups: dL/dW (C_out x C_in k) = sum_n sum_p k_n[:, p] patch_n(p)^T, its rows lie
+    in the span of the batch's input patches: its rank and each patch's distance. A leak (RGAP404) is a
+    row space that holds every sample (patch) and is a proper subspace of their space."""
     lg = inst.graph
     module = lg.node(first).module
     if module is None or getattr(module, "weight", None) is None or not module.weight.requires_grad:
@@ -172,16 +177,60 @@ def batch_span(inst: Instance, first: str, rec: LayerRecord) -> BatchSpan | None
     except (ValueError, TypeError):
         return None
     x = inst.values[lg.data_args(first)[0]].detach().to(torch.float64)
-    if spec.ndim != 0 or x.numel() != inst.batch * spec.n_in:
+    if x.numel() != inst.batch * spec.n_in:
         return None
-    x = x.reshape(inst.batch, spec.n_in)
-    k = inst.grads[first].detach().to(torch.float64).reshape(inst.batch, -1)
-    measured = row_space(k.T @ x, x, seed=inst.seed)  # k^T x: the shared gradient of the weight
-    if not measured.distances or measured.rank == 0:
+    k = inst.grads[first].detach().to(torch.float64)
+    if spec.ndim == 0:
+        x = x.reshape(inst.batch, spec.n_in)
+        measured = row_space(k.reshape(inst.batch, -1).T @ x, x, seed=inst.seed)  # k^T x: the shared gradient of the weight
+        if not measured.distances or measured.rank == 0:
+            return None
+        dist = max(measured.distances)
+        leak = measured.rank == inst.batch < spec.n_in and dist <= SPAN_IN_TOL
+        span = BatchSpan(rank=measured.rank, distance=float(f"{dist:.3g}"), samples=inst.batch, count=inst.batch, dims=spec.n_in, leak=leak)
+    elif isinstance(spec, ConvSpec) and spec.ndim in (1, 2) and spec.groups == 1:
+        x = x.reshape(inst.batch, *spec.in_shape)
+        grad_w = spec.weight_grad(x, k.reshape(inst.batch, *spec.out_shape))
+        patches = patch_space(grad_w.reshape(grad_w.shape[0], -1), (_patches(spec, x[n : n + 1]) for n in range(inst.batch)))
+        if patches.rank == 0 or patches.count == 0:
+            return None
+        leak = patches.proper and patches.holds_every_patch
+        span = BatchSpan(
+            rank=patches.rank, distance=float(f"{patches.distance:.3g}"), samples=inst.batch,
+            vectors="input patch", count=patches.count, dims=patches.dims, leak=leak,
+        )  # fmt: skip
+    else:
         return None
-    span = BatchSpan(rank=measured.rank, distance=float(f"{max(measured.distances):.3g}"), samples=inst.batch)  # 3 digits: shown as is
     rec.span = span
     return span
+
+
+def _patches(spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:
+    """The input patches a 1-D or 2-D convolution reads from x (N, *in_shape), one row each (N P, C_in k),
+    zero padding included, in the layout of the weight's flattened kernel."""
+    if spec.ndim == 1:
+        cols = F.unfold(
+            x.unsqueeze(2), (1, spec.kernel[0]), dilation=(1, spec.dilation[0]), padding=(0, spec.padding[0]), stride=(1, spec.stride[0])
+        )
+    else:
+        cols = F.unfold(x, spec.kernel, dilation=spec.dilation, padding=spec.padding, stride=spec.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def span_caveat(first: str, span: BatchSpan, batch: int) -> str:
+    """The verdict's caveat when the span leaks (RGAP404)."""
+    if span.vectors == "sample":
+        return (
+            f"With {batch} samples, the weight gradient of {first} spans a {span.rank}-dimensional "
+            f"subspace that holds every sample (largest relative distance {span.distance:.1e}, measured): "
+            "the batch's span leaks whatever the per-sample verdict."
+        )
+    return (
+        f"With {batch} samples, the weight gradient of {first} spans a {span.rank}-dimensional subspace of its "
+        f"{span.dims}-dimensional patch space that holds every one of the batch's {span.count} input patches "
+        f"(largest relative distance {span.distance:.1e}, measured): the span of the patches leaks whatever the "
+        "per-sample verdict."
+    )
 
 
 def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) -> ModelVerdict:
@@ -204,12 +253,8 @@ def model_verdict(inst: Instance, state: WalkState, records: list[LayerRecord]) 
     if rec is not None and path_ok and inst.batch > 1:
         assert first is not None
         span = batch_span(inst, first, rec)
-        if span is not None and span.rank == inst.batch and span.distance <= SPAN_IN_TOL:
-            caveats.append(
-                f"With {inst.batch} samples, the weight gradient of {first} spans a {span.rank}-dimensional "
-                f"subspace that holds every sample (largest relative distance {span.distance:.1e}, measured): "
-                "the batch's span leaks whatever the per-sample verdict."
-            )
+        if span is not None and span.leak:
+            caveats.append(span_caveat(first, span, inst.batch))
     facts = InputFacts(
         rec=rec,
         layer=_unit_name(rec, first),
