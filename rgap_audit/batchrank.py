@@ -25,15 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.rank import _GRAM_MIN, _base_factor, _gram_full_rank, _rank_null, _refined_normal_solve, _tol_rank, gradient_blocks
+from rgap_audit.rank import _GRAM_MIN, CarriedDirections, _base_factor, _gram_full_rank, _rank_null, _refined_normal_solve, _tol_rank, gradient_blocks
 from rgap_audit.structure import sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
-__all__ = ["ForwardFirst", "forward_first", "forward_first_cost"]
+__all__ = ["CarriedElimination", "ForwardFirst", "carried_elimination", "carried_forward_proof", "forward_first", "forward_first_cost"]
 
 _SPARSE_MIN = 16  # smaller per-sample blocks are decided by a dense SVD
 
@@ -363,22 +364,29 @@ def _largest_eigenvalue(g: np.ndarray) -> float:
         return float(np.linalg.eigvalsh(g)[-1])
 
 
-def carried_forward_proof(
-    spec: ConvSpec, n: int, rows_idx: np.ndarray, carried: np.ndarray, known_np: np.ndarray | None, exact_limit: int
-) -> float | str:
-    """Prove that the forward rows alone have full column rank when the layer above carried directions Q
-    down (they mix the samples), from per-sample blocks: sigma_min / sigma_max of P F, or why not.
+@dataclass
+class _TallSamples:
+    """Per-sample tall forward blocks F_n (the rows of W at the entries of z_n the rows see, the columns of
+    sample n's unknown inputs), each distinct block factorised once (_tall_samples)."""
 
-    F = blockdiag(F_n) (tall F_n: the rows of W at the entries of z_n the rows see, the columns of sample
-    n's unknown inputs), P = I - Q Q^T. sigma_min(P F) >= sigma_min(F) (sigma_min(N^T Q) - leak) with N =
-    blockdiag(N_n), N_n an orthonormal basis of range(F_n)^perp (rank.py's principal-angle bound, here per
-    sample): each distinct F_n is factorised once (a Cholesky of F_n^T F_n - lam I proves lambda_min > lam
-    >= tau, tau the Gram route's margin over |F|^2), and only N^T Q (sum_n (m_n - c_n) x d) meets the samples.
-    """
+    blocks: list[tuple[bytes, np.ndarray | slice]]  # per sample: its block's key, its rows' positions in rows_idx
+    cols: dict[bytes, np.ndarray]  # per block: the unknown input entries (local to the sample)
+    mats: dict[bytes, sp.csr_matrix]  # per block: F_n, sparse
+    factors: dict[bytes, tuple[np.ndarray, bool]]  # per block: Cholesky factor of F_n^T F_n
+    lefts: dict[bytes, tuple[np.ndarray, float]]  # per block: orthonormal basis of range(F_n)^perp, its leak bound
+    lam: float  # proven: every lambda_min(F_n^T F_n) > lam
+    ref2: float  # >= every sigma_max(F_n)^2
+    tau: float  # the Gram route's margin over ref2
+
+
+def _tall_samples(spec: ConvSpec, n: int, rows_idx: np.ndarray, known_np: np.ndarray | None, exact_limit: int) -> _TallSamples | str:
+    """Factorise each distinct tall F_n and prove its full column rank: a Cholesky of F_n^T F_n - lam I
+    proves lambda_min > lam >= tau (tau the Gram route's margin over |F|^2); an orthonormal basis of
+    range(F_n)^perp from seeded random vectors projected twice. Why not, when a block is wide, too large
+    for a dense factorisation or not proven."""
     n_out = spec.n_out
     sample = rows_idx // n_out
     w1 = sparse_forward(spec, 1).tocsr()
-    d = carried.shape[1]
     blocks: list[tuple[bytes, np.ndarray | slice]] = []
     per: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
     for i in range(n):
@@ -396,8 +404,8 @@ def carried_forward_proof(
         picked = sel[order]
         contiguous = picked.size and int(picked[-1]) - int(picked[0]) == picked.size - 1 and bool(np.all(np.diff(picked) == 1))
         blocks.append((key, slice(int(picked[0]), int(picked[-1]) + 1) if contiguous else picked))  # a view, not a copy
-    dense = {key: w1[rows][:, cols].tocsr() for key, (rows, cols) in per.items()}  # sparse F_n
-    grams = {key: (f.T @ f).toarray() for key, f in dense.items()}
+    mats = {key: w1[rows][:, cols].tocsr() for key, (rows, cols) in per.items()}  # sparse F_n
+    grams = {key: (f.T @ f).toarray() for key, f in mats.items()}
     lam_max = 0.0
     for g in grams.values():
         if g.size:
@@ -411,9 +419,10 @@ def carried_forward_proof(
     m_all, c_all = int(rows_idx.size), sum(per[key][1].size for key, _ in blocks)
     floor = max(GRAM_SAFE, (100.0 * max(m_all, c_all) * EPS) ** 2)
     tau = floor * ref2
+    factors: dict[bytes, tuple[np.ndarray, bool]] = {}
     lefts: dict[bytes, tuple[np.ndarray, float]] = {}
     lam = math.inf
-    for key, f in dense.items():
+    for key, f in mats.items():
         g = grams[key]
         try:
             factor = sla.cho_factor(g, lower=True, check_finite=False)
@@ -435,6 +444,7 @@ def carried_forward_proof(
         if lam_i is None:
             return "one sample's forward rows are not proven to have full column rank (Cholesky)"
         lam = min(lam, lam_i)
+        factors[key] = factor
         m, c = f.shape
         nb = np.random.default_rng(1).standard_normal((m, m - c))
         for _ in range(2):
@@ -442,20 +452,144 @@ def carried_forward_proof(
             nb = sla.qr(nb, mode="economic", overwrite_a=True, check_finite=False)[0]
         leak = float(np.linalg.norm(np.asarray(f.T @ nb))) / math.sqrt(lam_i) if nb.size else 0.0
         lefts[key] = (nb, leak)
-    rows_nq = sum(lefts[key][0].shape[1] for key, _ in blocks)
-    if rows_nq < d:
-        return f"{rows_nq} directions outside the forward rows' range for {d} carried directions"
-    nq = np.empty((rows_nq, d))
+    return _TallSamples(blocks, {key: cols for key, (_rows, cols) in per.items()}, mats, factors, lefts, lam, ref2, tau)
+
+
+def _left_products(ts: _TallSamples, carried: np.ndarray) -> np.ndarray:
+    """N^T Q for N = blockdiag(N_n), N_n the orthonormal basis of range(F_n)^perp: (sum_n (m_n - c_n)) x d."""
+    rows_nq = sum(ts.lefts[key][0].shape[1] for key, _ in ts.blocks)
+    nq = np.empty((rows_nq, carried.shape[1]))
     at = 0
-    for key, part in blocks:
-        nb = lefts[key][0]
+    for key, part in ts.blocks:
+        nb = ts.lefts[key][0]
         np.matmul(nb.T, carried[part], out=nq[at : at + nb.shape[1]])
         at += nb.shape[1]
-    leak = max(v[1] for v in lefts.values())
+    return nq
+
+
+def carried_forward_proof(
+    spec: ConvSpec, n: int, rows_idx: np.ndarray, carried: np.ndarray, known_np: np.ndarray | None, exact_limit: int
+) -> float | str:
+    """Prove that the forward rows alone have full column rank when the layer above carried directions Q
+    down (they mix the samples), from per-sample blocks: sigma_min / sigma_max of P F, or why not.
+
+    F = blockdiag(F_n) (tall F_n: the rows of W at the entries of z_n the rows see, the columns of sample
+    n's unknown inputs), P = I - Q Q^T. sigma_min(P F) >= sigma_min(F) (sigma_min(N^T Q) - leak) with N =
+    blockdiag(N_n), N_n an orthonormal basis of range(F_n)^perp (rank.py's principal-angle bound, here per
+    sample): each distinct F_n is factorised once (_tall_samples), and only N^T Q (sum_n (m_n - c_n) x d)
+    meets the samples.
+    """
+    ts = _tall_samples(spec, n, rows_idx, known_np, exact_limit)
+    if isinstance(ts, str):
+        return ts
+    d = carried.shape[1]
+    rows_nq = sum(ts.lefts[key][0].shape[1] for key, _ in ts.blocks)
+    if rows_nq < d:
+        return f"{rows_nq} directions outside the forward rows' range for {d} carried directions"
+    nq = _left_products(ts, carried)
+    leak = max(v[1] for v in ts.lefts.values())
     s_min = float(np.sqrt(max(sla.eigh(nq.T @ nq, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0], 0.0))) if d else 1.0
-    if lam * max(s_min - leak, 0.0) ** 2 <= tau * 1.0000001:
+    if ts.lam * max(s_min - leak, 0.0) ** 2 <= ts.tau * 1.0000001:
         return "the carried directions are not proven to leave the forward rows full column rank (principal angles)"
-    return math.sqrt(lam / ref2) * (s_min - leak)
+    return math.sqrt(ts.lam / ts.ref2) * (s_min - leak)
+
+
+@dataclass
+class CarriedElimination:
+    """rank([K; P F]) of a batch layer below carried directions, by eliminating the tall forward rows."""
+
+    rank: int
+    rank_reduced: int  # rank of M = [N^T Q; K F^+ Q]
+    carried: int  # d, the directions carried from above
+    sigma_min_rel: float | None
+    null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal; None when not kept
+
+
+def carried_elimination(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    rows_idx: np.ndarray,
+    carried_dirs: CarriedDirections,
+    known_np: np.ndarray | None,
+    *,
+    want_null: bool,
+    exact_limit: int,
+) -> CarriedElimination | str:
+    """rank([K; P F]) when every sample's forward rows F_n are tall with full column rank and the layer above
+    carried d directions Q down (orthonormal, mixing the samples; P = I - Q Q^T).
+
+    x is undetermined iff K x = 0 and F x = Q y for some y. F x = Q y is solvable iff N^T Q y = 0 (N =
+    blockdiag(N_n), orthonormal bases of range(F_n)^perp), and then x = F^+ Q y, one x per y (F and Q
+    have full column rank). So null([K; P F]) = F^+ Q null(M) with M = [N^T Q; K F^+ Q], and
+
+        rank([K; P F]) = unknowns - d + rank(M).
+
+    M has sum_n (m_n - c_n) + |K| rows and d columns, where the gradient-first route ranks P F Z, sum_n m_n
+    rows by (unknowns - rank K) columns: a Conv2d(3, 12, 4, 2, 2) on 32 x 32 below a Linear head at B = 2
+    ranks 1368 x 3468 instead of 6936 x 5568. The two blocks of M are each scaled to unit largest entry (a
+    row scaling: the exact rank is unchanged) and M is ranked by rank.py's rule with its tolerance widened by
+    sigma_max / sigma_min of F (F^+ amplifies rounding by that much) and by the spread of the carried basis.
+
+    Q need not be orthonormal: any basis T of the carried directions with full column rank gives the same
+    null space (F x = T y, x = F^+ T y), so the raw basis of forward.entry_rows (the layer above's
+    orthonormal null basis scaled entry by entry through the link, spread = max / min scale) is used as
+    is, which skips orthonormalising a (sum m_n) x d basis (45 s at CNN6-d's stem at B = 4). Why not, when
+    a block is not proven or M is too large."""
+    n = k_np.shape[0]
+    if carried_dirs.spread is not None and isinstance(carried_dirs.raw, np.ndarray):
+        carried, spread = carried_dirs.raw, float(carried_dirs.spread)
+    else:
+        carried, spread = carried_dirs.orthonormal(), 1.0
+    ts = _tall_samples(spec, n, rows_idx, known_np, exact_limit)
+    if isinstance(ts, str):
+        return ts
+    d = carried.shape[1]
+    cin, cig = spec.in_channels, spec.in_channels // spec.groups
+    s_sp = spec.n_in // cin
+    rows_nq = sum(ts.lefts[key][0].shape[1] for key, _ in ts.blocks)
+    rows_k = spec.n_weight  # K's rows: the weight's entries
+    if (rows_nq + rows_k) * d > exact_limit or max(c.size for c in ts.cols.values()) * d > exact_limit:
+        return f"the reduced system [N^T Q; K F^+ Q] ({rows_nq + rows_k} x {d}) is too large for an exact rank"
+
+    def solved(i: int) -> np.ndarray:  # F_n^+ Q_n = (F_n^T F_n)^-1 F_n^T Q_n, in sample i's input coordinates
+        key, part = ts.blocks[i]
+        out = np.zeros((spec.n_in, d))
+        out[ts.cols[key]] = sla.cho_solve(ts.factors[key], np.asarray(ts.mats[key].T @ carried[part]), check_finite=False)
+        return out
+
+    blocks = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
+    rows_g = blocks[0][1].shape[0]
+    kx = np.zeros((cin * rows_g, d))  # K F^+ Q = sum_n K_n x_n, rows (channel, group output channel, kernel offset)
+    k_first = rows_k < d and rows_k * spec.n_in <= exact_limit  # fewer right-hand sides: K_n (F_n^T F_n)^-1 first
+    for i in range(n):  # one sample at a time: F^+ Q itself (N n_in x d) is never held
+        if k_first:
+            key, part = ts.blocks[i]
+            kn = np.zeros((cin * rows_g, cin * s_sp))  # K_n: block-diagonal over the input channels
+            for chans, blk in blocks:
+                for c in chans:
+                    kn[c * rows_g : (c + 1) * rows_g, c * s_sp : (c + 1) * s_sp] = blk[:, i * s_sp : (i + 1) * s_sp]
+            y = sla.cho_solve(ts.factors[key], np.ascontiguousarray(kn[:, ts.cols[key]].T), check_finite=False)  # (c_n, |K|)
+            kx += y.T @ np.asarray(ts.mats[key].T @ carried[part])
+            continue
+        full = solved(i).reshape(cin, s_sp, d)
+        for g, (chans, blk) in enumerate(blocks):
+            part_k = blk[:, i * s_sp : (i + 1) * s_sp]
+            kx[g * cig * rows_g : (g + 1) * cig * rows_g] += (part_k[None] @ full[chans]).reshape(cig * rows_g, d)
+    nq = _left_products(ts, carried)
+    parts = [b / float(np.abs(b).max()) for b in (nq, kx) if b.size and np.any(b)]
+    m = np.vstack(parts) if parts else np.zeros((0, d))
+    f_rel = math.sqrt(ts.lam / ts.ref2)
+    r_m, rel_m, null_m = _reduced_rank(m, want_null, 0.0, spread / f_rel)
+    null = None
+    if want_null and null_m is not None and n * spec.n_in * null_m.shape[1] <= exact_limit:
+        v = np.zeros((n, spec.n_in, null_m.shape[1]))  # F^+ (Q null(M)), sample by sample
+        for i, (key, part) in enumerate(ts.blocks):
+            qy = np.asarray(ts.mats[key].T @ (carried[part] @ null_m))
+            v[i, ts.cols[key]] = sla.cho_solve(ts.factors[key], qy, check_finite=False)
+        v = v.reshape(n * spec.n_in, -1)
+        null = torch.from_numpy(np.linalg.qr(v)[0] if v.shape[1] else v)
+    rel = None if rel_m is None else rel_m * f_rel / spread
+    return CarriedElimination(spec.n_in * n - (0 if known_np is None else int(known_np.sum())) - d + r_m, r_m, d, rel, null)
 
 
 def _positive_definite(g: np.ndarray, shift: float) -> bool:

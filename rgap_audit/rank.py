@@ -46,6 +46,7 @@ from rgap_audit.structure import entry_map, sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
+    "CarriedDirections",
     "ForwardInfo",
     "LayerRank",
     "dense_system",
@@ -68,6 +69,42 @@ _CHUNK_ELEMS = 4_000_000  # z-perturbation entries pushed through fwd.jac at onc
 
 # ====================================================================== records
 @dataclass
+class CarriedDirections:
+    """The directions of the forward rows' entries left undetermined above (ForwardInfo.entries[1]).
+
+    `raw` (len(rows), d; dense or sparse) spans them with full column rank; `spread`, when known from how
+    raw was built, bounds sigma_max / sigma_min of raw (1.0: orthonormal; an orthonormal basis scaled row
+    by row by w has spread <= max |w| / min |w|). The orthonormal basis is computed on first use
+    (`orthonormal`, by the caller's `orthonormalise`): the batch elimination below carried directions
+    (batchrank.carried_elimination) works with raw and its spread and never needs it."""
+
+    raw: Any
+    spread: float | None = None
+    orthonormalise: Callable[[Any], np.ndarray] | None = None
+    _q: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def d(self) -> int:
+        """The number of directions: raw's columns when its spread is known (then it has full column rank),
+        else the orthonormal basis's (computed now)."""
+        return int(self.raw.shape[1]) if self.spread is not None else int(self.orthonormal().shape[1])
+
+    def orthonormal(self) -> np.ndarray:
+        if self._q is None:
+            if self.orthonormalise is None:
+                raise ValueError("carried directions without an orthonormal basis or a way to compute one")
+            self._q = self.orthonormalise(self.raw)
+        return self._q
+
+    @staticmethod
+    def of(carried: CarriedDirections | np.ndarray | None) -> CarriedDirections | None:
+        """An orthonormal array (how tests and older callers pass them) as CarriedDirections."""
+        if carried is None or isinstance(carried, CarriedDirections):
+            return carried
+        return CarriedDirections(raw=carried, spread=1.0, _q=carried)
+
+
+@dataclass
 class ForwardInfo:
     """What the attacker knows of the layer output z (shape (N, *spec.out_shape)): the row space of C = V^T J."""
 
@@ -82,10 +119,11 @@ class ForwardInfo:
     rows: int | None = None
     """number of forward rows to report (caller's count of known directions of z); None: the
     number of rows of C, min(D - n', N * n_out), which bounds rank(C) from above"""
-    entries: tuple[np.ndarray, np.ndarray | None] | None = None
+    entries: tuple[np.ndarray, CarriedDirections | np.ndarray | None] | None = None
     """set when the rows of C are the entries of z scaled one by one (an elementwise link above,
     reshapes and permutations aside): (indices into N * n_out of the entries that reach x', the
-    directions of those entries left undetermined above, (len, d) orthonormal, or None). Lets the
+    directions of those entries left undetermined above (CarriedDirections, or a (len, d) orthonormal
+    array), or None). Lets the
     forward rows' own rank be proven on the sparse operator first (forward_full_rank)."""
     cache: dict | None = None
     """a dict the caller keeps across calls on the same layer (same weights): factorisations that depend
@@ -1018,6 +1056,8 @@ def layer_rank(
     At B > 1 with per-sample forward rows (fwd.entries, nothing carried from above) the forward rows may
     be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
     reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
+    Below directions carried from above with tall per-sample forward rows, batchrank.carried_elimination
+    ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it).
 
     With `rhs` the system is also solved (the attack): the minimum-norm x = K^+ dW + Z (F Z)^+ r,
     from the factorisations that decide the rank, so that the attack's nullity is the audit's by
@@ -1106,9 +1146,28 @@ def layer_rank(
     notes: list[str] = []
     batch_rows = n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None  # per-sample forward rows
     per_sample = batch_rows and elimination != "gradient-first"
-    if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample:  # a batch: per-sample blocks below
-        rows_idx, carried = fwd.entries
-        n_carried = 0 if carried is None else carried.shape[1]
+    carried_dirs = CarriedDirections.of(fwd.entries[1]) if fwd.entries is not None else None
+    # ---- a batch below carried directions, tall forward rows per sample, more directions carried than the
+    # angle proof below can take (rows - d < unknowns): eliminate the forward rows (batchrank) when its
+    # reduced system [N^T Q; K F^+ Q] is smaller than the gradient-first P F Z
+    carried_elim = None
+    if n > 1 and not solving and fwd.entries is not None and not fwd.none and d_min > 0 and carried_dirs is not None:
+        rows_idx = fwd.entries[0]
+        if carried_dirs.d and rows_idx.size >= unknowns and not per_sample:
+            cost = (rows_idx.size - unknowns + spec.n_weight) * carried_dirs.d
+            smaller = rows_idx.size - carried_dirs.d < unknowns and cost < max(d_min, 1) * big_d
+            if elimination == "carried" or (elimination == "auto" and smaller):
+                from rgap_audit.batchrank import carried_elimination
+
+                got_c = carried_elimination(spec, k_np, rows_idx, carried_dirs, known_np, want_null=want_null, exact_limit=exact_limit)
+                if isinstance(got_c, str):
+                    notes.append(f"carried-direction elimination: {got_c}")
+                else:
+                    carried_elim = got_c
+    if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample and carried_elim is None:  # a batch: per-sample blocks below
+        rows_idx = fwd.entries[0]
+        n_carried = 0 if carried_dirs is None else carried_dirs.d
+        carried = None if carried_dirs is None or rows_idx.size - n_carried < unknowns else carried_dirs.orthonormal()
         if rows_idx.size - n_carried >= unknowns and n > 1 and not solving and carried is not None:
             from rgap_audit.batchrank import carried_forward_proof
 
@@ -1135,7 +1194,7 @@ def layer_rank(
             forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
         else:
             forward_first_route = elimination == "forward-first"
-    if proof is not None or batch_proof is not None:
+    if proof is not None or batch_proof is not None or carried_elim is not None:
         need_z = False  # the forward rows settle the layer: K only for its rank
     elif fwd.none:
         need_z = want_null and total_x * d_min <= exact_limit
@@ -1199,6 +1258,14 @@ def layer_rank(
         rels.append(batch_proof)
         notes.append("batch: the forward rows alone have full column rank, proven per sample with the carried directions' angles")
         return result(unknowns, unknowns, unknowns, "batch-angles", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
+    if carried_elim is not None:
+        if carried_elim.sigma_min_rel is not None:
+            rels.append(carried_elim.sigma_min_rel)
+        notes.append(
+            f"batch: the forward rows eliminated per sample below {carried_elim.carried} carried directions: "
+            f"rank = unknowns - {carried_elim.carried} + rank([N^T Q; K F^+ Q]) = {carried_elim.rank_reduced}"
+        )
+        return result(carried_elim.rank, carried_elim.rank, carried_elim.rank, "batch-carried", carried_elim.null_basis)
     if proof is not None:  # rank [K; F] = unknowns whatever K is: F alone has full column rank
         rels.append(proof.rel)
         solution = _forward_solution(spec, fwd, rhs, proof, known_np, n) if solving else None

@@ -186,6 +186,58 @@ def test_carried_directions_per_sample_proof(n: int, where: str) -> None:
         assert res.method != "batch-angles"
 
 
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("where", ["random", "in-range", "known"])
+@pytest.mark.parametrize("shape", ["few-weights", "many-weights"])
+def test_carried_elimination_matches_dense(n: int, where: str, shape: str) -> None:
+    """More carried directions than the forward rows leave room for (P F alone is rank-deficient), tall
+    F_n: rank([K; P F]) = unknowns - d + rank([N^T Q; K F^+ Q]) (batchrank.carried_elimination) against
+    the dense SVD of [K; P F] (rank.dense_system, which projects the carried directions out), its null
+    basis against the dense system, and the gradient-first route on the same layer. "few-weights": K has
+    fewer rows than directions are carried, so K_n (F_n^T F_n)^-1 is formed first; "many-weights": F^+ Q
+    sample by sample."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"carried-{n}-{where}-{shape}".encode()))
+    spec = _spec(TALL if shape == "few-weights" else dict(TALL, cin=4, cout=5), gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    big = n * spec.n_out
+    known = (torch.rand(n, *spec.in_shape, generator=gen) > 0.9) if where == "known" else None  # K alone must not settle it
+    d = big - n * spec.n_in + (0 if known is None else int(known.sum())) + 12  # rows - d < unknowns: no angle proof
+    if where == "in-range":  # some directions W v: F x = Q y has solutions, the layer loses rank
+        v = torch.randn(8, n, *spec.in_shape, generator=gen, dtype=torch.float64)
+        wv = spec.forward(v.reshape(8 * n, *spec.in_shape), with_bias=False).reshape(8, big).T
+        q = torch.linalg.qr(torch.cat([wv, torch.randn(big, d - 8, generator=gen, dtype=torch.float64)], dim=1))[0]
+    else:
+        q = torch.linalg.qr(torch.randn(big, d, generator=gen, dtype=torch.float64))[0]
+    fwd = ForwardInfo(unknown=q, entries=(np.arange(big), q.numpy()))
+    kd, fd = dense_system(spec, k, fwd, known)
+    truth = dense_rank(kd, fd)
+    res = layer_rank(spec, k, fwd, known=known, elimination="carried")
+    assert res.method == "batch-carried", res.notes
+    assert res.rank == truth and res.deficit == kd.shape[1] - truth
+    assert_null_basis(res, kd, fd, known)
+    other = layer_rank(spec, k, fwd, known=known, elimination="gradient-first")
+    assert other.method != "batch-carried" and other.rank == truth
+
+
+def test_carried_elimination_below_a_linear_head() -> None:
+    """The case that motivated the route: a conv stem (tall per sample: 144 outputs for 108 inputs) under a
+    Linear head at B = 2, which leaves half of its inputs undetermined, carried down as a dense basis. The
+    walk picks the elimination, and every layer's deficit equals the dense chain oracle's (one autograd
+    system over all layer inputs, tests/oracles.py)."""
+    from test_analysis import _walk_deficits
+
+    from oracles import dense_chain_deficits
+    from rgap_audit.analysis import audit
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 6 * 6, 1, bias=False))
+    rep = audit(net, (3, 6, 6), batch_size=2)
+    stem = next(r for r in rep.layers if r.op == "Conv2d")
+    assert stem.rank_method == "batch-carried"
+    assert _walk_deficits(net, (3, 6, 6), "logistic", 2) == dense_chain_deficits(net, (3, 6, 6), "logistic", batch=2)
+
+
 # ---------------------------------------------------------------------------------------------- whole walks
 def _down_chain() -> torch.nn.Module:
     """CNN6 in miniature: a stride-1 conv below a stride-2 one (per-sample forward rows wider than square)."""

@@ -17,6 +17,7 @@ from rgap_audit.defence import DefenceOptions
 from rgap_audit.formats import render
 from rgap_audit.formats.jsonreport import report_dict, report_schema
 from rgap_audit.pipeline import Pipeline, Request
+from rgap_audit.records import SCHEMA_VERSION
 
 pytest.importorskip("opacus")
 pytest.importorskip("matplotlib")
@@ -39,7 +40,7 @@ def test_json_has_every_part_and_validates(run):
     result, _ = run
     doc = report_dict(result.reports, result.findings)
     jsonschema.Draft202012Validator(report_schema()).validate(doc)
-    assert doc["schema_version"] == "2.3"
+    assert doc["schema_version"] == SCHEMA_VERSION == "2.4"
     d = doc["models"][0]["defences"]
     assert d["noise"]["sigma_stop"] > 0 and d["noise"]["privacy"]["epsilon_one_release"] > 0
     assert d["compression"]["points"] and d["batch"]["points"][0]["batch_size"] == 1
@@ -74,5 +75,5 @@ def test_defence_usage_errors_are_one_line(capsys):
 
 def test_schema_documents_the_version():
     schema = report_schema()
-    assert schema["properties"]["schema_version"]["const"] == "2.3"
+    assert schema["properties"]["schema_version"]["const"] == SCHEMA_VERSION
     assert "defences" in json.dumps(schema["$defs"]["model"]["properties"]["defences"])

@@ -17,7 +17,7 @@ from rgap_audit.analysis.bounds import span_text
 from rgap_audit.analysis.state import WalkState
 from rgap_audit.instance import Instance
 from rgap_audit.links import Link
-from rgap_audit.rank import ForwardInfo
+from rgap_audit.rank import CarriedDirections, ForwardInfo
 from rgap_audit.records import Chain
 from rgap_audit.structure import entry_map
 
@@ -98,11 +98,16 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
 ENTRYWISE = (ops.PASS, ops.REORDER, ops.SLICE)  # link roles that move each entry of z to one entry of x'
 
 
-def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tuple[np.ndarray, CarriedDirections | None] | None:
     """When every op of the link maps entries of z one by one (elementwise ops, reshapes, permutations,
     a slice of a concatenation), the forward rows are the entries of z that reach x', scaled: their
-    indices, and the directions left undetermined above in z coordinates (J^T S / d^2 for J = P diag(d)),
-    orthonormal. None for any other link (pools, norms over a slice, unknown ops)."""
+    indices, and the directions left undetermined above in z coordinates (J^T S / d^2 for J = P diag(d)).
+    None for any other link (pools, norms over a slice, unknown ops).
+
+    The directions come as CarriedDirections: a raw basis, orthonormalised on first use. When each entry of
+    x' reads its own entry of z and S is orthonormal, the raw basis is S scaled row by row, so its spread
+    (sigma_max / sigma_min) is at most the ratio of the largest to the smallest scale, and the batch
+    elimination below (batchrank.carried_elimination) uses it without orthonormalising it."""
     if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
         return None
     if link.steps:
@@ -113,6 +118,10 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     rows = torch.nonzero(d != 0).reshape(-1)
     if unknown is None:
         return rows.numpy(), None
+
+    def carried(raw, spread: float | None = None) -> CarriedDirections:
+        return CarriedDirections(raw=raw, spread=spread, orthonormalise=_orthonormal_by_blocks)
+
     if link.steps:
         push = link.jvp_batch(z0)
         emap = entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
@@ -127,27 +136,40 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
                 vals = fac[r_nz[keep]] * s_np[r_nz[keep], c_nz[keep]] / np.maximum(d_np[src[keep]] ** 2, 1e-300)
                 # duplicates (an entry of z read twice, e.g. by two slices) are summed, as J^T sums them
                 t_sp = sp.csr_matrix((vals, (src[keep], c_nz[keep])), shape=(z0.numel(), s_np.shape[1]))
-                return rows.numpy(), _orthonormal_by_blocks(t_sp[rows.numpy()])
+                return rows.numpy(), carried(t_sp[rows.numpy()])
             live = idx >= 0
             cols_np = np.zeros((z0.numel(), s_np.shape[1]))
             src = idx[live]
             d2 = (d * d).clamp_min(1e-300).numpy()
+            spread = None
             if np.unique(src).size == src.size:  # one entry of x' per entry of z (no slice read twice): a plain scatter
                 # scaled in one pass (the division by d^2 folded into the factors: no second copy of t)
                 s_live = s_np if bool(live.all()) else s_np[live]
-                cols_np[src] = s_live * (fac[live] / d2[src])[:, None]
+                w = fac[live] / d2[src]
+                cols_np[src] = s_live * w[:, None]
+                if bool(live.all()) and w.size and float(np.abs(w).min()) > 0 and bool(np.all(d.numpy()[src] != 0)) and _orthonormal_columns(s_np):
+                    spread = float(np.abs(w).max() / np.abs(w).min())  # every row of S kept, scaled by w, among the rows
             else:
                 np.add.at(cols_np, src, fac[live, None] * s_np[live])
                 cols_np /= d2[:, None]
             if rows.numel() == z0.numel():  # every entry reaches x': t is the scatter itself
-                return rows.numpy(), _orthonormal_by_blocks(cols_np)
-            t = torch.from_numpy(cols_np)
-        else:
-            cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
-            t = (cols / (d * d).clamp_min(1e-300)).T
-    else:
-        t = unknown.to(z0.dtype)
-    return rows.numpy(), _orthonormal_by_blocks(t[rows].detach().numpy())
+                return rows.numpy(), carried(cols_np, spread)
+            return rows.numpy(), carried(cols_np[rows.numpy()], spread)
+        cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
+        t = (cols / (d * d).clamp_min(1e-300)).T
+        return rows.numpy(), carried(t[rows].detach().numpy())
+    t = unknown.to(z0.dtype)
+    whole = rows.numel() == z0.numel()
+    return rows.numpy(), carried(t[rows].detach().numpy(), 1.0 if whole and _orthonormal_columns(t.detach().numpy()) else None)
+
+
+def _orthonormal_columns(s: np.ndarray, tol: float = 1e-10) -> bool:
+    """A randomised check that S^T S = I (two probes, O(size of S)): the contract of the null bases the
+    walk carries, checked before a spread is derived from it."""
+    if s.shape[1] == 0:
+        return True
+    v = np.random.default_rng(0).standard_normal((s.shape[1], 2))
+    return bool(np.abs(s.T @ (s @ v) - v).max() <= tol * np.abs(v).max())
 
 
 def _orthonormal_by_blocks(t: np.ndarray | sp.spmatrix) -> np.ndarray:
