@@ -582,11 +582,11 @@ def carried_elimination(
     r_m, rel_m, null_m = _reduced_rank(m, want_null, 0.0, spread / f_rel)
     null = None
     if want_null and null_m is not None and n * spec.n_in * null_m.shape[1] <= exact_limit:
-        v = np.zeros((n, spec.n_in, null_m.shape[1]))  # F^+ (Q null(M)), sample by sample
+        per = np.zeros((n, spec.n_in, null_m.shape[1]))  # F^+ (Q null(M)), sample by sample
         for i, (key, part) in enumerate(ts.blocks):
             qy = np.asarray(ts.mats[key].T @ (carried[part] @ null_m))
-            v[i, ts.cols[key]] = sla.cho_solve(ts.factors[key], qy, check_finite=False)
-        v = v.reshape(n * spec.n_in, -1)
+            per[i, ts.cols[key]] = sla.cho_solve(ts.factors[key], qy, check_finite=False)
+        v = per.reshape(n * spec.n_in, -1)
         null = torch.from_numpy(np.linalg.qr(v)[0] if v.shape[1] else v)
     rel = None if rel_m is None else rel_m * f_rel / spread
     return CarriedElimination(spec.n_in * n - (0 if known_np is None else int(known_np.sum())) - d + r_m, r_m, d, rel, null)
