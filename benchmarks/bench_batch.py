@@ -61,7 +61,7 @@ def main() -> None:
             span = "n/a" if p.span_rank is None else f"rank {p.span_rank}{' (leak)' if p.span_leak else ''}"
             print(
                 f"  B={b:<3d} {secs:7.2f} s  ({secs / base:6.1f}x B=1)  (a) {p.status.value} [{p.basis.value}], "
-                f"input directions undetermined {deficit_text(p)}; (b) first-Linear span {span}"
+                f"input directions undetermined {deficit_text(p)}; (b) first-layer span {span}"
             )
             print(f"         {layers}")
 

@@ -468,7 +468,7 @@ def _left_products(ts: _TallSamples, carried: np.ndarray) -> np.ndarray:
 
 
 def carried_forward_proof(
-    spec: ConvSpec, n: int, rows_idx: np.ndarray, carried: np.ndarray, known_np: np.ndarray | None, exact_limit: int
+    spec: ConvSpec, n: int, rows_idx: np.ndarray, carried: np.ndarray, known_np: np.ndarray | None, exact_limit: int, sv_max: float = 1.0
 ) -> float | str:
     """Prove that the forward rows alone have full column rank when the layer above carried directions Q
     down (they mix the samples), from per-sample blocks: sigma_min / sigma_max of P F, or why not.
@@ -477,7 +477,9 @@ def carried_forward_proof(
     n's unknown inputs), P = I - Q Q^T. sigma_min(P F) >= sigma_min(F) (sigma_min(N^T Q) - leak) with N =
     blockdiag(N_n), N_n an orthonormal basis of range(F_n)^perp (rank.py's principal-angle bound, here per
     sample): each distinct F_n is factorised once (_tall_samples), and only N^T Q (sum_n (m_n - c_n) x d)
-    meets the samples.
+    meets the samples. `carried` may be any basis T of the directions whose singular values are at most
+    sv_max (forward.entry_rows' raw basis, not orthonormalised): with Q = T R^-1 orthonormal,
+    sigma_min(N^T Q) >= sigma_min(N^T T) / sigma_max(T).
     """
     ts = _tall_samples(spec, n, rows_idx, known_np, exact_limit)
     if isinstance(ts, str):
@@ -489,6 +491,7 @@ def carried_forward_proof(
     nq = _left_products(ts, carried)
     leak = max(v[1] for v in ts.lefts.values())
     s_min = float(np.sqrt(max(sla.eigh(nq.T @ nq, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0], 0.0))) if d else 1.0
+    s_min /= sv_max
     if ts.lam * max(s_min - leak, 0.0) ** 2 <= ts.tau * 1.0000001:
         return "the carried directions are not proven to leave the forward rows full column rank (principal angles)"
     return math.sqrt(ts.lam / ts.ref2) * (s_min - leak)
@@ -536,8 +539,9 @@ def carried_elimination(
     is, which skips orthonormalising a (sum m_n) x d basis (45 s at CNN6-d's stem at B = 4). Why not, when
     a block is not proven or M is too large."""
     n = k_np.shape[0]
-    if carried_dirs.spread is not None and isinstance(carried_dirs.raw, np.ndarray):
-        carried, spread = carried_dirs.raw, float(carried_dirs.spread)
+    raw = carried_dirs.usable_raw
+    if raw is not None and carried_dirs.spread is not None:
+        carried, spread = raw, float(carried_dirs.spread)
     else:
         carried, spread = carried_dirs.orthonormal(), 1.0
     ts = _tall_samples(spec, n, rows_idx, known_np, exact_limit)

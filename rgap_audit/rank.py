@@ -72,22 +72,32 @@ _CHUNK_ELEMS = 4_000_000  # z-perturbation entries pushed through fwd.jac at onc
 class CarriedDirections:
     """The directions of the forward rows' entries left undetermined above (ForwardInfo.entries[1]).
 
-    `raw` (len(rows), d; dense or sparse) spans them with full column rank; `spread`, when known from how
-    raw was built, bounds sigma_max / sigma_min of raw (1.0: orthonormal; an orthonormal basis scaled row
-    by row by w has spread <= max |w| / min |w|). The orthonormal basis is computed on first use
-    (`orthonormal`, by the caller's `orthonormalise`): the batch elimination below carried directions
-    (batchrank.carried_elimination) works with raw and its spread and never needs it."""
+    `raw` (len(rows), d; dense or sparse) spans them with full column rank; `sv_bounds`, when known from how
+    raw was built, bounds its singular values (lo, hi) (an orthonormal basis scaled row by row by w: min |w|,
+    max |w|; (1, 1): orthonormal). The orthonormal basis is computed on first use (`orthonormal`, by the
+    caller's `orthonormalise`): the batch routes below carried directions (batchrank.carried_forward_proof
+    and carried_elimination) work with raw and its bounds and never need it."""
 
     raw: Any
-    spread: float | None = None
+    sv_bounds: tuple[float, float] | None = None
     orthonormalise: Callable[[Any], np.ndarray] | None = None
     _q: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
+    def spread(self) -> float | None:
+        """An upper bound on raw's condition number, None when unknown."""
+        return None if self.sv_bounds is None else self.sv_bounds[1] / self.sv_bounds[0]
+
+    @property
+    def usable_raw(self) -> np.ndarray | None:
+        """raw, dense, when its singular values are bounded (else None: use `orthonormal`)."""
+        return self.raw if self.sv_bounds is not None and isinstance(self.raw, np.ndarray) else None
+
+    @property
     def d(self) -> int:
-        """The number of directions: raw's columns when its spread is known (then it has full column rank),
-        else the orthonormal basis's (computed now)."""
-        return int(self.raw.shape[1]) if self.spread is not None else int(self.orthonormal().shape[1])
+        """The number of directions: raw's columns when its singular values are bounded (then it has full
+        column rank), else the orthonormal basis's (computed now)."""
+        return int(self.raw.shape[1]) if self.sv_bounds is not None else int(self.orthonormal().shape[1])
 
     def orthonormal(self) -> np.ndarray:
         if self._q is None:
@@ -101,7 +111,7 @@ class CarriedDirections:
         """An orthonormal array (how tests and older callers pass them) as CarriedDirections."""
         if carried is None or isinstance(carried, CarriedDirections):
             return carried
-        return CarriedDirections(raw=carried, spread=1.0, _q=carried)
+        return CarriedDirections(raw=carried, sv_bounds=(1.0, 1.0), _q=carried)
 
 
 @dataclass
@@ -1167,17 +1177,20 @@ def layer_rank(
     if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample and carried_elim is None:  # a batch: per-sample blocks below
         rows_idx = fwd.entries[0]
         n_carried = 0 if carried_dirs is None else carried_dirs.d
-        carried = None if carried_dirs is None or rows_idx.size - n_carried < unknowns else carried_dirs.orthonormal()
-        if rows_idx.size - n_carried >= unknowns and n > 1 and not solving and carried is not None:
+        room = carried_dirs is None or rows_idx.size - n_carried >= unknowns
+        if room and n > 1 and not solving and carried_dirs is not None:
             from rgap_audit.batchrank import carried_forward_proof
 
-            angles = carried_forward_proof(spec, n, rows_idx, carried, known_np, exact_limit)
+            raw = carried_dirs.usable_raw  # the raw basis and its largest singular value, or the orthonormal one
+            basis, hi = (raw, carried_dirs.sv_bounds[1]) if raw is not None and carried_dirs.sv_bounds else (carried_dirs.orthonormal(), 1.0)
+            angles = carried_forward_proof(spec, n, rows_idx, basis, known_np, exact_limit, sv_max=hi)
             if isinstance(angles, str):
                 notes.append(f"per-sample forward proof: {angles}")
             else:
                 batch_proof = angles
-        if rows_idx.size - n_carried >= unknowns and batch_proof is None:
+        if room and batch_proof is None:
             cols_idx = None if known_np is None else np.flatnonzero(~known_np.reshape(-1))
+            carried = None if carried_dirs is None else carried_dirs.orthonormal()
             got = forward_full_rank(spec, n, rows_idx, cols_idx, carried, cache=fwd.cache, measure=fwd.measure)
             if isinstance(got, str):
                 notes.append(f"{got}: decided by the dense reduced system")

@@ -219,6 +219,37 @@ def test_carried_elimination_matches_dense(n: int, where: str, shape: str) -> No
     assert other.method != "batch-carried" and other.rank == truth
 
 
+@pytest.mark.parametrize("d_extra, route", [(-40, "batch-angles"), (12, "batch-carried")])
+def test_raw_carried_basis_is_never_orthonormalised(d_extra: int, route: str) -> None:
+    """Carried directions handed down raw, as forward.entry_rows does below a LeakyReLU: an orthonormal S
+    scaled entry by entry by 1 or 5 (singular values in [1, 5]). The angle proof (few directions) and the
+    carried elimination (many) decide the layer from the raw basis, never calling its orthonormalisation,
+    with the rank of the dense SVD of [K; P F] (the oracle projects out an orthonormal basis of the same
+    span)."""
+    from rgap_audit.rank import CarriedDirections
+
+    n = 2
+    gen = torch.Generator().manual_seed(77 + d_extra)
+    spec = _spec(TALL, gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    big = n * spec.n_out
+    d = big - n * spec.n_in + d_extra
+    s = torch.linalg.qr(torch.randn(big, d, generator=gen, dtype=torch.float64))[0]
+    w = torch.where(torch.rand(big, generator=gen) > 0.5, 1.0, 5.0).to(torch.float64)
+    raw = (w[:, None] * s).numpy()
+
+    def refuse(_t: object) -> np.ndarray:
+        raise AssertionError("the raw basis was orthonormalised")
+
+    carried = CarriedDirections(raw=raw, sv_bounds=(1.0, 5.0), orthonormalise=refuse)
+    q = torch.from_numpy(np.linalg.qr(raw)[0])
+    kd, fd = dense_system(spec, k, ForwardInfo(unknown=q, entries=(np.arange(big), q.numpy())))
+    forced = "carried" if route == "batch-carried" else "auto"  # this small layer's P F Z is the smaller system
+    res = layer_rank(spec, k, ForwardInfo(unknown=q, entries=(np.arange(big), carried)), elimination=forced)
+    assert res.method == route, res.notes
+    assert res.rank == dense_rank(kd, fd)
+
+
 def test_carried_elimination_below_a_linear_head() -> None:
     """The case that motivated the route: a conv stem (tall per sample: 144 outputs for 108 inputs) under a
     Linear head at B = 2, which leaves half of its inputs undetermined, carried down as a dense basis. The

@@ -105,9 +105,9 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     None for any other link (pools, norms over a slice, unknown ops).
 
     The directions come as CarriedDirections: a raw basis, orthonormalised on first use. When each entry of
-    x' reads its own entry of z and S is orthonormal, the raw basis is S scaled row by row, so its spread
-    (sigma_max / sigma_min) is at most the ratio of the largest to the smallest scale, and the batch
-    elimination below (batchrank.carried_elimination) uses it without orthonormalising it."""
+    x' reads its own entry of z and S is orthonormal, the raw basis is S scaled row by row, so its singular
+    values lie between the smallest and the largest scale, and the batch routes below (batchrank's angle
+    proof and carried elimination) use it without orthonormalising it."""
     if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
         return None
     if link.steps:
@@ -119,8 +119,8 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     if unknown is None:
         return rows.numpy(), None
 
-    def carried(raw, spread: float | None = None) -> CarriedDirections:
-        return CarriedDirections(raw=raw, spread=spread, orthonormalise=_orthonormal_by_blocks)
+    def carried(raw, sv_bounds: tuple[float, float] | None = None) -> CarriedDirections:
+        return CarriedDirections(raw=raw, sv_bounds=sv_bounds, orthonormalise=_orthonormal_by_blocks)
 
     if link.steps:
         push = link.jvp_batch(z0)
@@ -141,31 +141,31 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
             cols_np = np.zeros((z0.numel(), s_np.shape[1]))
             src = idx[live]
             d2 = (d * d).clamp_min(1e-300).numpy()
-            spread = None
+            bounds = None
             if np.unique(src).size == src.size:  # one entry of x' per entry of z (no slice read twice): a plain scatter
                 # scaled in one pass (the division by d^2 folded into the factors: no second copy of t)
                 s_live = s_np if bool(live.all()) else s_np[live]
                 w = fac[live] / d2[src]
                 cols_np[src] = s_live * w[:, None]
                 if bool(live.all()) and w.size and float(np.abs(w).min()) > 0 and bool(np.all(d.numpy()[src] != 0)) and _orthonormal_columns(s_np):
-                    spread = float(np.abs(w).max() / np.abs(w).min())  # every row of S kept, scaled by w, among the rows
+                    bounds = (float(np.abs(w).min()), float(np.abs(w).max()))  # every row of S kept, scaled by w, among the rows
             else:
                 np.add.at(cols_np, src, fac[live, None] * s_np[live])
                 cols_np /= d2[:, None]
             if rows.numel() == z0.numel():  # every entry reaches x': t is the scatter itself
-                return rows.numpy(), carried(cols_np, spread)
-            return rows.numpy(), carried(cols_np[rows.numpy()], spread)
+                return rows.numpy(), carried(cols_np, bounds)
+            return rows.numpy(), carried(cols_np[rows.numpy()], bounds)
         cols = link.vjp_batch(z0, unknown.T.to(z0.dtype)).reshape(unknown.shape[1], -1)  # (d, n_z)
         t = (cols / (d * d).clamp_min(1e-300)).T
         return rows.numpy(), carried(t[rows].detach().numpy())
     t = unknown.to(z0.dtype)
     whole = rows.numel() == z0.numel()
-    return rows.numpy(), carried(t[rows].detach().numpy(), 1.0 if whole and _orthonormal_columns(t.detach().numpy()) else None)
+    return rows.numpy(), carried(t[rows].detach().numpy(), (1.0, 1.0) if whole and _orthonormal_columns(t.detach().numpy()) else None)
 
 
 def _orthonormal_columns(s: np.ndarray, tol: float = 1e-10) -> bool:
     """A randomised check that S^T S = I (two probes, O(size of S)): the contract of the null bases the
-    walk carries, checked before a spread is derived from it."""
+    walk carries, checked before bounds on a scaled basis are derived from it."""
     if s.shape[1] == 0:
         return True
     v = np.random.default_rng(0).standard_normal((s.shape[1], 2))
