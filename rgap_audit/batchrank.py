@@ -202,8 +202,10 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
     A pivoted Cholesky of G = a a^T (LAPACK pstrf) picks r rows a_1 of a; rank >= r is proven by a Cholesky
     of a_1 a_1^T - tau I (tau: the Gram route's margin over the largest eigenvalue, so sigma_r(a) >= sigma_min(a_1)
     > 1e-4 sigma_max); rank <= r by a basis N of null(a_1) (Householder complement) with |a N|_F below the rule's tolerance
-    max(m, n) eps |a| amp, so at least n - r singular values of a are below it (minimax). None when either
-    fails (the caller takes the SVD)."""
+    max(m, n) eps |a| amp, so at least n - r singular values of a are below it (minimax), or, when no null
+    basis is wanted and a has fewer rows than columns left over, by the residual E of the other rows
+    against a_1's row space: |E|_F below the tolerance bounds sigma_{r+1}(a) (Weyl). None when either fails
+    (the caller takes the SVD)."""
     m, n = a.shape
     try:
         lam_max = float(spla.eigsh(g, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).standard_normal(m), return_eigenvectors=False)[0])
@@ -219,8 +221,18 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
     pick = np.sort(piv[:r] - 1)
     a1 = a[pick]
     floor = max(GRAM_SAFE, (100.0 * max(m, n) * EPS * amp) ** 2)
-    if not _positive_definite(g[np.ix_(pick, pick)], floor * ref2):  # a_1 a_1^T: G's rows and columns picked
+    g11 = g[np.ix_(pick, pick)]
+    if not _positive_definite(g11, floor * ref2):  # a_1 a_1^T: G's rows and columns picked
         return None
+    if not want_null and m - r < n - r:
+        # rank <= r from the other rows instead of a null basis of n - r columns: a_2 = C a_1 + E with
+        # C = (a_2 a_1^T)(a_1 a_1^T)^-1 read from G, so a is within |E|_F of a rank-r matrix (Weyl)
+        rest = np.setdiff1d(np.arange(m), pick)
+        if rest.size:
+            coef = sla.cho_solve(sla.cho_factor(g11, lower=True, check_finite=False), g[np.ix_(pick, rest)], check_finite=False)
+            if float(np.linalg.norm(a[rest] - coef.T @ a1)) >= tol:
+                return None
+        return r, math.sqrt(floor), None
     null = _null_complement(a1)
     if float(np.linalg.norm(a @ null)) >= tol:
         return None
@@ -283,7 +295,9 @@ def forward_first(
         col += d_i
     scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
     rows_kept = np.any(a != 0, axis=1)
-    r_k, rel_k, null_k = _reduced_rank(a[rows_kept], want_null, scale, amp)
+    # a null basis of K Z_F only where the basis it gives in x (at least d_f - rows columns) can be kept
+    keep_null = want_null and n * spec.n_in * max(0, d_f - int(rows_kept.sum())) <= 2 * exact_limit
+    r_k, rel_k, null_k = _reduced_rank(a[rows_kept], keep_null, scale, amp)
     if rel_k is not None:
         rels.append(rel_k)
     null = None

@@ -154,6 +154,13 @@ def test_pivoted_rank_against_svd(rank: int) -> None:
     assert null is not None and null.shape == (500, 500 - rank)
     assert np.abs(null.T @ null - np.eye(500 - rank)).max() < 1e-9
     assert np.abs(a @ null).max() < 1e-9 * np.abs(a).max()
+    # without a null basis, rank <= r is proven from the rows left out (their residual against the picked rows)
+    r2, _rel2, none = _reduced_rank(a, False, 0.0, 1.0)
+    assert r2 == truth and none is None
+    # a perturbation above the SVD rule's tolerance is rank the residual proof must not hide
+    bumped = a + 1e-6 * np.abs(a).max() * rng.standard_normal(a.shape)
+    s_b = np.linalg.svd(bumped, compute_uv=False)
+    assert _reduced_rank(bumped, False, 0.0, 1.0)[0] == int((s_b > max(a.shape) * np.finfo(float).eps * s_b[0]).sum()) == 300
 
 
 TALL = dict(cin=2, cout=4, k=(3, 3), h=(5, 5), s=(1, 1), p=(1, 1), groups=1)
