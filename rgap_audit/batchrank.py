@@ -30,11 +30,21 @@ import scipy.sparse.linalg as spla
 import torch
 
 from rgap_audit.convspec import ConvSpec
-from rgap_audit.rank import _GRAM_MIN, CarriedDirections, _base_factor, _gram_full_rank, _rank_null, _refined_normal_solve, _tol_rank, gradient_blocks
+from rgap_audit.rank import (
+    _GRAM_MIN,
+    AboveRows,
+    CarriedDirections,
+    _base_factor,
+    _gram_full_rank,
+    _rank_null,
+    _refined_normal_solve,
+    _tol_rank,
+    gradient_blocks,
+)
 from rgap_audit.structure import sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
-__all__ = ["CarriedElimination", "ForwardFirst", "carried_elimination", "carried_forward_proof", "forward_first", "forward_first_cost"]
+__all__ = ["CarriedElimination", "ForwardFirst", "carried_elimination", "carried_forward_proof", "composite_first", "forward_first", "forward_first_cost"]
 
 _SPARSE_MIN = 16  # smaller per-sample blocks are decided by a dense SVD
 
@@ -84,12 +94,21 @@ def _projected_null(fs_t, lu, d: int, seed: int) -> np.ndarray:
 
 def _sample_block(spec: ConvSpec, rows: np.ndarray, cols: np.ndarray, dense_limit: int, seed: int) -> tuple[int, float | None, np.ndarray] | str:
     """rank(F_n), sigma_min_rel and an orthonormal basis of null(F_n) (len(cols), nullity), or why not."""
-    m, c = rows.size, cols.size
+    if cols.size == 0:
+        return 0, None, np.zeros((0, 0))
+    if rows.size == 0:
+        return 0, None, np.eye(cols.size)
+    return _block(sparse_forward(spec, 1).tocsr()[rows][:, cols], dense_limit, seed)
+
+
+def _block(fs: sp.csr_matrix, dense_limit: int, seed: int) -> tuple[int, float | None, np.ndarray] | str:
+    """rank, sigma_min_rel and an orthonormal basis of the null space of one sparse per-sample block, or why
+    not: the sparse symmetric factorisation first, a dense QR or SVD when small."""
+    m, c = fs.shape
     if c == 0:
         return 0, None, np.zeros((0, 0))
     if m == 0:
         return 0, None, np.eye(c)
-    fs = sparse_forward(spec, 1).tocsr()[rows][:, cols]
     tall = m >= c
     base = _base_factor(fs if tall else fs.T.tocsr(), None) if min(m, c) >= _SPARSE_MIN else "small"
     if not isinstance(base, str):
@@ -104,6 +123,10 @@ def _sample_block(spec: ConvSpec, rows: np.ndarray, cols: np.ndarray, dense_limi
             pass
         if tall:
             return c, rel, np.zeros((c, 0))
+        if 2 * (c - m) > m and m * c <= dense_limit:
+            # a null space of more than half the rows' size: the rows' Householder complement (one QR and its
+            # application) is cheaper than projecting that many random vectors twice through the sparse factor
+            return m, rel, _null_complement(fs.toarray())
         return m, rel, _projected_null(fs.T.tocsr(), lu, c - m, seed)
     if m * c > dense_limit or c * c > dense_limit:
         return f"the forward rows of one sample ({m} x {c}) are not proven full rank by the sparse factorisation ({base}) and too large for a dense SVD"
@@ -256,9 +279,6 @@ def forward_first(
     not when a per-sample block is not settled or the reduced system exceeds exact_limit entries.
     """
     n = k_np.shape[0]
-    cin, g_cnt = spec.in_channels, spec.groups
-    cig = cin // g_cnt
-    s_sp = spec.n_in // cin
     per = _per_sample(spec, n, rows_idx, known_np)
     solved: dict[tuple[bytes, bytes], tuple[int, float | None, np.ndarray]] = {}
     nulls: list[np.ndarray] = []
@@ -279,8 +299,7 @@ def forward_first(
     # K Z_F: rows (channel, group output channel, kernel offset), columns (sample, null vector)
     k_t = torch.from_numpy(np.ascontiguousarray(k_np))
     blocks = gradient_blocks(spec, k_t)
-    rows_g = blocks[0][1].shape[0]
-    a = np.zeros((cin * rows_g, d_f))
+    a = np.zeros((spec.n_weight, d_f))
     col = 0
     for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
         d_i = nb.shape[1]
@@ -288,10 +307,7 @@ def forward_first(
             continue
         flat = np.zeros((spec.n_in, d_i))
         flat[cols] = nb
-        full = flat.reshape(cin, s_sp, d_i)
-        for g, (chans, blk) in enumerate(blocks):
-            part = blk[:, i * s_sp : (i + 1) * s_sp]  # (rows_g, S): sample i's columns of the group's block
-            a[g * cig * rows_g : (g + 1) * cig * rows_g, col : col + d_i] = (part[None] @ full[chans]).reshape(cig * rows_g, d_i)
+        a[:, col : col + d_i] = _k_columns(spec, blocks, i, flat)
         col += d_i
     scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
     rows_kept = np.any(a != 0, axis=1)
@@ -311,6 +327,107 @@ def forward_first(
             col += d_i
         null = torch.from_numpy(out.reshape(n * spec.n_in, -1))
     return ForwardFirst(rank_f + r_k, rank_f, r_k, len(solved), min(rels) if rels else None, null)
+
+
+def _k_columns(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], i: int, flat: np.ndarray) -> np.ndarray:
+    """K applied to directions of sample i alone (flat: (n_in, d), sample i's input coordinates): (|K|, d),
+    rows (channel, group output channel, kernel offset) as rank.gradient_blocks orders them."""
+    cin = spec.in_channels
+    cig, s_sp = cin // spec.groups, spec.n_in // cin
+    rows_g = blocks[0][1].shape[0]
+    full = flat.reshape(cin, s_sp, -1)
+    out = np.empty((cin * rows_g, flat.shape[1]))
+    for g, (chans, blk) in enumerate(blocks):
+        part = blk[:, i * s_sp : (i + 1) * s_sp]  # (rows_g, S): sample i's columns of the group's block
+        out[g * cig * rows_g : (g + 1) * cig * rows_g] = (part[None] @ full[chans]).reshape(cig * rows_g, -1)
+    return out
+
+
+def composite_first(
+    spec: ConvSpec, k_np: np.ndarray, known_np: np.ndarray | None, above: AboveRows, *, want_null: bool, exact_limit: int
+) -> ForwardFirst | str:
+    """rank([K; P F]) of a batch layer below a layer j whose null basis was too large to keep, from j's own
+    rows (rank.AboveRows) instead of its basis.
+
+    j's undetermined directions are null([K_j; F_j]) (nothing was carried into j), and x_j = L z = L W x
+    with L the entrywise link, so this layer's undetermined directions are
+
+        {x : K x = 0, K_j L W x = 0, F_j L W x = 0},
+
+    F_j L W block-diagonal over the samples (A_n = F_j^(n) L_n W: the forward rows of both layers composed).
+    Eliminating those first, rank = sum_n rank(A_n) + rank([K; K_j L W] Z_A), Z_A = blockdiag(null(A_n)),
+    each A_n factorised as batchrank's forward blocks are (every sample its own: L_n carries its pattern).
+    CNN6-d's stem at B = 8: 8 blocks of 1620 x 3072, then 2736 x 11616, where the basis j left was
+    27744 x 13024. The two gradient blocks are scaled to unit largest entry each (row scalings). Why not,
+    when the link mixes samples, a block is not settled or the reduced system is too large."""
+    n = k_np.shape[0]
+    spec_j = above.spec
+    n_in_j, n_out = spec_j.n_in, spec.n_out
+    if above.idx.size != n * n_in_j or above.k.shape[0] != n:
+        return "the link to the layer above does not map sample by sample"
+    w_i = sparse_forward(spec, 1).tocsr()
+    w_j = sparse_forward(spec_j, 1).tocsr()
+    rows_j = [rows for rows, _cols in _per_sample(spec_j, n, above.rows_idx, None)]
+    cols_i = [cols for _rows, cols in _per_sample(spec, n, np.zeros(0, dtype=np.int64), known_np)]
+    nulls: list[np.ndarray] = []
+    lws: list[sp.csr_matrix] = []
+    rank_f, rels = 0, []
+    for i in range(n):
+        idx = above.idx[i * n_in_j : (i + 1) * n_in_j]
+        fac = above.fac[i * n_in_j : (i + 1) * n_in_j]
+        live = idx >= 0
+        src = idx[live] - i * n_out
+        if src.size and (src.min() < 0 or src.max() >= n_out):
+            return "the link to the layer above mixes samples"
+        l_n = sp.csr_matrix((fac[live], (np.flatnonzero(live), src)), shape=(n_in_j, n_out))
+        lw = (l_n @ w_i[:, cols_i[i]]).tocsr()  # x_j from this sample's unknown inputs
+        a_n = (w_j[rows_j[i]] @ lw).tocsr()
+        a_n = a_n[np.flatnonzero(np.diff(a_n.indptr))]  # rows the unknowns do not reach constrain nothing
+        got = _block(a_n, exact_limit, seed=i)
+        if isinstance(got, str):
+            return got
+        r, rel, nb = got
+        rank_f += r
+        if rel is not None and nb.shape[1]:
+            rels.append(rel)
+        nulls.append(nb)
+        lws.append(lw)
+    d_f = sum(nb.shape[1] for nb in nulls)
+    if (spec.n_weight + spec_j.n_weight) * d_f > exact_limit:
+        return f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x {d_f}) is too large for an exact rank"
+    amp = 1.0 / min(rels or [1.0])
+    blocks_i = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
+    blocks_j = gradient_blocks(spec_j, torch.from_numpy(np.ascontiguousarray(above.k)))
+    a1 = np.zeros((spec.n_weight, d_f))
+    a2 = np.zeros((spec_j.n_weight, d_f))
+    col = 0
+    for i, nb in enumerate(nulls):
+        d_i = nb.shape[1]
+        if d_i == 0:
+            continue
+        flat = np.zeros((spec.n_in, d_i))
+        flat[cols_i[i]] = nb
+        a1[:, col : col + d_i] = _k_columns(spec, blocks_i, i, flat)
+        a2[:, col : col + d_i] = _k_columns(spec_j, blocks_j, i, np.asarray(lws[i] @ nb))
+        col += d_i
+    parts = [b[np.any(b != 0, axis=1)] for b in (a1, a2)]
+    parts = [b / float(np.abs(b).max()) for b in parts if b.size]
+    m = np.vstack(parts) if parts else np.zeros((0, d_f))
+    keep_null = want_null and n * spec.n_in * max(0, d_f - m.shape[0]) <= exact_limit
+    r_k, rel_k, null_k = _reduced_rank(m, keep_null, 0.0, amp)
+    if rel_k is not None:
+        rels.append(rel_k)
+    null = None
+    if keep_null and null_k is not None and n * spec.n_in * null_k.shape[1] <= exact_limit:
+        out = np.zeros((n, spec.n_in, null_k.shape[1]))
+        col = 0
+        for i, nb in enumerate(nulls):
+            d_i = nb.shape[1]
+            if d_i:
+                out[i, cols_i[i]] = nb @ null_k[col : col + d_i]
+            col += d_i
+        null = torch.from_numpy(out.reshape(n * spec.n_in, -1))
+    return ForwardFirst(rank_f + r_k, rank_f, r_k, n, min(rels) if rels else None, null)
 
 
 def forward_null_gram(

@@ -46,6 +46,7 @@ from rgap_audit.structure import entry_map, sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
+    "AboveRows",
     "CarriedDirections",
     "ForwardInfo",
     "LayerRank",
@@ -115,6 +116,21 @@ class CarriedDirections:
 
 
 @dataclass
+class AboveRows:
+    """The system of the weighted layer above (j), handed down in place of its null basis when that basis
+    was too large to keep (batchrank.composite_first): its spec, dL/dz (N, *out_shape_j), the per-sample
+    forward rows it ranked (indices into N * n_out_j; nothing was carried into it, so its null space is
+    exactly null([K_j; F_j])), and the entrywise link from this layer's z to x_j: per entry of x_j, the
+    entry of z it reads (-1: none) and its factor."""
+
+    spec: ConvSpec
+    k: np.ndarray
+    rows_idx: np.ndarray
+    idx: np.ndarray
+    fac: np.ndarray
+
+
+@dataclass
 class ForwardInfo:
     """What the attacker knows of the layer output z (shape (N, *spec.out_shape)): the row space of C = V^T J."""
 
@@ -141,6 +157,9 @@ class ForwardInfo:
     measure: bool = True
     """measure sigma_min where the forward rows' proof settles the layer (the attack's repeated solves
     skip it and keep the proven bound; the decision does not depend on it)"""
+    above_rows: AboveRows | None = None
+    """B > 1, the layer above's null basis not kept: its own rows, to rank this layer with them
+    (batchrank.composite_first) instead of bounding it by a count"""
 
 
 @dataclass
@@ -1157,6 +1176,16 @@ def layer_rank(
     batch_rows = n > 1 and not solving and fwd.entries is not None and fwd.entries[1] is None  # per-sample forward rows
     per_sample = batch_rows and elimination != "gradient-first"
     carried_dirs = CarriedDirections.of(fwd.entries[1]) if fwd.entries is not None else None
+    # ---- B > 1 below a layer whose null basis was too large to keep: rank with that layer's own rows
+    composite = None
+    if fwd.above_rows is not None and n > 1 and not solving and d_min > 0:
+        from rgap_audit.batchrank import composite_first
+
+        got_a = composite_first(spec, k_np, known_np, fwd.above_rows, want_null=want_null, exact_limit=exact_limit)
+        if isinstance(got_a, str):
+            notes.append(f"rows of the layer above: {got_a}")
+        else:
+            composite = got_a
     # ---- a batch below carried directions, tall forward rows per sample, more directions carried than the
     # angle proof below can take (rows - d < unknowns): eliminate the forward rows (batchrank) when its
     # reduced system [N^T Q; K F^+ Q] is smaller than the gradient-first P F Z
@@ -1207,7 +1236,7 @@ def layer_rank(
             forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
         else:
             forward_first_route = elimination == "forward-first"
-    if proof is not None or batch_proof is not None or carried_elim is not None:
+    if proof is not None or batch_proof is not None or carried_elim is not None or composite is not None:
         need_z = False  # the forward rows settle the layer: K only for its rank
     elif fwd.none:
         need_z = want_null and total_x * d_min <= exact_limit
@@ -1271,14 +1300,25 @@ def layer_rank(
         rels.append(batch_proof)
         notes.append("batch: the forward rows alone have full column rank, proven per sample with the carried directions' angles")
         return result(unknowns, unknowns, unknowns, "batch-angles", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None)
+    def eliminated(rank: int, rel: float | None, method: str, note: str, null: torch.Tensor | None) -> LayerRank:
+        """The result of a batch elimination (batchrank): its rank decides the layer."""
+        if rel is not None:
+            rels.append(rel)
+        notes.append(note)
+        return result(rank, rank, rank, method, null)
+
+    if composite is not None:
+        note = (
+            "batch: ranked with the layer above's own rows (its null basis was not kept): sum over samples of "
+            f"rank(F_above L W) = {composite.rank_forward}, rank([K; K_above L W] Z) = {composite.rank_reduced}"
+        )
+        return eliminated(composite.rank, composite.sigma_min_rel, "batch-composite", note, composite.null_basis)
     if carried_elim is not None:
-        if carried_elim.sigma_min_rel is not None:
-            rels.append(carried_elim.sigma_min_rel)
-        notes.append(
+        note = (
             f"batch: the forward rows eliminated per sample below {carried_elim.carried} carried directions: "
             f"rank = unknowns - {carried_elim.carried} + rank([N^T Q; K F^+ Q]) = {carried_elim.rank_reduced}"
         )
-        return result(carried_elim.rank, carried_elim.rank, carried_elim.rank, "batch-carried", carried_elim.null_basis)
+        return eliminated(carried_elim.rank, carried_elim.sigma_min_rel, "batch-carried", note, carried_elim.null_basis)
     if proof is not None:  # rank [K; F] = unknowns whatever K is: F alone has full column rank
         rels.append(proof.rel)
         solution = _forward_solution(spec, fwd, rhs, proof, known_np, n) if solving else None
@@ -1294,13 +1334,11 @@ def layer_rank(
         if isinstance(elim, str):
             notes.append(f"forward-first elimination: {elim}")
         else:
-            if elim.sigma_min_rel is not None:
-                rels.append(elim.sigma_min_rel)
-            notes.append(
+            note = (
                 f"batch elimination, forward rows first: sum over samples of rank(F_n) = {elim.rank_forward} "
                 f"({elim.patterns} distinct per-sample block(s)), rank(K Z_F) = {elim.rank_reduced}"
             )
-            return result(elim.rank, elim.rank, elim.rank, "batch-elimination", elim.null_basis)
+            return eliminated(elim.rank, elim.sigma_min_rel, "batch-elimination", note, elim.null_basis)
 
     if not k_exact or rank_k is None:
         hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)

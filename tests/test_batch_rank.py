@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from rgap_audit.analysis import audit
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.rank import ForwardInfo, dense_system, layer_rank
 from tests.test_rank import assert_null_basis, dense_rank
@@ -274,6 +275,46 @@ def test_carried_elimination_below_a_linear_head() -> None:
     stem = next(r for r in rep.layers if r.op == "Conv2d")
     assert stem.rank_method == "batch-carried"
     assert _walk_deficits(net, (3, 6, 6), "logistic", 2) == dense_chain_deficits(net, (3, 6, 6), "logistic", batch=2)
+
+
+def _three_convs() -> torch.nn.Module:
+    """CNN6-d in miniature: a tall stem, a wide stride-2 conv that leaves directions undetermined, and a
+    conv whose gradient rows alone determine its input (so nothing is carried into the middle one)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, 1, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 3, 3, 2, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(72, 1, bias=False),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_rows_of_the_layer_above_replace_a_basis_too_large_to_keep(batch: int) -> None:
+    """With an exact limit too small to keep the middle conv's null basis, the stem is ranked with that
+    layer's own rows (batchrank.composite_first) instead of being bounded by a count: every layer's deficit
+    equals the dense chain oracle's (one autograd system over all layer inputs, tests/oracles.py) and the
+    walk with the default limit (which keeps the basis and takes the carried-direction routes)."""
+    from oracles import dense_chain_deficits
+    from rgap_audit.analysis import audit_instance
+    from rgap_audit.instance import build_instance
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    torch.manual_seed(4)
+    net = _three_convs()
+    shape = (2, 6, 6)
+    # above the stem's reduced system (180 x 45 B), below the middle conv's null basis (144 B x its deficit)
+    options = AuditOptions(batch_size=batch, loss="logistic", seed=0, exact_rank_limit=30_000)
+    loaded = LoadedModel(file="<test>", name="three-convs", module=net, input_shape=shape)
+    rep = audit_instance(build_instance(loaded, options), options).report
+    layers = [r for r in rep.layers if r.unknowns is not None]
+    stem = layers[-1]
+    assert stem.rank_method == "batch-composite", stem.reason
+    assert layers[-2].deficit  # the middle conv left directions undetermined (a count only, here)
+    walked = [r.deficit for r in reversed(layers)]
+    assert walked == dense_chain_deficits(net, shape, "logistic", batch=batch)
+    default = [r.deficit for r in reversed([r for r in audit(net, shape, loss="logistic", batch_size=batch).layers if r.unknowns is not None])]
+    assert walked == default
 
 
 # ---------------------------------------------------------------------------------------------- whole walks

@@ -15,9 +15,10 @@ from scipy.sparse import csgraph
 from rgap_audit import ops
 from rgap_audit.analysis.bounds import span_text
 from rgap_audit.analysis.state import WalkState
+from rgap_audit.convspec import ConvSpec
 from rgap_audit.instance import Instance
 from rgap_audit.links import Link
-from rgap_audit.rank import CarriedDirections, ForwardInfo
+from rgap_audit.rank import AboveRows, CarriedDirections, ForwardInfo
 from rgap_audit.records import Chain
 from rgap_audit.structure import entry_map
 
@@ -86,6 +87,8 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
     info = ForwardInfo(jac=link.jvp_batch(z0) if link.steps else None, unknown=unknown, rows=rows)
     if uncertain is None:
         info.entries = entry_rows(link, z0, unknown)
+    elif n_samples_z > 1:
+        info.above_rows = above_rows(state, link, z0)
     if lossy:
         why += f"; through non-invertible {', '.join(lossy)}: forward constraints on {rows} of {z0.numel()} entries"
     if unknown_ops:
@@ -93,6 +96,30 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
     exact_above = d == 0 and (uncertain is None or uncertain[1] == 0)
     chain = Chain.FULL if not lossy and exact_above else Chain.PARTIAL
     return ForwardSide(info, chain, why, uncertain if uncertain is not None and uncertain[1] > 0 else None)
+
+
+def above_rows(state: WalkState, link: Link, z0: torch.Tensor) -> AboveRows | None:
+    """B > 1, the layer above kept no basis of what it left undetermined: its own rows, when its system is
+    exactly null([K_j; F_j]) (ranked exactly, per-sample forward rows, nothing carried into it) and the link
+    moves entries one by one (so that the composed forward rows stay per sample)."""
+    above = state.systems.get(link.upper) if link.upper is not None else None
+    if above is None or above.result.rank is None or above.forward.none or above.forward.unknown is not None:
+        return None
+    entries = above.forward.entries
+    if entries is None or entries[1] is not None or not isinstance(above.spec, ConvSpec) or above.spec.groups != 1:
+        return None
+    if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
+        return None
+    if link.steps:
+        push = link.jvp_batch(z0)
+        emap = entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
+        if emap is None:
+            return None
+        idx, fac = emap
+    else:
+        idx, fac = np.arange(z0.numel()), np.ones(z0.numel())
+    k = above.k.detach().to(torch.float64).cpu().numpy()
+    return AboveRows(spec=above.spec, k=k, rows_idx=entries[0], idx=idx, fac=fac)
 
 
 ENTRYWISE = (ops.PASS, ops.REORDER, ops.SLICE)  # link roles that move each entry of z to one entry of x'

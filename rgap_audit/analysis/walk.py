@@ -185,7 +185,7 @@ class Walker:
             spec, k, side.info, known=known, want_null=want_null, exact_limit=self.options.exact_rank_limit,  # type: ignore[arg-type]
             lost_above=None if side.uncertain is None else side.uncertain[1],
         )
-        if side.uncertain is not None:
+        if side.uncertain is not None and res.method != "batch-composite":  # (ranked with the rows above: exact)
             res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
         elif res.rank is None and side.chain == Chain.FULL and n_samples == 1:
             settled, rec.probe = forward_probe(spec, res, self.options.memory_budget_mb, self.options.seed)  # type: ignore[arg-type]
@@ -308,7 +308,7 @@ class Walker:
             state.warnings.append(f"{seg.name}: {rec.reason}")
             state.failed.add(seg.name)
             return rec
-        if side.uncertain is not None:
+        if side.uncertain is not None and res.method != "batch-composite":  # (ranked with the rows above: exact)
             res = rank_given_uncertain_above(res, side.uncertain, side.info.rows or 0)
         if known is not None:
             rec.known_inputs = int(known.sum())
