@@ -369,6 +369,9 @@ def composite_first(
     w_j = sparse_forward(spec_j, 1).tocsr()
     rows_j = [rows for rows, _cols in _per_sample(spec_j, n, above.rows_idx, None)]
     cols_i = [cols for _rows, cols in _per_sample(spec, n, np.zeros(0, dtype=np.int64), known_np)]
+    d_least = sum(max(0, c.size - r.size) for r, c in zip(rows_j, cols_i))  # each null(A_n) has at least c_n - m_n directions
+    if (spec.n_weight + spec_j.n_weight) * d_least > exact_limit:
+        return f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x >= {d_least}) is too large for an exact rank"
     nulls: list[np.ndarray] = []
     lws: list[sp.csr_matrix] = []
     rank_f, rels = 0, []
@@ -675,6 +678,9 @@ def carried_elimination(
         carried, spread = raw, float(carried_dirs.spread)
     else:
         carried, spread = carried_dirs.orthonormal(), 1.0
+    unknowns = n * spec.n_in - (0 if known_np is None else int(known_np.sum()))
+    if (rows_idx.size - unknowns + spec.n_weight) * carried.shape[1] > exact_limit:  # M's size, before any factorisation
+        return f"the reduced system [N^T Q; K F^+ Q] ({rows_idx.size - unknowns + spec.n_weight} x {carried.shape[1]}) is too large for an exact rank"
     ts = _tall_samples(spec, n, rows_idx, known_np, exact_limit)
     if isinstance(ts, str):
         return ts
@@ -724,7 +730,7 @@ def carried_elimination(
         v = per.reshape(n * spec.n_in, -1)
         null = torch.from_numpy(np.linalg.qr(v)[0] if v.shape[1] else v)
     rel = None if rel_m is None else rel_m * f_rel / spread
-    return CarriedElimination(spec.n_in * n - (0 if known_np is None else int(known_np.sum())) - d + r_m, r_m, d, rel, null)
+    return CarriedElimination(unknowns - d + r_m, r_m, d, rel, null)
 
 
 def _positive_definite(g: np.ndarray, shift: float) -> bool:
