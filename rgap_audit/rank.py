@@ -149,8 +149,8 @@ class ForwardInfo:
     """set when the rows of C are the entries of z scaled one by one (an elementwise link above,
     reshapes and permutations aside): (indices into N * n_out of the entries that reach x', the
     directions of those entries left undetermined above (CarriedDirections, or a (len, d) orthonormal
-    array), or None). Lets the
-    forward rows' own rank be proven on the sparse operator first (forward_full_rank)."""
+    array), or None). Lets the forward rows' own rank be proven on the sparse operator first
+    (forward_full_rank)."""
     cache: dict | None = None
     """a dict the caller keeps across calls on the same layer (same weights): factorisations that depend
     only on the layer and the entries seen are reused (the attack's pattern passes)"""
@@ -1086,7 +1086,9 @@ def layer_rank(
     be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
     reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
     Below directions carried from above with tall per-sample forward rows, batchrank.carried_elimination
-    ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it).
+    ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it). Below a layer whose
+    null basis was too large to keep (fwd.above_rows), batchrank.composite_first ranks the layer with that
+    layer's own rows instead of bounding it.
 
     With `rhs` the system is also solved (the attack): the minimum-norm x = K^+ dW + Z (F Z)^+ r,
     from the factorisations that decide the rank, so that the attack's nullity is the audit's by
@@ -1183,7 +1185,7 @@ def layer_rank(
 
         got_a = composite_first(spec, k_np, known_np, fwd.above_rows, want_null=want_null, exact_limit=exact_limit)
         if isinstance(got_a, str):
-            notes.append(f"rows of the layer above: {got_a}")
+            notes.append(f"batch: the layer above's rows not used: {got_a}")
         else:
             composite = got_a
     # ---- a batch below carried directions, tall forward rows per sample, more directions carried than the
@@ -1200,7 +1202,7 @@ def layer_rank(
 
                 got_c = carried_elimination(spec, k_np, rows_idx, carried_dirs, known_np, want_null=want_null, exact_limit=exact_limit)
                 if isinstance(got_c, str):
-                    notes.append(f"carried-direction elimination: {got_c}")
+                    notes.append(f"batch: no carried-direction elimination: {got_c}")
                 else:
                     carried_elim = got_c
     if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample and carried_elim is None:  # a batch: per-sample blocks below
