@@ -292,10 +292,15 @@ def forward_first(
         nulls.append(solved[key][2])
     rank_f = sum(solved[(r.tobytes(), c.tobytes())][0] for r, c in per)
     d_f = sum(nb.shape[1] for nb in nulls)
-    if spec.n_weight * d_f > exact_limit:
-        return f"the reduced system K Z_F ({spec.n_weight} x {d_f}) is too large for an exact rank"
     rels = [v[1] for v in solved.values() if v[1] is not None]
     amp = 1.0 / min([v[1] for v in solved.values() if v[1] is not None and v[2].shape[1]] or [1.0])
+    if spec.n_weight * d_f > exact_limit:
+        too_large = f"the reduced system K Z_F ({spec.n_weight} x {d_f}) is too large for an exact rank"
+        tied = _tied_row_rank(spec, k_np, per, nulls, rows_idx, amp, exact_limit)
+        if isinstance(tied, str):
+            return f"{too_large} ({tied})"
+        r_t, rel_t = tied
+        return ForwardFirst(rank_f + r_t, rank_f, r_t, len(solved), min([*rels, rel_t]), None)
     # K Z_F: rows (channel, group output channel, kernel offset), columns (sample, null vector)
     k_t = torch.from_numpy(np.ascontiguousarray(k_np))
     blocks = gradient_blocks(spec, k_t)
@@ -327,6 +332,57 @@ def forward_first(
             col += d_i
         null = torch.from_numpy(out.reshape(n * spec.n_in, -1))
     return ForwardFirst(rank_f + r_k, rank_f, r_k, len(solved), min(rels) if rels else None, null)
+
+
+def _tied_row_rank(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    per: list[tuple[np.ndarray, np.ndarray]],
+    nulls: list[np.ndarray],
+    rows_idx: np.ndarray,
+    amp: float,
+    exact_limit: int,
+) -> tuple[int, float] | str:
+    """rank(K Z_F) of a wide K Z_F too large to hold, when F has every output row of every sample: then for
+    any C_out x C_out matrix A, <A W, K x> = sum_n <k_n, A W x_n> = 0 on null(F), so the C_out^2 vectors
+    vec(A W) (independent when W, C_out x C_in k, has full row rank) lie in K Z_F's left null space and
+    rank(K Z_F) <= |K| - C_out^2. The rows left after dropping, for every output channel, the C_out weight
+    columns S a pivoted QR of W picks (W[:, S] nonsingular: no tie vanishes on the dropped rows) are proven
+    independent by their Gram, summed over the samples without forming K Z_F: rank = |K| - C_out^2 exactly.
+    (rank, sigma_min ratio of the kept rows) or why not."""
+    n = k_np.shape[0]
+    c_out, kk = spec.out_channels, spec.n_weight // (spec.out_channels * spec.in_channels)
+    if spec.groups != 1:
+        return "a grouped layer"
+    if rows_idx.size != n * spec.n_out:
+        return "the forward rows are not every output of every sample: no identities with K"
+    w_mat = spec.weight.detach().to(torch.float64).reshape(c_out, -1).numpy()
+    if c_out > w_mat.shape[1]:
+        return "more output channels than weights per output"
+    _q, r_w, piv = sla.qr(w_mat, mode="economic", pivoting=True, check_finite=False)
+    if not abs(r_w[c_out - 1, c_out - 1]) > 1e-8 * abs(r_w[0, 0]):
+        return "the weight is not proven to have full row rank"
+    rows_g = c_out * kk  # gradient_blocks' rows per input channel: (output channel, kernel offset)
+    col_c, col_ab = piv[:c_out] // kk, piv[:c_out] % kk
+    dropped = (col_c[None, :] * rows_g + np.arange(c_out)[:, None] * kk + col_ab[None, :]).ravel()
+    kept = np.setdiff1d(np.arange(spec.n_weight), dropped)
+    if kept.size * kept.size > exact_limit or any(kept.size * nb.shape[1] > exact_limit for nb in nulls):
+        return f"the Gram of its {kept.size} independent rows is too large"
+    blocks = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
+    scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
+    gram = np.zeros((kept.size, kept.size))
+    for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
+        if nb.shape[1] == 0:
+            continue
+        flat = np.zeros((spec.n_in, nb.shape[1]))
+        flat[cols] = nb
+        part = _k_columns(spec, blocks, i, flat)[kept]
+        gram += part @ part.T
+    d_f = sum(nb.shape[1] for nb in nulls)
+    rel = _gram_full_rank(np.empty((0, 0)), scale, amp, gram=gram, shape=(d_f, kept.size))
+    if rel is None:
+        return f"the Gram of its {kept.size} rows left after the {c_out * c_out} identities does not prove them independent"
+    return int(kept.size), rel
 
 
 def _k_columns(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], i: int, flat: np.ndarray) -> np.ndarray:

@@ -140,6 +140,30 @@ def test_wide_deficient_reduced_system_matches_dense(n: int, monkeypatch: pytest
     assert_null_basis(res, kd, fd, None)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("kind", ["leaky", "relu"])
+def test_tied_rows_rank_a_reduced_system_too_large_to_hold(n: int, kind: str) -> None:
+    """K Z_F over the exact limit (forced by a small one): with every output row of every sample (a
+    LeakyReLU above), the C_out^2 identities vec(A W) bound rank(K Z_F) by |K| - C_out^2 and the Gram of the
+    rows left after dropping them, summed over the samples, proves that rank (batchrank._tied_row_rank):
+    equal to the dense SVD of [K; F]. Under a ReLU (some rows missing) there are no such identities and the
+    layer stays on bounds that bracket the dense rank."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"tied-{n}-{kind}".encode()))
+    spec = _spec(CASES["conv2d-s2-down"], gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    fwd = _forward(spec, n, kind, gen)
+    kd, fd = dense_system(spec, k, fwd)
+    truth = dense_rank(kd, fd)
+    res = layer_rank(spec, k, fwd, elimination="forward-first", exact_limit=10_000)
+    if kind == "leaky":
+        assert res.method == "batch-elimination", res.notes
+        assert res.rank == truth
+        assert spec.n_weight * (kd.shape[1] - n * spec.n_out) > 10_000  # K Z_F itself was over the limit
+    else:
+        assert res.rank is None and res.rank_lower <= truth <= res.rank_upper, res.notes
+        assert any("no identities with K" in t for t in res.notes)
+
+
 @pytest.mark.parametrize("rank", [150, 299, 300])
 def test_pivoted_rank_against_svd(rank: int) -> None:
     """The certified rank of a wide matrix (300 x 500) of a known rank equals numpy's SVD rule; its null
