@@ -310,9 +310,7 @@ def forward_first(
         d_i = nb.shape[1]
         if d_i == 0:
             continue
-        flat = np.zeros((spec.n_in, d_i))
-        flat[cols] = nb
-        a[:, col : col + d_i] = _k_columns(spec, blocks, i, flat)
+        a[:, col : col + d_i] = _k_columns(spec, blocks, i, nb, cols)
         col += d_i
     scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
     rows_kept = np.any(a != 0, axis=1)
@@ -374,9 +372,7 @@ def _tied_row_rank(
     for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
         if nb.shape[1] == 0:
             continue
-        flat = np.zeros((spec.n_in, nb.shape[1]))
-        flat[cols] = nb
-        part = _k_columns(spec, blocks, i, flat)[kept]
+        part = _k_columns(spec, blocks, i, nb, cols)[kept]
         gram += part @ part.T
     d_f = sum(nb.shape[1] for nb in nulls)
     rel = _gram_full_rank(np.empty((0, 0)), scale, amp, gram=gram, shape=(d_f, kept.size))
@@ -385,9 +381,16 @@ def _tied_row_rank(
     return int(kept.size), rel
 
 
-def _k_columns(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], i: int, flat: np.ndarray) -> np.ndarray:
-    """K applied to directions of sample i alone (flat: (n_in, d), sample i's input coordinates): (|K|, d),
-    rows (channel, group output channel, kernel offset) as rank.gradient_blocks orders them."""
+def _k_columns(
+    spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], i: int, flat: np.ndarray, cols: np.ndarray | None = None
+) -> np.ndarray:
+    """K applied to directions of sample i alone: (|K|, d), rows (channel, group output channel, kernel offset)
+    as rank.gradient_blocks orders them. flat: (n_in, d) in sample i's input coordinates, or, with `cols`,
+    (len(cols), d) on those input entries only (the others zero)."""
+    if cols is not None:
+        full_rows = np.zeros((spec.n_in, flat.shape[1]))
+        full_rows[cols] = flat
+        flat = full_rows
     cin = spec.in_channels
     cig, s_sp = cin // spec.groups, spec.n_in // cin
     rows_g = blocks[0][1].shape[0]
@@ -464,9 +467,7 @@ def composite_first(
         d_i = nb.shape[1]
         if d_i == 0:
             continue
-        flat = np.zeros((spec.n_in, d_i))
-        flat[cols_i[i]] = nb
-        a1[:, col : col + d_i] = _k_columns(spec, blocks_i, i, flat)
+        a1[:, col : col + d_i] = _k_columns(spec, blocks_i, i, nb, cols_i[i])
         a2[:, col : col + d_i] = _k_columns(spec_j, blocks_j, i, np.asarray(lws[i] @ nb))
         col += d_i
     parts = [b[np.any(b != 0, axis=1)] for b in (a1, a2)]
@@ -741,37 +742,28 @@ def carried_elimination(
     if isinstance(ts, str):
         return ts
     d = carried.shape[1]
-    cin, cig = spec.in_channels, spec.in_channels // spec.groups
+    cin = spec.in_channels
     s_sp = spec.n_in // cin
     rows_nq = sum(ts.lefts[key][0].shape[1] for key, _ in ts.blocks)
     rows_k = spec.n_weight  # K's rows: the weight's entries
     if (rows_nq + rows_k) * d > exact_limit or max(c.size for c in ts.cols.values()) * d > exact_limit:
         return f"the reduced system [N^T Q; K F^+ Q] ({rows_nq + rows_k} x {d}) is too large for an exact rank"
 
-    def solved(i: int) -> np.ndarray:  # F_n^+ Q_n = (F_n^T F_n)^-1 F_n^T Q_n, in sample i's input coordinates
-        key, part = ts.blocks[i]
-        out = np.zeros((spec.n_in, d))
-        out[ts.cols[key]] = sla.cho_solve(ts.factors[key], np.asarray(ts.mats[key].T @ carried[part]), check_finite=False)
-        return out
-
     blocks = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
     rows_g = blocks[0][1].shape[0]
-    kx = np.zeros((cin * rows_g, d))  # K F^+ Q = sum_n K_n x_n, rows (channel, group output channel, kernel offset)
+    kx = np.zeros((rows_k, d))  # K F^+ Q = sum_n K_n x_n, rows (channel, group output channel, kernel offset)
     k_first = rows_k < d and rows_k * spec.n_in <= exact_limit  # fewer right-hand sides: K_n (F_n^T F_n)^-1 first
-    for i in range(n):  # one sample at a time: F^+ Q itself (N n_in x d) is never held
+    for i, (key, part) in enumerate(ts.blocks):  # one sample at a time: F^+ Q itself (N n_in x d) is never held
+        ft_q = np.asarray(ts.mats[key].T @ carried[part])  # F_n^T Q_n
         if k_first:
-            key, part = ts.blocks[i]
             kn = np.zeros((cin * rows_g, cin * s_sp))  # K_n: block-diagonal over the input channels
             for chans, blk in blocks:
                 for c in chans:
                     kn[c * rows_g : (c + 1) * rows_g, c * s_sp : (c + 1) * s_sp] = blk[:, i * s_sp : (i + 1) * s_sp]
             y = sla.cho_solve(ts.factors[key], np.ascontiguousarray(kn[:, ts.cols[key]].T), check_finite=False)  # (c_n, |K|)
-            kx += y.T @ np.asarray(ts.mats[key].T @ carried[part])
-            continue
-        full = solved(i).reshape(cin, s_sp, d)
-        for g, (chans, blk) in enumerate(blocks):
-            part_k = blk[:, i * s_sp : (i + 1) * s_sp]
-            kx[g * cig * rows_g : (g + 1) * cig * rows_g] += (part_k[None] @ full[chans]).reshape(cig * rows_g, d)
+            kx += y.T @ ft_q
+        else:
+            kx += _k_columns(spec, blocks, i, sla.cho_solve(ts.factors[key], ft_q, check_finite=False), ts.cols[key])  # K_n F_n^+ Q_n
     nq = _left_products(ts, carried)
     parts = [b / float(np.abs(b).max()) for b in (nq, kx) if b.size and np.any(b)]
     m = np.vstack(parts) if parts else np.zeros((0, d))

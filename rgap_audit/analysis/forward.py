@@ -108,11 +108,10 @@ def above_rows(state: WalkState, link: Link, z0: torch.Tensor) -> AboveRows | No
     entries = above.forward.entries
     if entries is None or entries[1] is not None or not isinstance(above.spec, ConvSpec) or above.spec.groups != 1:
         return None
-    if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
+    if not _entrywise(link):
         return None
     if link.steps:
-        push = link.jvp_batch(z0)
-        emap = entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
+        emap = _entry_map(link, z0)
         if emap is None:
             return None
         idx, fac = emap
@@ -125,6 +124,18 @@ def above_rows(state: WalkState, link: Link, z0: torch.Tensor) -> AboveRows | No
 ENTRYWISE = (ops.PASS, ops.REORDER, ops.SLICE)  # link roles that move each entry of z to one entry of x'
 
 
+def _entrywise(link: Link) -> bool:
+    """Every op of the link maps entries of z one by one (elementwise ops, reshapes, permutations, slices)."""
+    return all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps)
+
+
+def _entry_map(link: Link, z0: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per entry of x', the entry of z it reads and its factor, for a link with steps (structure.entry_map
+    on the link's Jacobian at z0), or None when the link is not of that kind."""
+    push = link.jvp_batch(z0)
+    return entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
+
+
 def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tuple[np.ndarray, CarriedDirections | None] | None:
     """When every op of the link maps entries of z one by one (elementwise ops, reshapes, permutations,
     a slice of a concatenation), the forward rows are the entries of z that reach x', scaled: their
@@ -135,7 +146,7 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
     x' reads its own entry of z and S is orthonormal, the raw basis is S scaled row by row, so its singular
     values lie between the smallest and the largest scale, and the batch routes below (batchrank's angle
     proof and carried elimination) use it without orthonormalising it."""
-    if not all(s.info.elementwise or s.role in ENTRYWISE for s in link.steps):
+    if not _entrywise(link):
         return None
     if link.steps:
         end = link.fn()(z0)
@@ -150,8 +161,7 @@ def entry_rows(link: Link, z0: torch.Tensor, unknown: torch.Tensor | None) -> tu
         return CarriedDirections(raw=raw, sv_bounds=sv_bounds, orthonormalise=_orthonormal_by_blocks)
 
     if link.steps:
-        push = link.jvp_batch(z0)
-        emap = entry_map(lambda t: push(t.reshape(1, *z0.shape))[0], tuple(z0.shape))
+        emap = _entry_map(link, z0)
         if emap is not None:  # J^T S as a scatter: each entry of x' reads one entry of z
             idx, fac = emap
             s_np = unknown.detach().to(z0.dtype).numpy().reshape(idx.size, -1)
