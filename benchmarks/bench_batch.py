@@ -6,7 +6,8 @@ For every case it prints the verdict under attacker (a) (each sample's dL/dz kno
 the input directions left undetermined (a range when only bounded), the span the first Linear's gradient
 reveals (attacker (b)), the seconds, and the ratio to B = 1; per layer, the rank method and seconds.
 
-Run: python benchmarks/bench_batch.py [--cases cnn6,fcn3,lenet,resnet-cifar] [--batches 8,64]
+Run: python benchmarks/bench_batch.py [--cases cnn6,cnn6-d,conv-head,fcn3,lenet,resnet-cifar] [--batches 8,64]
+(PYTHONPATH=<another checkout> runs the same cases on that checkout's rgap_audit, for an A/B.)
 """
 
 from __future__ import annotations
@@ -26,13 +27,23 @@ import torch
 from rgap_audit.analysis import audit
 from rgap_audit.sweep import batch_point, deficit_text
 
+
+def conv_head() -> torch.nn.Sequential:
+    """CNN6's stem under a Linear head: at B > 1 the head leaves half its inputs undetermined, carried into the
+    stem as a dense basis (the batch-carried route)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 12, 4, 2, 2, bias=False), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(12 * 17 * 17, 1, bias=False))
+
+
 CASES = {
     "cnn6": ("CNN6", paper_nets.cnn6, (3, 32, 32), "logistic"),
+    "cnn6-d": ("CNN6-d", paper_nets.cnn6_d, (3, 32, 32), "logistic"),
+    "conv-head": ("Conv stem + Linear head", conv_head, (3, 32, 32), "logistic"),
     "fcn3": ("FCN3", paper_nets.fcn3, (1, 28, 28), "logistic"),
     "lenet": ("LeNet (sigmoid)", dlg_lenet.LeNet, (3, 32, 32), "cross-entropy"),
     "resnet-cifar": ("ResNet-tiny (CIFAR-style)", resnet_bn.resnet_tiny, (3, 16, 16), "cross-entropy"),
 }
-DEFAULT_BATCHES = {"cnn6": [8, 64], "fcn3": [8, 64], "lenet": [8], "resnet-cifar": [8]}
+DEFAULT_BATCHES = {"cnn6": [8, 64], "cnn6-d": [2, 4, 8], "conv-head": [2], "fcn3": [8, 64], "lenet": [8], "resnet-cifar": [8]}
 
 
 def _one(make, shape, loss: str, b: int) -> tuple[float, object]:
