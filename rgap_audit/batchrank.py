@@ -512,35 +512,43 @@ def forward_null_gram(
     h = np.zeros((d, d))
     w1 = sparse_forward(spec, 1).tocsr()
     grams: dict[bytes, np.ndarray] = {}
+    groups: dict[bytes, list[int]] = {}  # samples sharing a forward block, hence T_n
     scale2 = 0.0
     for i, (rows, _cols) in enumerate(_per_sample(spec, n, rows_idx, None)):
         key = rows.tobytes()
+        groups.setdefault(key, []).append(i)
         if key not in grams:
             fs = w1[rows]
             grams[key] = (fs.T @ fs).toarray()
             if rows.size:
                 scale2 = max(scale2, _largest_eigenvalue(grams[key]) if spec.n_in <= 4096 else float(abs(fs.T @ fs).sum(axis=0).max()))
-        t_i = grams[key]
-        zs = [z[i * s_sp : (i + 1) * s_sp] for _chans, z in live]  # (S, d_p): sample n's rows of each piece
-        for q, (chans_q, z_q) in enumerate(live):
-            for jc, c in enumerate(chans_q):
-                # the block row of (piece q, channel c), right of the diagonal only (H is symmetric)
-                w3 = (zs[q].T @ t_i[c * s_sp : (c + 1) * s_sp]).reshape(-1, cin, s_sp)  # z^T T[c, :], (d_q, C_in, S)
-                col = offs[q] + jc * z_q.shape[1]
-                row = slice(col, col + z_q.shape[1])
-                for p in range(q, len(live)):
-                    chans_p = live[p][0][jc:] if p == q else live[p][0]
-                    d_p = zs[p].shape[1]
-                    block = np.matmul(w3[:, chans_p].transpose(1, 0, 2), zs[p])  # (|C|, d_q, d_p)
-                    h[row, col : col + len(chans_p) * d_p] += block.transpose(1, 0, 2).reshape(z_q.shape[1], -1)
-                    col += len(chans_p) * d_p
-    full = h + h.T
-    for q, (chans_q, z_q) in enumerate(live):  # the diagonal blocks were counted twice
-        for jc in range(len(chans_q)):
-            a = offs[q] + jc * z_q.shape[1]
-            blk = h[a : a + z_q.shape[1], a : a + z_q.shape[1]]
-            full[a : a + z_q.shape[1], a : a + z_q.shape[1]] = 0.5 * (blk + blk.T)
-    return full, math.sqrt(scale2), int(rows_idx.size)
+    # each piece's rows, per pattern group, ordered (pixel, sample) so that one product per channel pair covers
+    # every sample: zp[q][key] is (S * n_g, d_q), rows (a, n)
+    zp = [{key: np.ascontiguousarray(z.reshape(n, s_sp, -1)[idx].transpose(1, 0, 2)).reshape(-1, z.shape[1]) for key, idx in groups.items()} for _c, z in live]
+    for q, (chans_q, z_q) in enumerate(live):
+        d_q = z_q.shape[1]
+        for jc, c in enumerate(chans_q):
+            # the block row of (piece q, channel c) right of the diagonal, mirrored below it (H is symmetric)
+            col = offs[q] + jc * d_q
+            row = slice(col, col + d_q)
+            for p in range(q, len(live)):
+                chans_p = live[p][0][jc:] if p == q else live[p][0]
+                d_p = live[p][1].shape[1]
+                rows_p = np.concatenate([np.arange(cp * s_sp, (cp + 1) * s_sp) for cp in chans_p])
+                acc = np.zeros((len(chans_p), d_q, d_p))
+                for key, idx in groups.items():
+                    # Y[(c', a), (b, n)-ordered columns] = T_n[c', c] Z_q^(n): one product for the group's samples
+                    t_pc = grams[key][rows_p, c * s_sp : (c + 1) * s_sp]  # (|C_p| S, S)
+                    zq = zp[q][key].reshape(s_sp, len(idx) * d_q)  # rows b, columns (n, i)
+                    y = (t_pc @ zq).reshape(len(chans_p), s_sp * len(idx), d_q)  # (c', (a, n), i)
+                    acc += np.matmul(y.transpose(0, 2, 1), zp[p][key])  # sum over (a, n): (c', i, j)
+                blk = acc.transpose(1, 0, 2).reshape(d_q, -1)
+                if p == q:  # its first block is (c, c) itself: symmetrised
+                    blk[:, :d_q] = 0.5 * (blk[:, :d_q] + blk[:, :d_q].T)
+                h[row, col : col + len(chans_p) * d_p] = blk
+                h[col : col + len(chans_p) * d_p, row] = blk.T  # H is symmetric: both triangles at once
+                col += len(chans_p) * d_p
+    return h, math.sqrt(scale2), int(rows_idx.size)
 
 
 def _largest_eigenvalue(g: np.ndarray) -> float:

@@ -320,8 +320,10 @@ def _gram_full_rank(
     if ref2 <= 0:
         return None
     tau = floor * ref2
+    shifted = g.copy()  # G - tau I without an identity as large as G (its allocation cost as much as the factor)
+    shifted.flat[:: size + 1] -= tau
     try:
-        factor = sla.cho_factor(g - tau * np.eye(size), lower=True, check_finite=False)
+        factor = sla.cho_factor(shifted, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
     inv = spla.LinearOperator((size, size), matvec=lambda v: sla.cho_solve(factor, v, check_finite=False), dtype=np.float64)
