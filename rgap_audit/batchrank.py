@@ -16,6 +16,9 @@ or F_n^T F_n - tau I), its null basis from that factor (random vectors projected
 then orthonormalised); a pattern the sparse proof does not settle falls back to a dense SVD when small.
 K Z_F is formed from K's dense per-group blocks (rank.gradient_blocks) and ranked with rank.py's rule,
 against |K| and widened by the error amplification 1 / sigma_min_rel of the F_n whose null bases enter.
+Where every output of every sample is a forward row, K and F are tied: the C_out^2 vectors vec(A W) are left
+null vectors of K Z_F (_Ties), so its rank is |K| - C_out^2 once the rows they leave are proven independent,
+and at least that bound where K Z_F is too large to rank (TiedBound).
 """
 
 from __future__ import annotations
@@ -44,7 +47,16 @@ from rgap_audit.rank import (
 from rgap_audit.structure import sparse_forward
 from rgap_audit.tolerances import EPS, GRAM_SAFE
 
-__all__ = ["CarriedElimination", "ForwardFirst", "carried_elimination", "carried_forward_proof", "composite_first", "forward_first", "forward_first_cost"]
+__all__ = [
+    "CarriedElimination",
+    "ForwardFirst",
+    "TiedBound",
+    "carried_elimination",
+    "carried_forward_proof",
+    "composite_first",
+    "forward_first",
+    "forward_first_cost",
+]
 
 _SPARSE_MIN = 16  # smaller per-sample blocks are decided by a dense SVD
 
@@ -270,13 +282,14 @@ def forward_first(
     *,
     want_null: bool,
     exact_limit: int,
-) -> ForwardFirst | str:
+) -> ForwardFirst | TiedBound | str:
     """rank([K; F]) by eliminating the per-sample forward rows first (see the module docstring).
 
     k_np: dL/dz, (N, *out_shape); rows_idx: indices into N * n_out of the entries of z the forward rows
     see (an entrywise link above, no directions carried from above: then F is block-diagonal over the
     samples); known_np: (N, C_in, S) bool, input entries known to the attacker, or None. Returns why
-    not when a per-sample block is not settled or the reduced system exceeds exact_limit entries.
+    not when a per-sample block is not settled or the reduced system exceeds exact_limit entries, with the
+    ties' upper bound on the rank (TiedBound) where they prove one.
     """
     n = k_np.shape[0]
     per = _per_sample(spec, n, rows_idx, known_np)
@@ -299,6 +312,8 @@ def forward_first(
         tied = _tied_row_rank(spec, k_np, per, nulls, rows_idx, amp, exact_limit)
         if isinstance(tied, str):
             return f"{too_large} ({tied})"
+        if isinstance(tied, TiedBound):
+            return TiedBound(rank_f + tied.upper, f"{too_large} ({tied.why})")
         r_t, rel_t = tied
         return ForwardFirst(rank_f + r_t, rank_f, r_t, len(solved), min([*rels, rel_t]), None)
     # K Z_F: rows (channel, group output channel, kernel offset), columns (sample, null vector)
@@ -316,7 +331,9 @@ def forward_first(
     rows_kept = np.any(a != 0, axis=1)
     # a null basis of K Z_F only where the basis it gives in x (at least d_f - rows columns) can be kept
     keep_null = want_null and n * spec.n_in * max(0, d_f - int(rows_kept.sum())) <= 2 * exact_limit
-    r_k, rel_k, null_k = _reduced_rank(a[rows_kept], keep_null, scale, amp)
+    ties = _ties(spec, n, rows_idx)
+    by_ties = None if isinstance(ties, str) or d_f < ties.kept.size else _tied_reduced_rank(a, ties, scale, amp, keep_null)
+    r_k, rel_k, null_k = by_ties if by_ties is not None else _reduced_rank(a[rows_kept], keep_null, scale, amp)
     if rel_k is not None:
         rels.append(rel_k)
     null = None
@@ -332,24 +349,47 @@ def forward_first(
     return ForwardFirst(rank_f + r_k, rank_f, r_k, len(solved), min(rels) if rels else None, null)
 
 
-def _tied_row_rank(
-    spec: ConvSpec,
-    k_np: np.ndarray,
-    per: list[tuple[np.ndarray, np.ndarray]],
-    nulls: list[np.ndarray],
-    rows_idx: np.ndarray,
-    amp: float,
-    exact_limit: int,
-) -> tuple[int, float] | str:
-    """rank(K Z_F) of a wide K Z_F too large to hold, when F has every output row of every sample: then for
-    any C_out x C_out matrix A, <A W, K x> = sum_n <k_n, A W x_n> = 0 on null(F), so the C_out^2 vectors
-    vec(A W) (independent when W, C_out x C_in k, has full row rank) lie in K Z_F's left null space and
-    rank(K Z_F) <= |K| - C_out^2. The rows left after dropping, for every output channel, the C_out weight
-    columns S a pivoted QR of W picks (W[:, S] nonsingular: no tie vanishes on the dropped rows) are proven
-    independent by their Gram, summed over the samples without forming K Z_F: rank = |K| - C_out^2 exactly.
-    (rank, sigma_min ratio of the kept rows) or why not."""
-    n = k_np.shape[0]
-    c_out, kk = spec.out_channels, spec.n_weight // (spec.out_channels * spec.in_channels)
+@dataclass
+class _Ties:
+    """The C_out^2 identities between K and F of a layer whose forward rows are every output of every sample:
+    for any C_out x C_out matrix A, <A W, K x> = sum_n <k_n, A W x_n> = 0 on null(F), so the vectors vec(A W)
+    (independent when W, C_out x C_in k, has full row rank) lie in K Z_F's left null space."""
+
+    kept: np.ndarray  # rows of K left after dropping, per output channel, the C_out weight columns a pivoted QR of W picks
+    basis: np.ndarray  # (C_out, C_in k) orthonormal rows spanning W's row space: V = I_{C_out} (x) basis spans the ties
+    c_in: int
+    c_out: int
+    w_min: float  # sigma_min of W (C_out x C_in k)
+
+    def forward_residual(self, spec: ConvSpec, k_np: np.ndarray, per: list[tuple[np.ndarray, np.ndarray]], nulls: list[np.ndarray]) -> float:
+        """An upper bound on |V^T K Z_F|_F without K Z_F: with B = [vec(E_oo' W)] (sigma_min(B) = sigma_min(W)),
+        B^T K Z_n is k_n (C_out x positions) applied to W Z_n (C_out x positions x d) per output channel, which
+        is W Z_n = 0 up to the rounding of the null bases; |V^T a| <= |B^T a| / sigma_min(W)."""
+        w1 = sparse_forward(spec, 1).tocsr()
+        done: dict[int, np.ndarray] = {}
+        total = 0.0
+        for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
+            if nb.shape[1] == 0:
+                continue
+            if id(nb) not in done:  # samples sharing a block share its null basis object
+                done[id(nb)] = np.asarray(w1[:, cols] @ nb).reshape(self.c_out, -1, nb.shape[1])
+            k_i = k_np[i].reshape(self.c_out, -1)
+            total += float(np.linalg.norm(np.matmul(k_i[None], done[id(nb)]))) ** 2
+        return math.sqrt(total) / self.w_min
+
+    def residual(self, a: np.ndarray) -> float:
+        """|V^T a|_F for a with K's rows (channel, output channel, kernel offset): at least the largest of
+        |v^T a| over unit v in the ties' span, so sigma_{|K| - C_out^2 + 1}(a) is at most this (minimax)."""
+        t = a.reshape(self.c_in, self.c_out, -1, a.shape[1]).transpose(1, 0, 2, 3).reshape(self.c_out, -1, a.shape[1])
+        return float(np.linalg.norm(np.matmul(self.basis, t)))
+
+
+def _ties(spec: ConvSpec, n: int, rows_idx: np.ndarray) -> _Ties | str:
+    """The identities of _Ties for this layer, or why there are none. Dropping, for every output channel, the
+    rows at the C_out weight columns S a pivoted QR of W picks (W[:, S] nonsingular) leaves rows no tie
+    vanishes on: those are the candidates for a basis of K Z_F's row space."""
+    c_out = spec.out_channels
+    kk = spec.n_weight // (c_out * spec.in_channels)
     if spec.groups != 1:
         return "a grouped layer"
     if rows_idx.size != n * spec.n_out:
@@ -363,21 +403,82 @@ def _tied_row_rank(
     rows_g = c_out * kk  # gradient_blocks' rows per input channel: (output channel, kernel offset)
     col_c, col_ab = piv[:c_out] // kk, piv[:c_out] % kk
     dropped = (col_c[None, :] * rows_g + np.arange(c_out)[:, None] * kk + col_ab[None, :]).ravel()
-    kept = np.setdiff1d(np.arange(spec.n_weight), dropped)
-    if kept.size * kept.size > exact_limit or any(kept.size * nb.shape[1] > exact_limit for nb in nulls):
-        return f"the Gram of its {kept.size} independent rows is too large"
+    basis = sla.qr(w_mat.T, mode="economic", check_finite=False)[0].T
+    w_min = float(np.linalg.svd(w_mat, compute_uv=False)[-1])
+    return _Ties(np.setdiff1d(np.arange(spec.n_weight), dropped), np.ascontiguousarray(basis), spec.in_channels, c_out, w_min)
+
+
+def _tied_reduced_rank(a: np.ndarray, ties: _Ties, scale: float, amp: float, want_null: bool) -> tuple[int, float | None, np.ndarray | None] | None:
+    """rank(K Z_F) = |K| - C_out^2 by rank.py's SVD rule, certified from the ties instead of a factorisation of
+    all of K Z_F's rows (CNN6's 12 -> 36 layer at B = 8: 2592 of 3888 rows). rank <= |K| - C_out^2: the ties'
+    residual |V^T a|_F is below the rule's tolerance (minimax); rank >= it: the Gram of the kept rows proves them
+    independent (their sigma_min bounds sigma_{|K| - C_out^2}(a), interlacing). The null basis is the kept rows'
+    Householder complement, checked against all of a. None when a proof fails (the caller ranks a itself)."""
+    m, n = a.shape
+    top = float(np.abs(a).max()) if a.size else 0.0
+    if top == 0.0 or n < ties.kept.size or ties.kept.size < _GRAM_MIN:
+        return None
+    a_s = a / top
+    scale_s = scale / top if scale > 0 else float(np.linalg.norm(a_s))  # >= sigma_max(a_s): |K| or |a_s|_F
+    tol = max(m, n) * EPS * scale_s * amp
+    if not ties.residual(a_s) < tol:
+        return None
+    a_k = a_s[ties.kept]
+    rel = _gram_full_rank(a_k, scale_s, amp, gram=a_k @ a_k.T, shape=(m, n))
+    if rel is None:
+        return None
+    if not want_null:
+        return int(ties.kept.size), rel, None
+    null = _null_complement(a_k)
+    if not float(np.linalg.norm(a_s @ null)) < tol:
+        return None
+    return int(ties.kept.size), rel, null
+
+
+@dataclass
+class TiedBound:
+    """What the ties prove about a batch layer whose K Z_F is too large to rank: rank <= upper (the forward
+    rows' rank plus |K| - C_out^2), and why the exact rank was not reached."""
+
+    upper: int
+    why: str
+
+
+def _tied_row_rank(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    per: list[tuple[np.ndarray, np.ndarray]],
+    nulls: list[np.ndarray],
+    rows_idx: np.ndarray,
+    amp: float,
+    exact_limit: int,
+) -> tuple[int, float] | TiedBound | str:
+    """rank(K Z_F) of a wide K Z_F too large to hold, from the ties (_Ties): rank(K Z_F) <= |K| - C_out^2 when
+    their residual (bounded sample by sample through W Z_n, _Ties.forward_residual) is below the rule's
+    tolerance, and the Gram of the kept rows, summed over the samples without forming K Z_F, proves them
+    independent: rank = |K| - C_out^2 exactly. (rank, sigma_min ratio of the kept rows); a TiedBound on
+    rank(K Z_F) when only the upper bound is proven; why not when not even that."""
+    n = k_np.shape[0]
+    ties = _ties(spec, n, rows_idx)
+    if isinstance(ties, str):
+        return ties
+    kept = ties.kept
     blocks = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
     scale = max((float(np.linalg.norm(blk, 2)) for _c, blk in blocks), default=0.0)
+    d_f = sum(nb.shape[1] for nb in nulls)
+    if not ties.forward_residual(spec, k_np, per, nulls) < max(spec.n_weight, d_f) * EPS * scale * amp:
+        return f"the {ties.c_out ** 2} identities' residual is not below the rank tolerance"
+    bound = f"the {ties.c_out ** 2} identities vec(A W) prove rank(K Z_F) <= {kept.size}"
+    if kept.size * kept.size > exact_limit or any(spec.n_weight * nb.shape[1] > exact_limit for nb in nulls):
+        return TiedBound(int(kept.size), f"{bound}; the Gram of its {kept.size} rows left is too large to prove that rank")
     gram = np.zeros((kept.size, kept.size))
     for i, ((_rows, cols), nb) in enumerate(zip(per, nulls)):
-        if nb.shape[1] == 0:
-            continue
-        part = _k_columns(spec, blocks, i, nb, cols)[kept]
-        gram += part @ part.T
-    d_f = sum(nb.shape[1] for nb in nulls)
+        if nb.shape[1]:
+            part = _k_columns(spec, blocks, i, nb, cols)[kept]
+            gram += part @ part.T
     rel = _gram_full_rank(np.empty((0, 0)), scale, amp, gram=gram, shape=(d_f, kept.size))
     if rel is None:
-        return f"the Gram of its {kept.size} rows left after the {c_out * c_out} identities does not prove them independent"
+        return TiedBound(int(kept.size), f"{bound}; the Gram of its {kept.size} rows left does not prove them independent")
     return int(kept.size), rel
 
 

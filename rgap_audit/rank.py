@@ -1330,13 +1330,17 @@ def layer_rank(
             unknowns, unknowns, unknowns, "sparse-ldl", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, solution
         )
 
+    tied_upper = unknowns  # an upper bound on the rank the forward-first route proved without the exact rank
     if forward_first_route:
-        from rgap_audit.batchrank import forward_first
+        from rgap_audit.batchrank import TiedBound, forward_first
 
         assert fwd.entries is not None
         elim = forward_first(spec, k_np, fwd.entries[0], known_np, want_null=want_null, exact_limit=exact_limit)
         if isinstance(elim, str):
             notes.append(f"forward-first elimination: {elim}")
+        elif isinstance(elim, TiedBound):
+            notes.append(f"forward-first elimination: {elim.why}; rank <= {elim.upper}")
+            tied_upper = elim.upper
         else:
             note = (
                 f"batch elimination, forward rows first: sum over samples of rank(F_n) = {elim.rank_forward} "
@@ -1345,7 +1349,7 @@ def layer_rank(
             return eliminated(elim.rank, elim.sigma_min_rel, "batch-elimination", note, elim.null_basis)
 
     if not k_exact or rank_k is None:
-        hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows)
+        hi = rank_k_hi if fwd.none else min(unknowns, rank_k_hi + fwd_rows, tied_upper)
         return result(None, rank_k_lo, hi, "bounds")
 
     # ---- Z: per channel, the null vectors of its residue blocks in (n, t) coordinates
@@ -1395,7 +1399,7 @@ def layer_rank(
             rank_k, rank_k, rank_k, "structured-svd", torch.zeros(total_x, 0, dtype=torch.float64) if want_null else None, x_k
         )
 
-    hi = min(unknowns, rank_k + fwd_rows)
+    hi = min(unknowns, rank_k + fwd_rows, tied_upper)
     if not z_ok:
         return result(None, rank_k, hi, "bounds")
 

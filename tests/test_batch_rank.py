@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
+import scipy.linalg as sla
 import torch
 
 from rgap_audit.analysis import audit
@@ -118,15 +119,29 @@ def test_auto_picks_the_smaller_reduced_system(n: int) -> None:
         assert small.method == "bounds" and small.rank_lower <= auto.rank <= small.rank_upper
 
 
+def _block_row_order(spec: ConvSpec) -> np.ndarray:
+    """The weight-entry index (o, c, offset) of each of rank.gradient_blocks' rows (c, o, offset)."""
+    c_out, c_in = spec.out_channels, spec.in_channels
+    kk = spec.n_weight // (c_out * c_in)
+    c, o, t = np.meshgrid(np.arange(c_in), np.arange(c_out), np.arange(kk), indexing="ij")
+    return (o * c_in * kk + c * kk + t).ravel()
+
+
 @pytest.mark.parametrize("n", [2, 3])
-def test_wide_deficient_reduced_system_matches_dense(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """K Z_F with more columns than its 576 rows and a row deficit: settled by the pivoted Cholesky route
-    (batchrank._pivoted_rank), rank and null basis against the dense SVD of [K; F]."""
+@pytest.mark.parametrize("route", ["ties", "pivoted"])
+def test_wide_deficient_reduced_system_matches_dense(n: int, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K Z_F with more columns than its 576 rows and a row deficit (every output a forward row: the C_out^2
+    identities vec(A W) are its left null vectors), settled without its SVD: by the identities' residual and
+    the Gram of the rows they leave (batchrank._tied_reduced_rank), or, with the identities switched off, by
+    the pivoted Cholesky route (batchrank._pivoted_rank). Rank and null basis against the dense SVD of [K; F]."""
     from rgap_audit import batchrank
 
+    target = "_tied_reduced_rank" if route == "ties" else "_pivoted_rank"
     settled = []
-    original = batchrank._pivoted_rank
-    monkeypatch.setattr(batchrank, "_pivoted_rank", lambda *a, **kw: settled.append(original(*a, **kw)) or settled[-1])
+    original = getattr(batchrank, target)
+    monkeypatch.setattr(batchrank, target, lambda *a, **kw: settled.append(original(*a, **kw)) or settled[-1])
+    if route == "pivoted":
+        monkeypatch.setattr(batchrank, "_ties", lambda *a, **kw: "switched off")
     gen = torch.Generator().manual_seed(11 + n)
     spec = _spec(WIDE, gen)
     k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
@@ -138,6 +153,30 @@ def test_wide_deficient_reduced_system_matches_dense(n: int, monkeypatch: pytest
     assert res.deficit and res.deficit > 0
     assert settled and settled[-1] is not None  # the certificate, not the SVD fallback, decided it
     assert_null_basis(res, kd, fd, None)
+
+
+def test_ties_residual_refuses_rows_that_break_the_identities() -> None:
+    """The identities' residual is measured, not assumed: K Z_F with one of its rows perturbed above the SVD
+    rule's tolerance has |K| - C_out^2 + 1 singular values above it, and the ties route must refuse it (the
+    caller then ranks it by its SVD-rule certificate)."""
+    from rgap_audit import batchrank
+
+    gen = torch.Generator().manual_seed(5)
+    spec = _spec(WIDE, gen)
+    n = 2
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    kd, fd = dense_system(spec, k, _forward(spec, n, "leaky", gen))
+    ties = batchrank._ties(spec, n, np.arange(n * spec.n_out))
+    assert not isinstance(ties, str)
+    z = sla.null_space(fd)
+    a = kd @ z  # K Z_F, rows in gradient_blocks' order (the dense system's K rows are the weight's entries)
+    a = a[_block_row_order(spec)]
+    got = batchrank._tied_reduced_rank(a, ties, 0.0, 1.0, True)
+    s = np.linalg.svd(a, compute_uv=False)
+    assert got is not None and got[0] == int((s > max(a.shape) * np.finfo(float).eps * s[0]).sum()) == spec.n_weight - spec.out_channels**2
+    bumped = a.copy()
+    bumped[ties.kept[0]] += 1e-6 * np.abs(a).max() * np.random.default_rng(0).standard_normal(a.shape[1])
+    assert batchrank._tied_reduced_rank(bumped, ties, 0.0, 1.0, True) is None
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -159,6 +198,14 @@ def test_tied_rows_rank_a_reduced_system_too_large_to_hold(n: int, kind: str) ->
         assert res.method == "batch-elimination", res.notes
         assert res.rank == truth
         assert spec.n_weight * (kd.shape[1] - n * spec.n_out) > 10_000  # K Z_F itself was over the limit
+        # with the kept rows' Gram over the limit too, the identities still prove rank <= rank F + |K| - C_out^2
+        # (batchrank.TiedBound): here that bound is the dense rank itself, and the lower bound stays below it
+        kept = spec.n_weight - spec.out_channels**2
+        assert kept * kept > 8_000
+        bounded = layer_rank(spec, k, fwd, elimination="forward-first", exact_limit=8_000)
+        assert bounded.rank is None and bounded.rank_upper == n * spec.n_out + kept == truth, bounded.notes
+        assert bounded.rank_lower <= truth
+        assert any("identities vec(A W) prove" in t for t in bounded.notes)
     else:
         assert res.rank is None and res.rank_lower <= truth <= res.rank_upper, res.notes
         assert any("no identities with K" in t for t in res.notes)
