@@ -49,10 +49,12 @@ from rgap_audit.tolerances import EPS, GRAM_SAFE
 
 __all__ = [
     "CarriedElimination",
+    "CarriedRowSpace",
     "ForwardFirst",
     "TiedBound",
     "carried_elimination",
     "carried_forward_proof",
+    "carried_row_space",
     "composite_first",
     "forward_first",
     "forward_first_cost",
@@ -217,7 +219,7 @@ def _null_complement(rows: np.ndarray) -> np.ndarray:
     r, n = rows.shape
     if n == r:
         return np.zeros((n, 0))
-    at = np.asfortranarray(rows.T)
+    at = np.array(rows.T, order="F")  # a copy: geqrf overwrites it, and rows.T may be the caller's own memory
     lwork = int(sla.lapack.dgeqrf(at, lwork=-1)[2][0])
     qr, tau, _work, info = sla.lapack.dgeqrf(at, lwork=max(lwork, 1), overwrite_a=1)
     if info != 0:
@@ -888,6 +890,76 @@ def carried_elimination(
         null = torch.from_numpy(np.linalg.qr(v)[0] if v.shape[1] else v)
     rel = None if rel_m is None else rel_m * f_rel / spread
     return CarriedElimination(unknowns - d + r_m, r_m, d, rel, null)
+
+
+@dataclass
+class CarriedRowSpace:
+    """rank([K; P F]) of a batch layer whose carried directions leave fewer known rows than unknowns."""
+
+    rank: int
+    rows: int  # |K| + m - d, the rows of [K; U^T F]
+    known_rows: int  # m - d, the forward rows' directions the attacker knows
+    sigma_min_rel: float | None
+    null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal; None when not kept
+
+
+def _k_dense(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
+    """K as a dense (|K|, N n_in) matrix from rank.gradient_blocks: rows (channel, group output channel,
+    kernel offset), columns (sample, channel, position) as x; block-diagonal over the input channels."""
+    cin = spec.in_channels
+    s_sp = spec.n_in // cin
+    rows_g = blocks[0][1].shape[0]
+    k = np.zeros((cin * rows_g, n, cin, s_sp))
+    for chans, blk in blocks:
+        per = blk.reshape(rows_g, n, s_sp)
+        for c in chans:
+            k[c * rows_g : (c + 1) * rows_g, :, c, :] = per
+    return k.reshape(cin * rows_g, n * spec.n_in)
+
+
+def carried_row_space(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    rows_idx: np.ndarray,
+    carried_dirs: CarriedDirections,
+    known_np: np.ndarray | None,
+    *,
+    want_null: bool,
+    exact_limit: int,
+) -> CarriedRowSpace | str:
+    """rank([K; P F]) from its rows when the layer above carried so many directions down that |K| + m - d is
+    below the unknowns (m forward rows, d directions; P = I - Q Q^T): then P F = U U^T F with U an orthonormal
+    basis of range(Q)^perp (m - d columns), [K; P F] has the singular values of [K; U^T F], and its rank is at
+    most |K| + m - d. The wide [K; U^T F] (each block scaled to unit largest entry: a row scaling) is ranked by
+    rank.py's rule from its row Gram: independent rows, or a pivoted Cholesky's certificate where they are
+    not (_reduced_rank; the ties <diag(a) W, K x> = sum_n <k_n, diag(a) W x_n> make some dependent). U is the
+    Householder complement of the carried basis (raw or orthonormal: the same span, full column rank either
+    way). ResNet-tiny's stem at B = 8 below its residual segment: 216 + 1208 rows for 6144 unknowns, where
+    the gradient-first route's P F Z (4545 x 5928 with the carried rows) was too large. Why not, when a size
+    exceeds exact_limit."""
+    n = k_np.shape[0]
+    basis = carried_dirs.usable_raw if carried_dirs.usable_raw is not None else carried_dirs.orthonormal()
+    m, d = basis.shape
+    cols = np.arange(n * spec.n_in) if known_np is None else np.flatnonzero(~known_np.reshape(-1))
+    rows = spec.n_weight + m - d
+    if rows >= cols.size:
+        return f"{rows} rows for {cols.size} unknowns: not fewer rows than unknowns"
+    if rows * rows > exact_limit or m * m > exact_limit or rows * cols.size > exact_limit:
+        return f"the rows [K; U^T F] ({rows} x {cols.size}) are too large for their Gram"
+    u = _null_complement(basis.T)  # (m, m - d): range(Q)^perp
+    f = sparse_forward(spec, n).tocsr()[rows_idx][:, cols]
+    uf = np.asarray((f.T @ u).T)  # U^T F, (m - d, unknowns)
+    kd = _k_dense(spec, gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np))), n)[:, cols]
+    parts = [b / float(np.abs(b).max()) for b in (kd, uf) if b.size and np.any(b)]
+    r_mat = np.vstack(parts) if parts else np.zeros((0, cols.size))
+    keep_null = want_null and n * spec.n_in * (cols.size - min(rows, r_mat.shape[0])) <= exact_limit
+    rank, rel, nb = _reduced_rank(r_mat, keep_null, 0.0, carried_dirs.spread or 1.0)
+    null = None
+    if keep_null and nb is not None:
+        full = np.zeros((n * spec.n_in, nb.shape[1]))
+        full[cols] = nb
+        null = torch.from_numpy(full)
+    return CarriedRowSpace(rank, rows, m - d, rel, null)
 
 
 def _positive_definite(g: np.ndarray, shift: float) -> bool:

@@ -1088,7 +1088,9 @@ def layer_rank(
     be eliminated first instead (batchrank.forward_first): `elimination` "auto" takes the route whose
     reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
     Below directions carried from above with tall per-sample forward rows, batchrank.carried_elimination
-    ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it). Below a layer whose
+    ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it); below so many that
+    fewer rows are known than there are unknowns, batchrank.carried_row_space proves those rows independent
+    ("row-space" forces it). Below a layer whose
     null basis was too large to keep (fwd.above_rows), batchrank.composite_first ranks the layer with that
     layer's own rows instead of bounding it.
 
@@ -1194,7 +1196,20 @@ def layer_rank(
     # angle proof below can take (rows - d < unknowns): eliminate the forward rows (batchrank) when its
     # reduced system [N^T Q; K F^+ Q] is smaller than the gradient-first P F Z
     carried_elim = None
-    if n > 1 and not solving and fwd.entries is not None and not fwd.none and d_min > 0 and carried_dirs is not None:
+    # ---- a batch below so many carried directions that fewer rows are known than there are unknowns: the
+    # rows themselves, [K; U^T F] with U the complement of the carried directions (batchrank.carried_row_space)
+    row_space = None
+    if n > 1 and not solving and fwd.entries is not None and not fwd.none and d_min > 0 and carried_dirs is not None and carried_dirs.d:
+        rows_r = spec.n_weight + fwd.entries[0].size - carried_dirs.d
+        if elimination == "row-space" or (elimination == "auto" and rows_r < unknowns and rows_r * rows_r <= exact_limit):
+            from rgap_audit.batchrank import carried_row_space
+
+            got_r = carried_row_space(spec, k_np, fwd.entries[0], carried_dirs, known_np, want_null=want_null, exact_limit=exact_limit)
+            if isinstance(got_r, str):
+                notes.append(f"batch: not ranked from its rows: {got_r}")
+            else:
+                row_space = got_r
+    if row_space is None and n > 1 and not solving and fwd.entries is not None and not fwd.none and d_min > 0 and carried_dirs is not None:
         rows_idx = fwd.entries[0]
         if carried_dirs.d and rows_idx.size >= unknowns and not per_sample:
             cost = (rows_idx.size - unknowns + spec.n_weight) * carried_dirs.d
@@ -1207,7 +1222,8 @@ def layer_rank(
                     notes.append(f"batch: no carried-direction elimination: {got_c}")
                 else:
                     carried_elim = got_c
-    if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample and carried_elim is None:  # a batch: per-sample blocks below
+    settled_above = carried_elim is not None or row_space is not None
+    if fwd.entries is not None and not fwd.none and d_min > 0 and not per_sample and not settled_above:  # a batch: per-sample blocks below
         rows_idx = fwd.entries[0]
         n_carried = 0 if carried_dirs is None else carried_dirs.d
         room = carried_dirs is None or rows_idx.size - n_carried >= unknowns
@@ -1240,7 +1256,7 @@ def layer_rank(
             forward_first_route = forward_first_cost(spec, n, fwd.entries[0], known_np) < max(d_min, 1) * big_d
         else:
             forward_first_route = elimination == "forward-first"
-    if proof is not None or batch_proof is not None or carried_elim is not None or composite is not None:
+    if proof is not None or batch_proof is not None or carried_elim is not None or composite is not None or row_space is not None:
         need_z = False  # the forward rows settle the layer: K only for its rank
     elif fwd.none:
         need_z = want_null and total_x * d_min <= exact_limit
@@ -1317,6 +1333,12 @@ def layer_rank(
             f"rank(F_above L W) = {composite.rank_forward}, rank([K; K_above L W] Z) = {composite.rank_reduced}"
         )
         return eliminated(composite.rank, composite.sigma_min_rel, "batch-composite", note, composite.null_basis)
+    if row_space is not None:
+        note = (
+            f"batch: ranked from its rows, K and the forward rows' {row_space.known_rows} directions the carried ones leave known: "
+            f"rank {row_space.rank} of those {row_space.rows} rows"
+        )
+        return eliminated(row_space.rank, row_space.sigma_min_rel, "batch-rowspace", note, row_space.null_basis)
     if carried_elim is not None:
         note = (
             f"batch: the forward rows eliminated per sample below {carried_elim.carried} carried directions: "

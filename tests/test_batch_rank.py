@@ -22,6 +22,7 @@ import torch
 from rgap_audit.analysis import audit
 from rgap_audit.convspec import ConvSpec
 from rgap_audit.rank import ForwardInfo, dense_system, layer_rank
+from rgap_audit.structure import sparse_forward
 from tests.test_rank import assert_null_basis, dense_rank
 
 CASES = {
@@ -346,6 +347,60 @@ def test_carried_elimination_below_a_linear_head() -> None:
     stem = next(r for r in rep.layers if r.op == "Conv2d")
     assert stem.rank_method == "batch-carried"
     assert _walk_deficits(net, (3, 6, 6), "logistic", 2) == dense_chain_deficits(net, (3, 6, 6), "logistic", batch=2)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("rows", ["independent", "dependent"])
+def test_carried_row_space_matches_dense(n: int, rows: str) -> None:
+    """So many directions carried that |K| + m - d rows are fewer than the unknowns: the layer is ranked from
+    [K; U^T F] (batchrank.carried_row_space), against the dense SVD of [K; P F] (rank.dense_system projects
+    the carried directions out) and the gradient-first route. "dependent": one known direction u of the
+    forward rows' range has u^T F = 0 (u in range(F)^perp), so one row of U^T F is zero and the rows' Gram
+    must not be taken as proof of independence."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"rowspace-{n}-{rows}".encode()))
+    spec = _spec(dict(TALL, cin=3, cout=4), gen)
+    k = torch.randn(n, *spec.out_shape, generator=gen, dtype=torch.float64)
+    big, unknowns = n * spec.n_out, n * spec.n_in
+    d = big - (unknowns - spec.n_weight) + 20  # |K| + m - d = unknowns - 20
+    if rows == "dependent":
+        w = sparse_forward(spec, n).toarray()
+        left = sla.null_space(w.T)[:, :1]  # u with u^T F = 0, kept known: Q spans a complement holding it out
+        rest = torch.randn(big, d, generator=gen, dtype=torch.float64).numpy()
+        rest -= left @ (left.T @ rest)
+        q = torch.from_numpy(np.linalg.qr(rest)[0])
+    else:
+        q = torch.linalg.qr(torch.randn(big, d, generator=gen, dtype=torch.float64))[0]
+    fwd = ForwardInfo(unknown=q, entries=(np.arange(big), q.numpy()))
+    kd, fd = dense_system(spec, k, fwd)
+    truth = dense_rank(kd, fd)
+    res = layer_rank(spec, k, fwd)
+    assert res.method == "batch-rowspace", res.notes
+    assert res.rank == truth and res.deficit == unknowns - truth
+    assert (truth < spec.n_weight + big - d) == (rows == "dependent")
+    assert_null_basis(res, kd, fd, None)
+    other = layer_rank(spec, k, fwd, elimination="gradient-first")
+    assert other.method != "batch-rowspace" and other.rank == truth
+
+
+def test_row_space_route_below_a_residual_segment_matches_the_joint_oracle() -> None:
+    """ResNet-tiny at B = 8 on 3x8x8: its residual segment leaves directions of the stem's output undetermined,
+    handed down as a basis, and the stem below has fewer known rows than unknowns (batch-rowspace). The
+    input's undetermined directions equal those of one dense system over the input built by autograd
+    (tests/oracles.py dense_cut_deficits: every weight gradient downstream, each dL/dz held), and so do the
+    segment's over its own input."""
+    from examples.resnet_bn import resnet_tiny
+    from oracles import dense_cut_deficits
+    from rgap_audit.analysis import audit_model
+
+    torch.manual_seed(0)
+    checked = audit_model(resnet_tiny(), (3, 8, 8), batch_size=8)
+    inst, rep = checked.instance, checked.report
+    stem = next(r for r in rep.layers if r.node == "stem_0")
+    seg = next(r for r in rep.layers if r.kind == "segment")
+    assert stem.rank_method == "batch-rowspace" and seg.segment is not None
+    truth = dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, ["x", seg.segment.start])
+    assert stem.deficit == truth["x"] > 0
+    assert seg.deficit == truth[seg.segment.start] > 0
 
 
 def _three_convs() -> torch.nn.Module:
