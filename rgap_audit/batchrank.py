@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 _SPARSE_MIN = 16  # smaller per-sample blocks are decided by a dense SVD
+# multiply-adds a row Gram summed over the samples may cost (_composite_gram_rank): 1e12 is ~40 s at the
+# 2-core CI machine's single-thread 40 GF/s (benchmarks/bench_batch.py); LeNet's stem at B = 8 needs 3.7e11
+_GRAM_WORK_MAX = 1e12
 
 
 @dataclass
@@ -374,10 +377,13 @@ class _Ties:
             if nb.shape[1] == 0:
                 continue
             if id(nb) not in done:  # samples sharing a block share its null basis object
-                done[id(nb)] = np.asarray(w1[:, cols] @ nb).reshape(self.c_out, -1, nb.shape[1])
-            k_i = k_np[i].reshape(self.c_out, -1)
-            total += float(np.linalg.norm(np.matmul(k_i[None], done[id(nb)]))) ** 2
+                done[id(nb)] = np.asarray(w1[:, cols] @ nb)
+            total += self.sample_residual2(k_np[i], done[id(nb)])
         return math.sqrt(total) / self.w_min
+
+    def sample_residual2(self, k_i: np.ndarray, wz: np.ndarray) -> float:
+        """|B^T K_n Z_n|_F^2 for one sample from its dL/dz k_i and W Z_n (n_out x d): k_i applied per output channel."""
+        return float(np.linalg.norm(np.matmul(k_i.reshape(self.c_out, -1)[None], wz.reshape(self.c_out, -1, wz.shape[1])))) ** 2
 
     def residual(self, a: np.ndarray) -> float:
         """|V^T a|_F for a with K's rows (channel, output channel, kernel offset): at least the largest of
@@ -532,7 +538,8 @@ def composite_first(
     rows_j = [rows for rows, _cols in _per_sample(spec_j, n, above.rows_idx, None)]
     cols_i = [cols for _rows, cols in _per_sample(spec, n, np.zeros(0, dtype=np.int64), known_np)]
     d_least = sum(max(0, c.size - r.size) for r, c in zip(rows_j, cols_i))  # each null(A_n) has at least c_n - m_n directions
-    if (spec.n_weight + spec_j.n_weight) * d_least > exact_limit:
+    rows_m = spec.n_weight + spec_j.n_weight
+    if rows_m * d_least > exact_limit and rows_m * rows_m > exact_limit:  # (_composite_gram_rank needs its row Gram only)
         return f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x >= {d_least}) is too large for an exact rank"
     nulls: list[np.ndarray] = []
     lws: list[sp.csr_matrix] = []
@@ -558,9 +565,14 @@ def composite_first(
         nulls.append(nb)
         lws.append(lw)
     d_f = sum(nb.shape[1] for nb in nulls)
-    if (spec.n_weight + spec_j.n_weight) * d_f > exact_limit:
-        return f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x {d_f}) is too large for an exact rank"
     amp = 1.0 / min(rels or [1.0])
+    if (spec.n_weight + spec_j.n_weight) * d_f > exact_limit:
+        too_large = f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x {d_f}) is too large for an exact rank"
+        by_gram = _composite_gram_rank(spec, k_np, above, nulls, lws, cols_i, amp, exact_limit)
+        if isinstance(by_gram, str):
+            return f"{too_large} ({by_gram})"
+        r_t, rel_t = by_gram
+        return ForwardFirst(rank_f + r_t, rank_f, r_t, n, min([*rels, rel_t]), None)
     blocks_i = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
     blocks_j = gradient_blocks(spec_j, torch.from_numpy(np.ascontiguousarray(above.k)))
     a1 = np.zeros((spec.n_weight, d_f))
@@ -591,6 +603,78 @@ def composite_first(
             col += d_i
         null = torch.from_numpy(out.reshape(n * spec.n_in, -1))
     return ForwardFirst(rank_f + r_k, rank_f, r_k, n, min(rels) if rels else None, null)
+
+
+def _composite_gram_rank(
+    spec: ConvSpec,
+    k_np: np.ndarray,
+    above: AboveRows,
+    nulls: list[np.ndarray],
+    lws: list[sp.csr_matrix],
+    cols_i: list[np.ndarray],
+    amp: float,
+    exact_limit: int,
+) -> tuple[int, float] | str:
+    """rank(M) of composite_first's reduced system M = [K; K_j L W] Z_A when M is too large to hold but its
+    row Gram is not, by rank.py's rule, certified as _pivoted_rank certifies a wide matrix, sample by sample
+    (M's columns are per sample, so G = sum_n M_n M_n^T and |E|_F^2 = sum_n |E_n|_F^2):
+
+    a pivoted Cholesky of G (each block scaled to unit largest entry: a row scaling) picks r rows, proven
+    independent by a Cholesky of their Gram minus the Gram route's margin (sigma_r(M) above it); rank <= r
+    by a second pass: the other rows' residual E against the picked rows' span (coefficients from G) has
+    |E|_F below the rule's tolerance (Weyl). Some rows are dependent by construction: layer j's ties
+    vec(A W_j) with its forward rows (0 on null(A_n)), and <W, K x> = sum_n <k_j, A_n x_n> for this layer.
+    LeNet's stem at B = 8: a 4500^2 Gram for a 4500 x 18432 system. (rank, sigma_min ratio) or why not."""
+    spec_j = above.spec
+    rows = spec.n_weight + spec_j.n_weight
+    d_f = sum(nb.shape[1] for nb in nulls)
+    if rows * rows > exact_limit or any(rows * nb.shape[1] > exact_limit for nb in nulls):
+        return f"its row Gram ({rows}^2) or one sample's block is too large"
+    if rows * rows * d_f > _GRAM_WORK_MAX:
+        return f"its row Gram ({rows}^2, summed over {d_f} columns) is too much work ({rows * rows * d_f:.1e} > {_GRAM_WORK_MAX:.0e} multiply-adds)"
+    blocks_i = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
+    blocks_j = gradient_blocks(spec_j, torch.from_numpy(np.ascontiguousarray(above.k)))
+
+    def sample_rows(i: int) -> tuple[np.ndarray, np.ndarray]:
+        nb = nulls[i]
+        return _k_columns(spec, blocks_i, i, nb, cols_i[i]), _k_columns(spec_j, blocks_j, i, np.asarray(lws[i] @ nb))
+
+    m1 = spec.n_weight
+    gram = np.zeros((rows, rows))
+    top1 = top2 = 0.0
+    for i, nb in enumerate(nulls):
+        if nb.shape[1]:
+            p = np.vstack(sample_rows(i))
+            top1, top2 = max(top1, float(np.abs(p[:m1]).max())), max(top2, float(np.abs(p[m1:]).max()))
+            gram += sla.blas.dsyrk(1.0, p)  # upper triangle of p p^T
+    if top1 == 0.0 or top2 == 0.0:
+        return "a block of the reduced system is zero"
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    scale = np.concatenate([np.full(m1, 1.0 / top1), np.full(rows - m1, 1.0 / top2)])
+    gram *= scale[:, None] * scale[None, :]
+    ref2 = _largest_eigenvalue(gram) * (1 + 1e-3)
+    if ref2 <= 0:
+        return "the reduced system is zero"
+    tol = max(rows, d_f) * EPS * math.sqrt(ref2) * amp
+    _c, piv, r, info = sla.lapack.dpstrf(gram, tol=1e4 * 10.0 * (rows + d_f) * EPS * ref2, lower=1)
+    if info < 0 or r == 0:
+        return "the pivoted Cholesky of its Gram failed"
+    pick = np.sort(piv[:r] - 1)
+    floor = max(GRAM_SAFE, (100.0 * max(rows, d_f) * EPS * amp) ** 2)
+    g11 = gram[np.ix_(pick, pick)]
+    if not _positive_definite(g11, floor * ref2):
+        return f"the {r} rows its pivoted Cholesky picks are not proven independent"
+    rest = np.setdiff1d(np.arange(rows), pick)
+    if rest.size:
+        coef = sla.cho_solve(sla.cho_factor(g11, lower=True, check_finite=False), gram[np.ix_(pick, rest)], check_finite=False)
+        resid2 = 0.0
+        for i, nb in enumerate(nulls):
+            if nb.shape[1]:
+                p = np.vstack(sample_rows(i)) * scale[:, None]
+                resid2 += float(np.linalg.norm(p[rest] - coef.T @ p[pick])) ** 2
+        if not math.sqrt(resid2) < tol:
+            return f"the {rest.size} rows left are not proven dependent on the {r} picked (residual above the rank tolerance)"
+    return int(r), math.sqrt(floor)
 
 
 def forward_null_gram(

@@ -443,6 +443,48 @@ def test_rows_of_the_layer_above_replace_a_basis_too_large_to_keep(batch: int) -
     assert walked == default
 
 
+@pytest.mark.parametrize("act", ["leaky", "sigmoid"])
+def test_composite_system_too_large_to_hold_ranked_from_its_row_gram(act: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three convs at B = 5 with a limit below the stem's composite reduced system (180 x 225) but above
+    its row Gram (180^2): the rank comes from that Gram summed over the samples and a second pass for the
+    residual of the rows the pivoted Cholesky leaves (batchrank._composite_gram_rank; 13 rows are dependent:
+    the middle conv's 9 ties and the stem's 4). LeakyReLU: every layer's deficit equals the dense chain
+    oracle's. Sigmoid (slopes <= 1/4, a worse conditioned composite): where the certificate fails the stem is
+    bounded, and the bounds contain the oracle's rank."""
+    from oracles import dense_chain_deficits
+    from rgap_audit import batchrank
+    from rgap_audit.analysis import audit_instance
+    from rgap_audit.instance import build_instance
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    calls: list = []
+    original = batchrank._composite_gram_rank
+    monkeypatch.setattr(batchrank, "_composite_gram_rank", lambda *a, **kw: calls.append(original(*a, **kw)) or calls[-1])
+    nn = torch.nn
+    make = (lambda: nn.LeakyReLU(0.2)) if act == "leaky" else nn.Sigmoid
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, 1, 1, bias=False), make(), nn.Conv2d(4, 3, 3, 2, 1, bias=False), make(),
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False), make(), nn.Flatten(), nn.Linear(72, 1, bias=False),
+    )  # fmt: skip
+    shape, batch = (2, 6, 6), 5
+    options = AuditOptions(batch_size=batch, loss="logistic", seed=0, exact_rank_limit=35_000)
+    rep = audit_instance(build_instance(LoadedModel(file="<test>", name="t", module=net, input_shape=shape), options), options).report
+    layers = [r for r in reversed(rep.layers) if r.unknowns is not None]
+    truth = dense_chain_deficits(net, shape, "logistic", batch=batch)
+    assert calls, "the row-Gram route was not tried"
+    stem = layers[0]
+    if act == "leaky":
+        assert stem.rank_method == "batch-composite" and isinstance(calls[-1], tuple), calls
+        assert [r.deficit for r in layers] == truth
+    else:
+        assert [r.deficit for r in layers[1:]] == truth[1:]
+        if stem.rank is None:
+            assert stem.rank_lower <= stem.unknowns - truth[0] <= stem.rank_upper
+        else:
+            assert stem.deficit == truth[0]
+
+
 # ---------------------------------------------------------------------------------------------- whole walks
 def _down_chain() -> torch.nn.Module:
     """CNN6 in miniature: a stride-1 conv below a stride-2 one (per-sample forward rows wider than square)."""
