@@ -485,6 +485,29 @@ def test_composite_system_too_large_to_hold_ranked_from_its_row_gram(act: str, m
             assert stem.deficit == truth[0]
 
 
+@pytest.mark.parametrize("batch, limit", [(4, 50_000), (6, 80_000), (4, 10**8)])
+def test_conv_stem_below_a_linear_output_layer_matches_dense(batch: int, limit: int) -> None:
+    """A conv stem under a Linear output layer at B > 1 (no forward rows: the loss does not reveal each
+    sample's output). With a limit below the Linear's null basis the stem is ranked with the Linear's own
+    rows (batch-composite, from its row Gram when the reduced system is over the limit too); with the default
+    limit the basis is kept and the stem has fewer known rows than unknowns (batch-rowspace). Every deficit
+    equals the dense chain oracle's."""
+    from oracles import dense_chain_deficits
+    from rgap_audit.analysis import audit_instance
+    from rgap_audit.instance import build_instance
+    from rgap_audit.options import AuditOptions, LoadedModel
+
+    nn = torch.nn
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1, bias=False), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(144, 1, bias=False))
+    shape = (2, 6, 6)
+    options = AuditOptions(batch_size=batch, loss="logistic", seed=0, exact_rank_limit=limit)
+    rep = audit_instance(build_instance(LoadedModel(file="<test>", name="t", module=net, input_shape=shape), options), options).report
+    layers = [r for r in reversed(rep.layers) if r.unknowns is not None]
+    assert layers[0].rank_method == ("batch-rowspace" if limit == 10**8 else "batch-composite"), layers[0].reason
+    assert [r.deficit for r in layers] == dense_chain_deficits(net, shape, "logistic", batch=batch)
+
+
 # ---------------------------------------------------------------------------------------------- whole walks
 def _down_chain() -> torch.nn.Module:
     """CNN6 in miniature: a stride-1 conv below a stride-2 one (per-sample forward rows wider than square)."""

@@ -100,12 +100,13 @@ def forward_side(inst: Instance, state: WalkState, name: str, gen: torch.Generat
 
 def above_rows(state: WalkState, link: Link, z0: torch.Tensor) -> AboveRows | None:
     """B > 1, the layer above kept no basis of what it left undetermined: its own rows, when its system is
-    exactly null([K_j; F_j]) (ranked exactly, per-sample forward rows, nothing carried into it) and the link
+    exactly null([K_j; F_j]) (ranked exactly, per-sample forward rows or none, nothing carried into it) and the link
     moves entries one by one (so that the composed forward rows stay per sample)."""
     above = state.systems.get(link.upper) if link.upper is not None else None
-    if above is None or above.result.rank is None or above.forward.none or above.forward.unknown is not None:
+    if above is None or above.result.rank is None or above.forward.unknown is not None:
         return None
-    entries = above.forward.entries
+    # an output layer of a batch has no forward rows (the loss does not reveal each sample's output): K_j alone
+    entries = (np.zeros(0, dtype=np.int64), None) if above.forward.none else above.forward.entries
     if entries is None or entries[1] is not None or not isinstance(above.spec, ConvSpec) or above.spec.groups != 1:
         return None
     if not _entrywise(link):
