@@ -244,7 +244,8 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
     > 1e-4 sigma_max); rank <= r by a basis N of null(a_1) (Householder complement) with |a N|_F below the rule's tolerance
     max(m, n) eps |a| amp, so at least n - r singular values of a are below it (minimax), or, when no null
     basis is wanted and a has fewer rows than columns left over, by the residual E of the other rows
-    against a_1's row space: |E|_F below the tolerance bounds sigma_{r+1}(a) (Weyl). None when either fails
+    against a_1's row space (coefficients from G, refined from E: the normal equations lose kappa^2):
+    |E|_F below the tolerance bounds sigma_{r+1}(a) (Weyl). None when either fails
     (the caller takes the SVD)."""
     m, n = a.shape
     try:
@@ -269,8 +270,14 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
         # C = (a_2 a_1^T)(a_1 a_1^T)^-1 read from G, so a is within |E|_F of a rank-r matrix (Weyl)
         rest = np.setdiff1d(np.arange(m), pick)
         if rest.size:
-            coef = sla.cho_solve(sla.cho_factor(g11, lower=True, check_finite=False), g[np.ix_(pick, rest)], check_finite=False)
-            if float(np.linalg.norm(a[rest] - coef.T @ a1)) >= tol:
+            factor = sla.cho_factor(g11, lower=True, check_finite=False)
+            coef = sla.cho_solve(factor, g[np.ix_(pick, rest)], check_finite=False)
+            for _refinement in range(3):  # normal equations lose kappa^2: refine from the residual itself
+                e = a[rest] - coef.T @ a1
+                if float(np.linalg.norm(e)) < tol:
+                    break
+                coef += sla.cho_solve(factor, a1 @ e.T, check_finite=False)
+            else:
                 return None
         return r, math.sqrt(floor), None
     null = _null_complement(a1)
