@@ -1201,7 +1201,9 @@ def layer_rank(
     row_space = None
     if n > 1 and not solving and fwd.entries is not None and not fwd.none and d_min > 0 and carried_dirs is not None and carried_dirs.d:
         rows_r = spec.n_weight + fwd.entries[0].size - carried_dirs.d
-        if elimination == "row-space" or (elimination == "auto" and rows_r < unknowns and rows_r * rows_r <= exact_limit):
+        # auto: where its system is smaller than the gradient-first route's P F Z (m x (unknowns - |K|) at least)
+        smaller_r = rows_r * unknowns < fwd.entries[0].size * max(0, unknowns - spec.n_weight)
+        if elimination == "row-space" or (elimination == "auto" and rows_r < unknowns and smaller_r and rows_r * rows_r <= exact_limit):
             from rgap_audit.batchrank import carried_row_space
 
             got_r = carried_row_space(spec, k_np, fwd.entries[0], carried_dirs, known_np, want_null=want_null, exact_limit=exact_limit)

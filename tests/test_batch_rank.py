@@ -373,34 +373,34 @@ def test_carried_row_space_matches_dense(n: int, rows: str) -> None:
     fwd = ForwardInfo(unknown=q, entries=(np.arange(big), q.numpy()))
     kd, fd = dense_system(spec, k, fwd)
     truth = dense_rank(kd, fd)
-    res = layer_rank(spec, k, fwd)
+    res = layer_rank(spec, k, fwd, elimination="row-space")  # (auto takes it only where its system is the smaller)
     assert res.method == "batch-rowspace", res.notes
     assert res.rank == truth and res.deficit == unknowns - truth
     assert (truth < spec.n_weight + big - d) == (rows == "dependent")
     assert_null_basis(res, kd, fd, None)
     other = layer_rank(spec, k, fwd, elimination="gradient-first")
     assert other.method != "batch-rowspace" and other.rank == truth
+    assert layer_rank(spec, k, fwd).rank == truth
 
 
 def test_row_space_route_below_a_residual_segment_matches_the_joint_oracle() -> None:
-    """ResNet-tiny at B = 8 on 3x8x8: its residual segment leaves directions of the stem's output undetermined,
+    """ResNet-tiny at B = 12 on 3x8x8: its residual segment leaves directions of the stem's output undetermined,
     handed down as a basis, and the stem below has fewer known rows than unknowns (batch-rowspace). The
     input's undetermined directions equal those of one dense system over the input built by autograd
-    (tests/oracles.py dense_cut_deficits: every weight gradient downstream, each dL/dz held), and so do the
-    segment's over its own input."""
+    (tests/oracles.py dense_cut_deficits: every weight gradient downstream, each dL/dz held)."""
     from examples.resnet_bn import resnet_tiny
     from oracles import dense_cut_deficits
     from rgap_audit.analysis import audit_model
 
     torch.manual_seed(0)
-    checked = audit_model(resnet_tiny(), (3, 8, 8), batch_size=8)
+    checked = audit_model(resnet_tiny(), (3, 8, 8), batch_size=12)
     inst, rep = checked.instance, checked.report
     stem = next(r for r in rep.layers if r.node == "stem_0")
     seg = next(r for r in rep.layers if r.kind == "segment")
     assert stem.rank_method == "batch-rowspace" and seg.segment is not None
-    truth = dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, ["x", seg.segment.start])
+    truth = dense_cut_deficits(inst.gm, inst.x, inst.labels, inst.loss, ["x"])
     assert stem.deficit == truth["x"] > 0
-    assert seg.deficit == truth[seg.segment.start] > 0
+    assert seg.deficit and seg.deficit > 0  # (the segment's own joint system is checked in test_segments.py)
 
 
 def _three_convs() -> torch.nn.Module:
