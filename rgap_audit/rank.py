@@ -1089,8 +1089,8 @@ def layer_rank(
     reduced system is smaller, "gradient-first" / "forward-first" force one (the tests compare them).
     Below directions carried from above with tall per-sample forward rows, batchrank.carried_elimination
     ranks [N^T Q; K F^+ Q] instead of P F Z when that is smaller ("carried" forces it); below so many that
-    fewer rows are known than there are unknowns, batchrank.carried_row_space proves those rows independent
-    ("row-space" forces it). Below a layer whose
+    fewer rows are known than there are unknowns, batchrank.carried_row_space ranks the layer from those
+    rows where that system is the smaller ("row-space" forces it). Below a layer whose
     null basis was too large to keep (fwd.above_rows), batchrank.composite_first ranks the layer with that
     layer's own rows instead of bounding it.
 
