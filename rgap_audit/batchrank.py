@@ -24,6 +24,7 @@ and at least that bound where K Z_F is too large to rank (TiedBound).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -253,37 +254,69 @@ def _pivoted_rank(a: np.ndarray, g: np.ndarray, scale: float, amp: float, want_n
     except spla.ArpackNoConvergence:
         lam_max = float(np.abs(g).sum(axis=0).max())  # an upper bound on lambda_max
     ref2 = max(lam_max * (1 + 1e-3), scale * scale)
+    picked = _pivoted_pick(g, (m, n), ref2, amp)
+    if picked is None:
+        return None
+    r = picked.pick.size
+    a1 = a[picked.pick]
+    if not want_null and m - r < n - r:
+        # rank <= r from the other rows instead of a null basis of n - r columns: a_2 = C a_1 + E with
+        # C = (a_2 a_1^T)(a_1 a_1^T)^-1 read from G, so a is within |E|_F of a rank-r matrix (Weyl)
+        def residual(coef: np.ndarray) -> tuple[float, np.ndarray]:
+            e = a[picked.rest] - coef.T @ a1
+            return float(np.linalg.norm(e)) ** 2, a1 @ e.T
+
+        if not _rest_dependent(g, picked, residual):
+            return None
+        return r, math.sqrt(picked.floor), None
+    null = _null_complement(a1)
+    if float(np.linalg.norm(a @ null)) >= picked.tol:
+        return None
+    return r, math.sqrt(picked.floor), (null if want_null else None)
+
+
+@dataclass
+class _Pivoted:
+    """Rows of a wide matrix a pivoted Cholesky of their Gram picks, proven independent (_pivoted_pick)."""
+
+    pick: np.ndarray  # sorted row indices
+    rest: np.ndarray  # the other rows
+    tol: float  # the SVD rule's tolerance, max(m, n) eps sqrt(ref2) amp
+    floor: float  # sigma_min(picked rows)^2 / ref2 is proven above it
+
+
+def _pivoted_pick(g: np.ndarray, shape: tuple[int, int], ref2: float, amp: float) -> _Pivoted | None:
+    """A pivoted Cholesky (LAPACK pstrf) of G = a a^T (a of `shape`, ref2 >= sigma_max(a)^2) picks r rows a_1;
+    rank >= r is proven by a Cholesky of a_1 a_1^T - tau I (tau: the Gram route's margin, so sigma_r(a) >=
+    sigma_min(a_1) > 1e-4 sigma_max). None when the factorisation or the proof fails."""
+    m, n = shape
     if ref2 <= 0:
         return None
-    tol = max(m, n) * EPS * math.sqrt(ref2) * amp
     _c, piv, r, info = sla.lapack.dpstrf(g, tol=1e4 * 10.0 * (m + n) * EPS * ref2, lower=1)
     if info < 0 or r == 0:
         return None
     pick = np.sort(piv[:r] - 1)
-    a1 = a[pick]
     floor = max(GRAM_SAFE, (100.0 * max(m, n) * EPS * amp) ** 2)
-    g11 = g[np.ix_(pick, pick)]
-    if not _positive_definite(g11, floor * ref2):  # a_1 a_1^T: G's rows and columns picked
+    if not _positive_definite(g[np.ix_(pick, pick)], floor * ref2):  # a_1 a_1^T: G's rows and columns picked
         return None
-    if not want_null and m - r < n - r:
-        # rank <= r from the other rows instead of a null basis of n - r columns: a_2 = C a_1 + E with
-        # C = (a_2 a_1^T)(a_1 a_1^T)^-1 read from G, so a is within |E|_F of a rank-r matrix (Weyl)
-        rest = np.setdiff1d(np.arange(m), pick)
-        if rest.size:
-            factor = sla.cho_factor(g11, lower=True, check_finite=False)
-            coef = sla.cho_solve(factor, g[np.ix_(pick, rest)], check_finite=False)
-            for _refinement in range(3):  # normal equations lose kappa^2: refine from the residual itself
-                e = a[rest] - coef.T @ a1
-                if float(np.linalg.norm(e)) < tol:
-                    break
-                coef += sla.cho_solve(factor, a1 @ e.T, check_finite=False)
-            else:
-                return None
-        return r, math.sqrt(floor), None
-    null = _null_complement(a1)
-    if float(np.linalg.norm(a @ null)) >= tol:
-        return None
-    return r, math.sqrt(floor), (null if want_null else None)
+    return _Pivoted(pick, np.setdiff1d(np.arange(m), pick), max(m, n) * EPS * math.sqrt(ref2) * amp, floor)
+
+
+def _rest_dependent(g: np.ndarray, picked: _Pivoted, residual: Callable[[np.ndarray], tuple[float, np.ndarray]]) -> bool:
+    """rank <= r: the rows left, a_2 = C^T a_1 + E, have |E|_F below the rule's tolerance (Weyl). C comes from G
+    and is refined from E itself (normal equations lose kappa^2 of accuracy), up to three residuals;
+    `residual(C)` returns (|E|_F^2, a_1 E^T), measured on the rows themselves (the callers hold them, or form
+    them sample by sample)."""
+    if picked.rest.size == 0:
+        return True
+    factor = sla.cho_factor(g[np.ix_(picked.pick, picked.pick)], lower=True, check_finite=False)
+    coef = sla.cho_solve(factor, g[np.ix_(picked.pick, picked.rest)], check_finite=False)
+    for _refinement in range(3):
+        resid2, step = residual(coef)
+        if math.sqrt(resid2) < picked.tol:
+            return True
+        coef += sla.cho_solve(factor, step, check_finite=False)
+    return False
 
 
 def forward_first(
@@ -547,7 +580,7 @@ def composite_first(
     d_least = sum(max(0, c.size - r.size) for r, c in zip(rows_j, cols_i))  # each null(A_n) has at least c_n - m_n directions
     rows_m = spec.n_weight + spec_j.n_weight
     if rows_m * d_least > exact_limit and rows_m * rows_m > exact_limit:  # (_composite_gram_rank needs its row Gram only)
-        return f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x >= {d_least}) is too large for an exact rank"
+        return f"the reduced system [K; K_above L W] Z ({rows_m} x >= {d_least}) is too large for an exact rank"
     nulls: list[np.ndarray] = []
     lws: list[sp.csr_matrix] = []
     rank_f, rels = 0, []
@@ -573,8 +606,8 @@ def composite_first(
         lws.append(lw)
     d_f = sum(nb.shape[1] for nb in nulls)
     amp = 1.0 / min(rels or [1.0])
-    if (spec.n_weight + spec_j.n_weight) * d_f > exact_limit:
-        too_large = f"the reduced system [K; K_above L W] Z ({spec.n_weight + spec_j.n_weight} x {d_f}) is too large for an exact rank"
+    if rows_m * d_f > exact_limit:
+        too_large = f"the reduced system [K; K_above L W] Z ({rows_m} x {d_f}) is too large for an exact rank"
         by_gram = _composite_gram_rank(spec, k_np, above, nulls, lws, cols_i, amp, exact_limit)
         if isinstance(by_gram, str):
             return f"{too_large} ({by_gram})"
@@ -628,8 +661,8 @@ def _composite_gram_rank(
 
     a pivoted Cholesky of G (each block scaled to unit largest entry: a row scaling) picks r rows, proven
     independent by a Cholesky of their Gram minus the Gram route's margin (sigma_r(M) above it); rank <= r
-    by a second pass: the other rows' residual E against the picked rows' span (coefficients from G, refined
-    from E itself, up to three passes) has |E|_F below the rule's tolerance (Weyl). Some rows are dependent by construction: layer j's ties
+    by a second pass: the other rows' residual E against the picked rows' span (_rest_dependent: coefficients
+    from G, refined from E itself, up to three passes) has |E|_F below the rule's tolerance (Weyl). Some rows are dependent by construction: layer j's ties
     vec(A W_j) with its forward rows (0 on null(A_n)), and <W, K x> = sum_n <k_j, A_n x_n> for this layer.
     LeNet's stem at B = 8: a 4500^2 Gram for a 4500 x 18432 system. (rank, sigma_min ratio) or why not."""
     spec_j = above.spec
@@ -662,35 +695,24 @@ def _composite_gram_rank(
     ref2 = _largest_eigenvalue(gram) * (1 + 1e-3)
     if ref2 <= 0:
         return "the reduced system is zero"
-    tol = max(rows, d_f) * EPS * math.sqrt(ref2) * amp
-    _c, piv, r, info = sla.lapack.dpstrf(gram, tol=1e4 * 10.0 * (rows + d_f) * EPS * ref2, lower=1)
-    if info < 0 or r == 0:
-        return "the pivoted Cholesky of its Gram failed"
-    pick = np.sort(piv[:r] - 1)
-    floor = max(GRAM_SAFE, (100.0 * max(rows, d_f) * EPS * amp) ** 2)
-    g11 = gram[np.ix_(pick, pick)]
-    if not _positive_definite(g11, floor * ref2):
-        return f"the {r} rows its pivoted Cholesky picks are not proven independent"
-    rest = np.setdiff1d(np.arange(rows), pick)
-    if rest.size:
-        # the rows left against the picked rows' span: coefficients from the Gram, refined by the residual
-        # itself (normal equations lose kappa^2 of accuracy; each refinement is one more pass over the samples)
-        factor = sla.cho_factor(g11, lower=True, check_finite=False)
-        coef = sla.cho_solve(factor, gram[np.ix_(pick, rest)], check_finite=False)
-        for _refinement in range(3):
-            resid2, step = 0.0, np.zeros_like(coef)
-            for i, nb in enumerate(nulls):
-                if nb.shape[1]:
-                    p = np.vstack(sample_rows(i)) * scale[:, None]
-                    e = p[rest] - coef.T @ p[pick]
-                    resid2 += float(np.linalg.norm(e)) ** 2
-                    step += p[pick] @ e.T
-            if math.sqrt(resid2) < tol:
-                break
-            coef += sla.cho_solve(factor, step, check_finite=False)
-        else:
-            return f"the {rest.size} rows left are not proven dependent on the {r} picked (residual above the rank tolerance)"
-    return int(r), math.sqrt(floor)
+    picked = _pivoted_pick(gram, (rows, d_f), ref2, amp)
+    if picked is None:
+        return "the rows its pivoted Cholesky picks are not proven independent"
+
+    def residual(coef: np.ndarray) -> tuple[float, np.ndarray]:  # one more pass over the samples
+        resid2, step = 0.0, np.zeros_like(coef)
+        for i, nb in enumerate(nulls):
+            if nb.shape[1]:
+                p = np.vstack(sample_rows(i)) * scale[:, None]
+                e = p[picked.rest] - coef.T @ p[picked.pick]
+                resid2 += float(np.linalg.norm(e)) ** 2
+                step += p[picked.pick] @ e.T
+        return resid2, step
+
+    if not _rest_dependent(gram, picked, residual):
+        r = picked.pick.size
+        return f"the {picked.rest.size} rows left are not proven dependent on the {r} picked (residual above the rank tolerance)"
+    return int(picked.pick.size), math.sqrt(picked.floor)
 
 
 def forward_null_gram(
@@ -953,24 +975,18 @@ def carried_elimination(
     if isinstance(ts, str):
         return ts
     d = carried.shape[1]
-    cin = spec.in_channels
-    s_sp = spec.n_in // cin
     rows_nq = sum(ts.lefts[key][0].shape[1] for key, _ in ts.blocks)
     rows_k = spec.n_weight  # K's rows: the weight's entries
     if (rows_nq + rows_k) * d > exact_limit or max(c.size for c in ts.cols.values()) * d > exact_limit:
         return f"the reduced system [N^T Q; K F^+ Q] ({rows_nq + rows_k} x {d}) is too large for an exact rank"
 
     blocks = gradient_blocks(spec, torch.from_numpy(np.ascontiguousarray(k_np)))
-    rows_g = blocks[0][1].shape[0]
     kx = np.zeros((rows_k, d))  # K F^+ Q = sum_n K_n x_n, rows (channel, group output channel, kernel offset)
     k_first = rows_k < d and rows_k * spec.n_in <= exact_limit  # fewer right-hand sides: K_n (F_n^T F_n)^-1 first
     for i, (key, part) in enumerate(ts.blocks):  # one sample at a time: F^+ Q itself (N n_in x d) is never held
         ft_q = np.asarray(ts.mats[key].T @ carried[part])  # F_n^T Q_n
         if k_first:
-            kn = np.zeros((cin * rows_g, cin * s_sp))  # K_n: block-diagonal over the input channels
-            for chans, blk in blocks:
-                for c in chans:
-                    kn[c * rows_g : (c + 1) * rows_g, c * s_sp : (c + 1) * s_sp] = blk[:, i * s_sp : (i + 1) * s_sp]
+            kn = _k_dense(spec, blocks, n, sample=i)  # K_n: block-diagonal over the input channels
             y = sla.cho_solve(ts.factors[key], np.ascontiguousarray(kn[:, ts.cols[key]].T), check_finite=False)  # (c_n, |K|)
             kx += y.T @ ft_q
         else:
@@ -1003,18 +1019,21 @@ class CarriedRowSpace:
     null_basis: torch.Tensor | None  # (N * n_in, deficit) orthonormal; None when not kept
 
 
-def _k_dense(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
-    """K as a dense (|K|, N n_in) matrix from rank.gradient_blocks: rows (channel, group output channel,
-    kernel offset), columns (sample, channel, position) as x; block-diagonal over the input channels."""
+def _k_dense(spec: ConvSpec, blocks: list[tuple[list[int], np.ndarray]], n: int, sample: int | None = None) -> np.ndarray:
+    """K as a dense (|K|, N n_in) matrix from rank.gradient_blocks, or with `sample` only that sample's
+    columns K_n (|K|, n_in): rows (channel, group output channel, kernel offset), columns (sample, channel,
+    position) as x; block-diagonal over the input channels."""
     cin = spec.in_channels
     s_sp = spec.n_in // cin
     rows_g = blocks[0][1].shape[0]
-    k = np.zeros((cin * rows_g, n, cin, s_sp))
+    n_cols = n if sample is None else 1
+    k = np.zeros((cin * rows_g, n_cols, cin, s_sp))
     for chans, blk in blocks:
         per = blk.reshape(rows_g, n, s_sp)
+        per = per if sample is None else per[:, sample : sample + 1]
         for c in chans:
             k[c * rows_g : (c + 1) * rows_g, :, c, :] = per
-    return k.reshape(cin * rows_g, n * spec.n_in)
+    return k.reshape(cin * rows_g, n_cols * spec.n_in)
 
 
 def carried_row_space(
